@@ -1,6 +1,30 @@
 """Trainers nnU-Net loads by name (``nnUNetv2_train ... -tr NAME``).
 
 Installed as the package ``nnunet_adv.trainers``; nnU-Net reaches them through the
-shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer).
+shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer), so every class exists once.
 """
-__all__ = []
+from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
+from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
+from .short import (
+    nnUNetTrainer_AdvDemoCPU,
+    nnUNetTrainer_AdvDemoGPU,
+    nnUNetTrainerFGSMAT_TestShort,
+    nnUNetTrainerGNAug_TestShort,
+    nnUNetTrainerPGDAT_AdvDemoCPU,
+    nnUNetTrainerPGDAT_AdvDemoGPU,
+    nnUNetTrainerPGDAT_TestShort,
+)
+
+__all__ = [
+    "nnUNetTrainerAdversarial",
+    "nnUNetTrainerPGDAT",
+    "nnUNetTrainerFGSMAT",
+    "nnUNetTrainerGNAug",
+    "nnUNetTrainerPGDAT_TestShort",
+    "nnUNetTrainerFGSMAT_TestShort",
+    "nnUNetTrainerGNAug_TestShort",
+    "nnUNetTrainer_AdvDemoCPU",
+    "nnUNetTrainer_AdvDemoGPU",
+    "nnUNetTrainerPGDAT_AdvDemoCPU",
+    "nnUNetTrainerPGDAT_AdvDemoGPU",
+]

@@ -1,0 +1,277 @@
+"""The adversarial base trainer: nnU-Net's trainer plus an attack in every training step.
+
+A recipe (PGD-AT, FGSM-AT, GN augmentation, VAFT, ...) is a subclass that only sets
+class attributes: which attack with which options, the budget, and the loss weights.
+Every attribute below is a hyper-parameter; nnU-Net's ``debug.json`` records all of
+them for each run.
+
+Per training step (``train_step``):
+  1. the batch (already augmented by nnU-Net) is attacked against the current weights,
+     on the unwrapped network (no DDP reducer, no compiled wrapper), in eval mode unless
+     ``attack_in_train_mode``, in fp32 (CUDA autocast off) with input gradients only, so
+     parameter gradients are untouched;
+  2. loss = clean_loss_weight * L(f(x), y) + adversarial_loss_weight * L(f(x_adv), y)
+     (+ any terms a recipe adds in :meth:`extra_loss_terms`), clean and adversarial
+     inputs going through the network in one forward pass (one DDP forward per step);
+  3. backward, gradient clipping and the optimiser step exactly as nnU-Net does them.
+
+Validation additionally attacks each validation batch (``val_attack_overrides``, e.g.
+fewer steps) under ``torch.enable_grad()`` and logs a robust pseudo-Dice next to
+nnU-Net's pseudo-Dice (training log and progress.png).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import autocast, distributed as dist
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_adv.attacks import build_attack
+from nnunet_adv.threat_model import ThreatModel, ThreatModelError
+from nnunet_adv.training.network import network_mode, split_batch, unwrap_network
+from nnunet_adv.training.progress import AdversarialLocalLogger
+
+# Options whose values the trainer computes per batch from the threat model.
+_BUDGET_OPTIONS = ("eps", "alpha", "std", "lower", "upper")
+
+
+class RecipeError(SystemExit):
+    """An invalid trainer setting. A SystemExit so that ``nnUNetv2_train`` prints one line."""
+
+    def __init__(self, trainer: str, message: str):
+        super().__init__(f"nnunet_adv: {trainer}: {message}")
+
+
+class nnUNetTrainerAdversarial(nnUNetTrainer):
+    """nnU-Net trainer with an attack in the training step and robust validation."""
+
+    # ---- the attack (see nnunet_adv.attacks.available_attacks()) ----
+    attack_name: str = "pgd"
+    attack_kwargs: dict = {"steps": 10, "random_start": True, "norm": "linf"}
+    eps_frac: Optional[float] = 4 / 255   # L-inf radius, fraction of each channel's intensity window
+    eps_raw: Optional[float] = None       # or in raw intensity units (CT channels only: HU)
+    alpha_over_eps: Optional[float] = 2.5 / 10  # step size as a multiple of eps (None: attack default)
+    std_over_eps: Optional[float] = None  # Gaussian-noise std as a multiple of eps (gn recipes)
+    attack_in_train_mode: bool = False    # craft against the network in eval mode (VAFA/VAFT, dual BN)
+    attack_uses_training_loss: bool = True  # attack nnU-Net's (deep-supervision) Dice+CE, else CE on output 0
+
+    # ---- the loss ----
+    clean_loss_weight: float = 0.0
+    adversarial_loss_weight: float = 1.0
+
+    # ---- validation ----
+    robust_validation: bool = True
+    val_attack_overrides: dict = {"steps": 5}
+
+    # ---- schedule (None keeps nnU-Net's: 1000 epochs of 250 iterations) ----
+    training_schedule: Optional[dict] = None
+
+    # keys drawn in an extra progress.png panel (recipes with per-epoch state, e.g. SAAT)
+    progress_panel_keys: tuple = ()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for key, value in (self.training_schedule or {}).items():
+            setattr(self, key, value)
+        self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
+        try:
+            self.threat_model = ThreatModel.from_plans(self.plans_manager.plans, configuration)
+        except ThreatModelError as e:
+            raise RecipeError(type(self).__name__, str(e)) from None
+        self._check_recipe()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def trains_adversarially(self) -> bool:
+        return self.adversarial_loss_weight > 0
+
+    def _check_recipe(self) -> None:
+        """Validate the class attributes once, with one-line errors."""
+        name = type(self).__name__
+        if (self.eps_frac is None) == (self.eps_raw is None):
+            raise RecipeError(name, "set exactly one of eps_frac and eps_raw")
+        eps = self.eps_frac if self.eps_frac is not None else self.eps_raw
+        if not eps >= 0:
+            raise RecipeError(name, f"eps must be >= 0 (got {eps})")
+        for attr in ("clean_loss_weight", "adversarial_loss_weight", "alpha_over_eps", "std_over_eps"):
+            value = getattr(self, attr)
+            if value is not None and not value >= 0:
+                raise RecipeError(name, f"{attr} must be >= 0 (got {value})")
+        if self.clean_loss_weight + self.adversarial_loss_weight <= 0:
+            raise RecipeError(name, "clean_loss_weight + adversarial_loss_weight must be > 0")
+        # build both attacks once on a dummy budget so bad options fail now, not mid-epoch
+        dummy = torch.zeros((1, self.threat_model.num_channels) + (4,) * len(self.configuration_manager.patch_size))
+        try:
+            if self.eps_raw is not None:
+                self.threat_model.budget(dummy, eps_raw=self.eps_raw)
+            self._build_attack(dummy, {})
+            if self.robust_validation:
+                self._build_attack(dummy, self.val_attack_overrides)
+        except (ValueError, TypeError) as e:
+            raise RecipeError(name, f"attack {self.attack_name!r}: {e}") from None
+
+    def _build_attack(self, data: torch.Tensor, overrides: dict):
+        """The attack for one batch: fixed options + budget in network units for ``data``."""
+        budget = self.threat_model.budget(data, eps_frac=self.eps_frac, eps_raw=self.eps_raw)
+        per_batch = {"eps": budget.eps, "lower": budget.lower, "upper": budget.upper}
+        if self.alpha_over_eps is not None:
+            per_batch["alpha"] = budget.scaled(self.alpha_over_eps)
+        if self.std_over_eps is not None:
+            per_batch["std"] = budget.scaled(self.std_over_eps)
+        options = {**self.attack_kwargs, **overrides}
+        accepted = _accepted_options(self.attack_name)
+        options.update({k: v for k, v in per_batch.items() if k in accepted and k not in options})
+        if self.attack_uses_training_loss and "loss" in accepted and self.loss is not None:
+            options["loss"] = self.loss
+        return build_attack(self.attack_name, **options)
+
+    # ------------------------------------------------------------------ the attack
+    def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None) -> torch.Tensor:
+        """Adversarial version of a batch against the current network.
+
+        Args:
+            data: (B, C, *patch) normalised network input on ``self.device``.
+            target: nnU-Net target: a label map (B, 1, *patch) or, under deep
+                supervision, a list of them (full resolution first).
+            overrides: attack options replacing ``attack_kwargs`` (validation uses fewer steps).
+        Returns:
+            (B, C, *patch) tensor, detached, within the budget and the projection box.
+        """
+        attack = self._build_attack(data, overrides or {})
+        net = unwrap_network(self.network)
+        # fp32 input gradients: fp16 gradients of a Dice+CE loss underflow to all-zero sign steps
+        no_autocast = autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context()
+        with torch.enable_grad(), no_autocast, network_mode(net, self.attack_in_train_mode):
+            return attack(net, data.float(), target).detach()
+
+    # ------------------------------------------------------------------ training
+    def _to_device(self, batch: dict):
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        return data, target
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        x_adv = self.craft_adversarial(data, target) if self.trains_adversarially else None
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            terms = self.compute_loss_terms(data, x_adv, target)
+            total = sum(terms.values())
+        self._backward_and_step(total)
+        out = {"loss": total.detach().cpu().numpy()}
+        out.update({f"loss_{k}": v.detach().cpu().numpy() for k, v in terms.items()})
+        return out
+
+    def compute_loss_terms(self, data, x_adv, target) -> Dict[str, torch.Tensor]:
+        """Weighted loss terms of one step; their sum is optimised.
+
+        Clean and adversarial inputs share one forward pass (concatenated batch) so that
+        DDP sees one forward per backward.
+        """
+        inputs, names = [], []
+        if self.clean_loss_weight > 0:
+            inputs.append(data)
+            names.append("clean")
+        if x_adv is not None:
+            inputs.append(x_adv)
+            names.append("adv")
+        output = self.network(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+        outputs = dict(zip(names, split_batch(output, [x.shape[0] for x in inputs]) if len(inputs) > 1 else [output]))
+        weights = {"clean": self.clean_loss_weight, "adv": self.adversarial_loss_weight}
+        terms = {n: weights[n] * self.loss(o, target) for n, o in outputs.items()}
+        terms.update(self.extra_loss_terms(outputs, target))
+        return terms
+
+    def extra_loss_terms(self, outputs: Dict[str, object], target) -> Dict[str, torch.Tensor]:
+        """Hook for recipes that add loss terms (e.g. VAFT's frequency consistency).
+
+        Args:
+            outputs: network outputs by name (``"clean"``, ``"adv"``), deep-supervision lists or tensors.
+        """
+        return {}
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        # identical to nnUNetTrainer.train_step: loss scaling on CUDA, clipping at 12
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        terms = collate_outputs(train_outputs)
+        parts = {k[5:]: float(np.mean(v)) for k, v in terms.items() if k.startswith("loss_")}
+        if parts:
+            self.print_to_log_file("train loss terms", {k: round(v, 4) for k, v in parts.items()})
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        clean = super().validation_step({"data": data, "target": _clone_target(target)})
+        if not self.robust_validation:
+            return clean
+        x_adv = self.craft_adversarial(data, target, self.val_attack_overrides)
+        adv = super().validation_step({"data": x_adv, "target": target})
+        clean.update({f"robust_{k}": v for k, v in adv.items()})
+        return clean
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        if self.robust_validation:
+            collated = collate_outputs(val_outputs)
+            tp, fp, fn = (self._sum_over_ranks(np.sum(collated[f"robust_{k}_hard"], 0)) for k in ("tp", "fp", "fn"))
+            per_class = [2 * i / (2 * i + j + k) if (2 * i + j + k) > 0 else np.nan for i, j, k in zip(tp, fp, fn)]
+            mean_dice = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else np.nan
+        else:
+            per_class, mean_dice = [], np.nan
+        epoch = self.current_epoch
+        log = self.logger
+        history = log.get_value("robust_ema_fg_dice", step=None)
+        ema = mean_dice if not history or np.isnan(history[-1]) else 0.9 * history[-1] + 0.1 * mean_dice
+        log.log("robust_mean_fg_dice", mean_dice, epoch)
+        log.log("robust_ema_fg_dice", ema, epoch)
+        log.log("robust_dice_per_class_or_region", per_class, epoch)
+
+    def _sum_over_ranks(self, array: np.ndarray) -> np.ndarray:
+        if not self.is_ddp:
+            return array
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, array)
+        return np.sum(np.stack(gathered), 0)
+
+    def on_epoch_end(self):
+        if self.robust_validation:
+            per_class = self.logger.get_value("robust_dice_per_class_or_region", step=-1)
+            self.print_to_log_file("Robust pseudo dice", [np.round(i, decimals=4) for i in per_class])
+        super().on_epoch_end()
+
+
+def _clone_target(target):
+    # nnU-Net's validation_step zeroes ignore-label voxels of the target in place
+    return [t.clone() for t in target] if isinstance(target, list) else target.clone()
+
+
+def _accepted_options(attack_name: str) -> set:
+    """Option names the attack's constructor takes (so a recipe passes only those)."""
+    from nnunet_adv.attacks import attack_class
+
+    params = inspect.signature(attack_class(attack_name)).parameters
+    return set(params)

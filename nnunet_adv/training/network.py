@@ -1,0 +1,45 @@
+"""Small helpers for handling nnU-Net's (possibly wrapped) networks during attacks."""
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP (``.module``) and torch.compile (``._orig_mod``).
+
+    Attacks run on the plain module: a forward through the DDP wrapper would arm its
+    gradient reducer, and one through the compiled wrapper could trigger recompiles.
+    Parameters are shared, so the unwrapped module sees the current weights.
+    """
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
+
+
+@contextmanager
+def network_mode(network: nn.Module, train: bool):
+    """Temporarily put ``network`` into train (True) or eval (False) mode, then restore it."""
+    was_training = network.training
+    network.train(train)
+    try:
+        yield network
+    finally:
+        network.train(was_training)
+
+
+def full_resolution(output):
+    """The full-resolution output of a network that may return a deep-supervision list."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def split_batch(output, sizes):
+    """Split a (possibly deep-supervision list) output along the batch dimension.
+
+    Used when clean and adversarial inputs go through the network in one concatenated
+    forward pass (one DDP forward per step, required for a single backward).
+    """
+    if isinstance(output, (list, tuple)):
+        parts = [torch.split(o, sizes) for o in output]
+        return [list(p) for p in zip(*parts)]
+    return list(torch.split(output, sizes))

@@ -1,0 +1,53 @@
+"""Short schedules of the recipes, for tests and the demo. NOT for real training.
+
+``*_TestShort``: a couple of iterations, few attack steps (CI and smoke tests).
+``*_AdvDemoCPU`` / ``*_AdvDemoGPU``: the schedules ``nnUNetv2_adv_demo`` uses.
+``nnUNetTrainer_AdvDemo*`` is the clean baseline: standard training, same schedule,
+with the robust pseudo-Dice logged in validation so both models are monitored alike.
+"""
+from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
+from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
+
+TEST_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
+DEMO_SCHEDULE_CPU = {"num_epochs": 8, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4}
+DEMO_SCHEDULE_GPU = {"num_epochs": 50, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 20}
+_SHORT_PGD = {"steps": 2, "random_start": True, "norm": "linf"}
+
+
+class nnUNetTrainerPGDAT_TestShort(nnUNetTrainerPGDAT):
+    training_schedule = TEST_SCHEDULE
+    attack_kwargs = _SHORT_PGD
+    alpha_over_eps = 2.5 / 2
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerFGSMAT_TestShort(nnUNetTrainerFGSMAT):
+    training_schedule = TEST_SCHEDULE
+
+
+class nnUNetTrainerGNAug_TestShort(nnUNetTrainerGNAug):
+    training_schedule = TEST_SCHEDULE
+
+
+class nnUNetTrainer_AdvDemoCPU(nnUNetTrainerAdversarial):
+    """Clean training (no attack in the step) with the demo's CPU schedule."""
+
+    training_schedule = DEMO_SCHEDULE_CPU
+    clean_loss_weight = 1.0
+    adversarial_loss_weight = 0.0
+    val_attack_overrides = {"steps": 3}
+
+
+class nnUNetTrainer_AdvDemoGPU(nnUNetTrainer_AdvDemoCPU):
+    training_schedule = DEMO_SCHEDULE_GPU
+
+
+class nnUNetTrainerPGDAT_AdvDemoCPU(nnUNetTrainerPGDAT):
+    training_schedule = DEMO_SCHEDULE_CPU
+    attack_kwargs = {"steps": 3, "random_start": True, "norm": "linf"}
+    alpha_over_eps = 2.5 / 3
+    val_attack_overrides = {"steps": 3}
+
+
+class nnUNetTrainerPGDAT_AdvDemoGPU(nnUNetTrainerPGDAT):
+    training_schedule = DEMO_SCHEDULE_GPU
