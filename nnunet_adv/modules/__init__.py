@@ -1,0 +1,24 @@
+"""Network changes used by the adversarial trainers: pure PyTorch modules plus functions that
+patch dynamic_network_architectures networks (PlainConvUNet / ResidualEncoderUNet) in place.
+
+* :mod:`.dual_norm`: dual batch/instance normalisation (Han et al. 2021).
+* :mod:`.nlce`: non-local context encoder (He et al. 2019).
+"""
+from nnunet_adv.modules.dual_norm import (
+    ADV,
+    CLEAN,
+    DualNorm,
+    DualRouteWrapper,
+    convert_to_dual_norm,
+    dual_norms,
+    forward_dual,
+    norm_route,
+    set_norm_route,
+)
+from nnunet_adv.modules.nlce import NLCE, ContextEncoding, NonLocalBlock, insert_nlce
+
+__all__ = [
+    "ADV", "CLEAN", "DualNorm", "DualRouteWrapper", "convert_to_dual_norm", "dual_norms",
+    "forward_dual", "norm_route", "set_norm_route",
+    "NLCE", "ContextEncoding", "NonLocalBlock", "insert_nlce",
+]
