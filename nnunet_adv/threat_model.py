@@ -111,6 +111,13 @@ class ThreatModel:
                           plans.get("foreground_intensity_properties_by_modality"))
         return cls(cfg.get("normalization_schemes", []), props)
 
+    @classmethod
+    def from_managers(cls, plans_manager, configuration_manager) -> "ThreatModel":
+        """Build from nnU-Net's PlansManager / ConfigurationManager (as trainers and predictors hold them)."""
+        props = plans_manager.plans.get("foreground_intensity_properties_per_channel",
+                                        plans_manager.plans.get("foreground_intensity_properties_by_modality"))
+        return cls(configuration_manager.normalization_schemes, props)
+
     @property
     def num_channels(self) -> int:
         return len(self.schemes)

@@ -21,7 +21,6 @@ nnU-Net's pseudo-Dice (training log and progress.png).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -32,14 +31,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_adv.attacks import build_attack
+from nnunet_adv.budgeted_attack import AttackRecipe, build_budgeted_attack
 from nnunet_adv.threat_model import ThreatModel, ThreatModelError
 from nnunet_adv.training.network import network_mode, split_batch, unwrap_network
 from nnunet_adv.training.progress import AdversarialLocalLogger
-
-# Options whose values the trainer computes per batch from the threat model.
-_BUDGET_OPTIONS = ("eps", "alpha", "std", "lower", "upper")
-
 
 class RecipeError(SystemExit):
     """An invalid trainer setting. A SystemExit so that ``nnUNetv2_train`` prints one line."""
@@ -82,7 +77,7 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             setattr(self, key, value)
         self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
         try:
-            self.threat_model = ThreatModel.from_plans(self.plans_manager.plans, configuration)
+            self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager)
         except ThreatModelError as e:
             raise RecipeError(type(self).__name__, str(e)) from None
         self._check_recipe()
@@ -117,20 +112,15 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         except (ValueError, TypeError) as e:
             raise RecipeError(name, f"attack {self.attack_name!r}: {e}") from None
 
+    @property
+    def attack_recipe(self) -> AttackRecipe:
+        return AttackRecipe(self.attack_name, dict(self.attack_kwargs), self.eps_frac, self.eps_raw,
+                            self.alpha_over_eps, self.std_over_eps)
+
     def _build_attack(self, data: torch.Tensor, overrides: dict):
         """The attack for one batch: fixed options + budget in network units for ``data``."""
-        budget = self.threat_model.budget(data, eps_frac=self.eps_frac, eps_raw=self.eps_raw)
-        per_batch = {"eps": budget.eps, "lower": budget.lower, "upper": budget.upper}
-        if self.alpha_over_eps is not None:
-            per_batch["alpha"] = budget.scaled(self.alpha_over_eps)
-        if self.std_over_eps is not None:
-            per_batch["std"] = budget.scaled(self.std_over_eps)
-        options = {**self.attack_kwargs, **overrides}
-        accepted = _accepted_options(self.attack_name)
-        options.update({k: v for k, v in per_batch.items() if k in accepted and k not in options})
-        if self.attack_uses_training_loss and "loss" in accepted and self.loss is not None:
-            options["loss"] = self.loss
-        return build_attack(self.attack_name, **options)
+        loss = self.loss if self.attack_uses_training_loss else None
+        return build_budgeted_attack(self.attack_recipe, self.threat_model, data, loss=loss, **overrides)
 
     # ------------------------------------------------------------------ the attack
     def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None) -> torch.Tensor:
@@ -267,11 +257,3 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
 def _clone_target(target):
     # nnU-Net's validation_step zeroes ignore-label voxels of the target in place
     return [t.clone() for t in target] if isinstance(target, list) else target.clone()
-
-
-def _accepted_options(attack_name: str) -> set:
-    """Option names the attack's constructor takes (so a recipe passes only those)."""
-    from nnunet_adv.attacks import attack_class
-
-    params = inspect.signature(attack_class(attack_name)).parameters
-    return set(params)

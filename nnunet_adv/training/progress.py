@@ -13,8 +13,7 @@ matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
-ROBUST_KEYS = ("robust_mean_fg_dice", "robust_ema_fg_dice", "robust_dice_per_class_or_region",
-               "adv_train_losses")
+ROBUST_KEYS = ("robust_mean_fg_dice", "robust_ema_fg_dice", "robust_dice_per_class_or_region")
 
 
 class AdversarialLocalLogger(LocalLogger):

@@ -1,0 +1,37 @@
+"""What every nnunet_adv command shares: one-line errors and device selection."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class CLIError(Exception):
+    """A user-facing problem: printed as one line, exit code 2, no traceback."""
+
+
+def cli_main(run: Callable[[], int]) -> int:
+    """Run a command; user-facing errors become one line on stderr and exit code 2."""
+    from nnunet_adv.demo_data import DemoDataError
+    from nnunet_adv.threat_model import ThreatModelError
+
+    try:
+        return run()
+    except (CLIError, DemoDataError, ThreatModelError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def pick_device(requested):
+    """nnU-Net's -device choice; default cuda where available, else cpu."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise CLIError("-device cuda requested but no CUDA device is available (use -device cpu)")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("-device mps requested but MPS is not available (use -device cpu)")
+    return requested

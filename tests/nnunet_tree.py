@@ -1,0 +1,64 @@
+"""A temporary nnU-Net folder tree with the real-MRI demo dataset, for end-to-end tests.
+
+The nnU-Net commands run as subprocesses with an environment that does NOT contain
+``nnUNet_extTrainer`` (our start-up hook must set it in the child by itself), and with
+the settings that make nnU-Net fast on a 2-core CPU (see DESIGN.md).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunet_adv.demo_data import build_demo_dataset
+
+DATASET_ID = 901
+DATASET_NAME = "Dataset901_AdvTestMRI"
+BIN = Path(sys.executable).parent
+
+
+class NNUNetTree:
+    """Folders ``raw``, ``preprocessed``, ``results`` under ``root`` and a clean environment."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.raw, self.preprocessed, self.results = (self.root / n for n in ("raw", "preprocessed", "results"))
+        for p in (self.raw, self.preprocessed, self.results):
+            p.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+        env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
+                   nnUNet_results=str(self.results), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
+                   nnUNet_compile="f", OMP_NUM_THREADS="2", MPLBACKEND="agg", PYTHONUNBUFFERED="1")
+        self.env = env
+
+    @property
+    def dataset(self) -> Path:
+        return self.raw / DATASET_NAME
+
+    def run(self, *args, extra_env=None, check=True, timeout=900) -> subprocess.CompletedProcess:
+        """Run an installed console script (e.g. ``nnUNetv2_train``) in this tree."""
+        env = dict(self.env, **(extra_env or {}))
+        cmd = [str(BIN / args[0]), *map(str, args[1:])]
+        proc = subprocess.run(cmd, env=env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+    def model_folder(self, trainer: str, configuration: str = "3d_fullres") -> Path:
+        return self.results / DATASET_NAME / f"{trainer}__nnUNetPlans__{configuration}"
+
+
+def make_tree(root: Path, configurations=("3d_fullres", "2d")) -> NNUNetTree:
+    """Build the real-MRI dataset (6 training, 2 test cases of 32^3 voxels) and preprocess it."""
+    tree = NNUNetTree(root)
+    build_demo_dataset(tree.raw, DATASET_ID, name="AdvTestMRI", num_train=6, num_test=2, crop_size=32, seed=0)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 here
+    tree.run("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", *configurations, "-np", 1, "-npfp", 1,
+             extra_env={"nnUNet_n_proc_DA": "1"})
+    return tree
+
+
+def copy_tree_without_results(src: NNUNetTree, dst_root: Path) -> NNUNetTree:
+    shutil.copytree(src.raw, Path(dst_root) / "raw")
+    shutil.copytree(src.preprocessed, Path(dst_root) / "preprocessed")
+    return NNUNetTree(dst_root)

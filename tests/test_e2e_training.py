@@ -1,0 +1,155 @@
+"""End to end through nnU-Net's own commands, as a user runs them (subprocesses).
+
+No ``nnUNet_extTrainer`` is set in the environment: our start-up hook must make
+``-tr nnUNetTrainerPGDAT*`` resolvable. A second part uses a user's own trainer folder.
+"""
+import json
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from nnunet_tree import DATASET_ID
+
+pytestmark = pytest.mark.e2e
+
+PGD_SHORT = "nnUNetTrainerPGDAT_TestShort"
+
+
+@pytest.fixture(scope="module")
+def pgd_model(nnunet_tree):
+    tree = nnunet_tree
+    proc = tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", PGD_SHORT, "-device", "cpu")
+    return tree, proc
+
+
+def test_train_pgdat_without_any_environment_setup(pgd_model):
+    tree, proc = pgd_model
+    assert "nnUNet_extTrainer" not in tree.env
+    fold = tree.model_folder(PGD_SHORT) / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert (fold / "progress.png").is_file()
+    debug = json.loads((fold / "debug.json").read_text())
+    # every hyper-parameter of the recipe is recorded in the run's debug.json
+    for key in ("attack_name", "attack_kwargs", "eps_frac", "alpha_over_eps", "clean_loss_weight",
+                "adversarial_loss_weight", "val_attack_overrides"):
+        assert key in debug, key
+    assert debug["attack_name"] == "pgd"
+    assert float(debug["eps_frac"]) == pytest.approx(4 / 255)
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "Robust pseudo dice" in log and "Pseudo dice" in log
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == PGD_SHORT
+    robust = checkpoint["logging"]["robust_mean_fg_dice"]
+    assert len(robust) == 1 and 0.0 <= robust[0] <= 1.0
+
+
+def test_stock_predict_loads_the_model(pgd_model, tmp_path):
+    tree, _ = pgd_model
+    out = tmp_path / "pred"
+    tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
+             "-f", 0, "-tr", PGD_SHORT, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta")
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
+    pred = nib.load(out / written[0])
+    ref = nib.load(tree.dataset / "labelsTs" / written[0])
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def test_predictor_api_and_class_identity(pgd_model):
+    """nnU-Net's lookup returns our canonical class, also in a spawned process."""
+    tree, _ = pgd_model
+    code = textwrap.dedent(f"""
+        import multiprocessing as mp, sys
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        from nnunet_adv.trainers import {PGD_SHORT}, nnUNetTrainerPGDAT
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        def lookup(_):
+            from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f
+            from nnunet_adv.trainers import {PGD_SHORT} as canonical
+            return f("{PGD_SHORT}") is canonical
+
+        if __name__ == "__main__":
+            cls = recursive_find_trainer_class_by_name("{PGD_SHORT}")
+            assert cls is {PGD_SHORT}, (cls, cls.__module__)
+            assert recursive_find_trainer_class_by_name("{PGD_SHORT}") is cls  # twice: still one class
+            assert issubclass(cls, nnUNetTrainerPGDAT)
+            assert recursive_find_trainer_class_by_name("nnUNetTrainer") is nnUNetTrainer
+            with mp.get_context("spawn").Pool(1) as pool:
+                assert pool.map(lookup, [0]) == [True]
+            p = nnUNetPredictor(device=__import__("torch").device("cpu"))
+            p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,), checkpoint_name="checkpoint_final.pth")
+            assert p.trainer_name == "{PGD_SHORT}"
+            print("OK")
+    """)
+    script = tree.root / "identity_check.py"
+    script.write_text(code)
+    proc = tree.run("python", script, tree.model_folder(PGD_SHORT))
+    assert proc.stdout.strip().endswith("OK")
+
+
+USER_TRAINERS = '''
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunet_adv.trainers import nnUNetTrainerPGDAT, nnUNetTrainerPGDAT_TestShort
+
+
+class nnUNetTrainer_UserTiny(nnUNetTrainer):
+    """A user's own clean trainer (stock nnU-Net subclass) with a tiny schedule."""
+    def __init__(self, plans, configuration, fold, dataset_json, device=None):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+
+
+class UserPGDAT(nnUNetTrainerPGDAT_TestShort):
+    """A user's subclass of our trainer, living in the user's own folder."""
+    eps_frac = 2 / 255
+
+
+class UserBadEps(nnUNetTrainerPGDAT_TestShort):
+    eps_frac = -1.0
+
+
+class UserZeroSteps(nnUNetTrainerPGDAT_TestShort):
+    attack_kwargs = {"steps": 0, "random_start": True, "norm": "linf"}
+'''
+
+
+@pytest.fixture(scope="module")
+def user_folder(nnunet_tree, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user_trainers")
+    (folder / "my_trainers.py").write_text(USER_TRAINERS)
+    return {"nnUNet_extTrainer": str(folder)}
+
+
+def test_user_trainer_folder_and_finetuning_from_a_clean_checkpoint(nnunet_tree, user_folder):
+    tree = nnunet_tree
+    tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", "nnUNetTrainer_UserTiny", "-device", "cpu",
+             extra_env=user_folder)
+    clean_ckpt = tree.model_folder("nnUNetTrainer_UserTiny") / "fold_0" / "checkpoint_final.pth"
+    assert clean_ckpt.is_file()
+    # the user's subclass of our trainer, fine-tuned from the clean model (as the papers do)
+    proc = tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", "UserPGDAT", "-device", "cpu",
+                    "-pretrained_weights", clean_ckpt, extra_env=user_folder)
+    fold = tree.model_folder("UserPGDAT") / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert float(json.loads((fold / "debug.json").read_text())["eps_frac"]) == pytest.approx(2 / 255)
+    assert "Using trainer 'UserPGDAT' from" in proc.stdout
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ("UserBadEps", "nnunet_adv: UserBadEps: eps must be >= 0 (got -1.0)"),
+    ("UserZeroSteps", "nnunet_adv: UserZeroSteps: attack 'pgd':"),
+])
+def test_bad_hyper_parameters_give_one_line_error(nnunet_tree, user_folder, trainer, message):
+    proc = nnunet_tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", trainer, "-device", "cpu",
+                           extra_env=user_folder, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(message), proc.stderr[-2000:]
+    assert not (nnunet_tree.model_folder(trainer) / "fold_0" / "checkpoint_final.pth").exists()

@@ -1,0 +1,130 @@
+"""The adversarial training step of nnUNetTrainerAdversarial, in-process, 2D and 3D,
+with and without deep supervision, on a tiny version of the planned network."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort
+from nnunet_tree import DATASET_NAME
+
+SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
+
+
+class _Trainer(nnUNetTrainerPGDAT_TestShort):
+    # a seeded attack so that a reference computation can reproduce x_adv exactly
+    attack_kwargs = {**nnUNetTrainerPGDAT_TestShort.attack_kwargs, "steps": 3, "seed": 0}
+    alpha_over_eps = 2.5 / 3
+
+
+def _make_trainer(tree, configuration, deep_supervision, monkeypatch):
+    for var, path in (("nnUNet_raw", tree.raw), ("nnUNet_preprocessed", tree.preprocessed),
+                      ("nnUNet_results", tree.results)):
+        monkeypatch.setenv(var, str(path))
+    folder = tree.preprocessed / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = SMALL_FEATURES[:arch["n_stages"]]  # tiny network, same topology
+    if configuration == "3d_fullres":  # a smaller patch keeps the test fast; still 3 poolings deep
+        plans["configurations"][configuration]["patch_size"] = [16, 16, 16]
+    plans["continue_training"] = False
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    trainer = _Trainer(plans, configuration, 0, dataset_json, torch.device("cpu"))
+    trainer.enable_deep_supervision = deep_supervision
+    trainer.initialize()
+    return trainer
+
+
+def _batch(trainer, batch_size=2, seed=0):
+    """A fixed batch: smooth random images, labels from intensity thresholds (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    patch = list(trainer.configuration_manager.patch_size)
+    x = torch.randn([batch_size, 1] + patch, generator=g)
+    x = (F.avg_pool3d if len(patch) == 3 else F.avg_pool2d)(x, 5, 1, 2)
+    x = (x - x.mean()) / x.std()
+    y = (x > 0.3).long() + (x > 1.0).long()
+    target = y.float()
+    if trainer.enable_deep_supervision:
+        scales = trainer._get_deep_supervision_scales()
+        target = [F.interpolate(y.float(), size=[round(s * f) for s, f in zip(patch, sc)], mode="nearest")
+                  for sc in scales]
+    return {"data": x, "target": target}
+
+
+def _clean_train(trainer, batch, steps=40):
+    """Make the tiny network fit the batch, so an attack has something to break."""
+    trainer.network.train()
+    for _ in range(steps):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.loss(trainer.network(batch["data"]), batch["target"]).backward()
+        trainer.optimizer.step()
+
+
+CASES = [("3d_fullres", True), ("3d_fullres", False), ("2d", True), ("2d", False)]
+
+
+@pytest.mark.parametrize("configuration, deep_supervision", CASES)
+def test_adversarial_training_step(nnunet_tree, monkeypatch, configuration, deep_supervision):
+    trainer = _make_trainer(nnunet_tree, configuration, deep_supervision, monkeypatch)
+    batch = _batch(trainer)
+    _clean_train(trainer, batch)
+    net, x, target = trainer.network, batch["data"], batch["target"]
+
+    # 1. the attack leaves parameter gradients and the train/eval mode alone
+    net.train()
+    sentinels = {n: torch.full_like(p, 7.0) for n, p in net.named_parameters()}
+    for n, p in net.named_parameters():
+        p.grad = sentinels[n].clone()
+    x_adv = trainer.craft_adversarial(x, target)
+    assert net.training
+    assert all(torch.equal(p.grad, sentinels[n]) for n, p in net.named_parameters())
+
+    # 2. the budget holds (z-scored data: eps = 4/255 of each patch's range, box = its range)
+    budget = trainer.threat_model.budget(x, eps_frac=4 / 255)
+    assert ((x_adv - x).abs() <= budget.eps + 1e-6).all()
+    assert (x_adv >= budget.lower - 1e-6).all() and (x_adv <= budget.upper + 1e-6).all()
+    assert (x_adv - x).abs().max() > 0.5 * budget.eps.min()  # it moved
+
+    # 3. the adversarial loss exceeds the clean loss of the trained network
+    with torch.no_grad():
+        net.eval()
+        clean_loss = trainer.loss(net(x), target).item()
+        adv_loss = trainer.loss(net(x_adv), target).item()
+    assert adv_loss > clean_loss * 1.05, (clean_loss, adv_loss)
+
+    # 4. the step's parameter gradients are exactly those of the adversarial loss
+    #    (seeded attack -> the step crafts the same x_adv), and parameters change
+    reference = copy.deepcopy(net)
+    reference.train()
+    reference.zero_grad(set_to_none=True)
+    trainer.loss(reference(x_adv), target).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 12)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    net.train()
+    trainer.train_step(batch)
+    compared = 0
+    for (n, p), (_, r) in zip(net.named_parameters(), reference.named_parameters()):
+        # the coarsest deep-supervision head has loss weight 0 in nnU-Net: no gradient in both
+        assert (p.grad is None) == (r.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, r.grad, rtol=1e-4, atol=1e-6), n
+            compared += 1
+    assert compared > 0.9 * len(list(net.parameters()))
+    assert any(not torch.equal(before[n], p) for n, p in net.named_parameters())
+
+
+def test_validation_step_reports_clean_and_robust_counts(nnunet_tree, monkeypatch):
+    trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
+    batch = _batch(trainer)
+    _clean_train(trainer, batch)
+    trainer.network.eval()
+    with torch.no_grad():  # nnU-Net validates under no_grad: the attack must enable gradients itself
+        out = trainer.validation_step(batch)
+    for key in ("tp_hard", "fp_hard", "fn_hard", "loss"):
+        assert f"robust_{key}" in out
+    clean_dice = 2 * out["tp_hard"] / (2 * out["tp_hard"] + out["fp_hard"] + out["fn_hard"])
+    robust_dice = 2 * out["robust_tp_hard"] / (2 * out["robust_tp_hard"] + out["robust_fp_hard"] + out["robust_fn_hard"])
+    assert robust_dice.mean() < clean_dice.mean()
+    assert out["robust_loss"] > out["loss"]
