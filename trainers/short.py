@@ -9,8 +9,11 @@ from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
 from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
 
 TEST_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
-DEMO_SCHEDULE_CPU = {"num_epochs": 8, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4}
+# The demo trains the clean model, then fine-tunes PGD-AT from it (as the papers do).
+DEMO_SCHEDULE_CPU = {"num_epochs": 6, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4}
+DEMO_FINETUNE_CPU = {"num_epochs": 4, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4}
 DEMO_SCHEDULE_GPU = {"num_epochs": 50, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 20}
+DEMO_FINETUNE_GPU = {"num_epochs": 25, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 20}
 _SHORT_PGD = {"steps": 2, "random_start": True, "norm": "linf"}
 
 
@@ -43,11 +46,64 @@ class nnUNetTrainer_AdvDemoGPU(nnUNetTrainer_AdvDemoCPU):
 
 
 class nnUNetTrainerPGDAT_AdvDemoCPU(nnUNetTrainerPGDAT):
-    training_schedule = DEMO_SCHEDULE_CPU
+    training_schedule = DEMO_FINETUNE_CPU
     attack_kwargs = {"steps": 3, "random_start": True, "norm": "linf"}
     alpha_over_eps = 2.5 / 3
     val_attack_overrides = {"steps": 3}
 
 
 class nnUNetTrainerPGDAT_AdvDemoGPU(nnUNetTrainerPGDAT):
-    training_schedule = DEMO_SCHEDULE_GPU
+    training_schedule = DEMO_FINETUNE_GPU
+
+
+# ---- the published recipes (issue 6): a couple of iterations, few attack steps ----
+from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm  # noqa: E402
+from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_VAFT  # noqa: E402
+from .saat import nnUNetTrainerSAAT  # noqa: E402
+from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT  # noqa: E402
+
+_SHORT_VAFA = {"q_max": 20.0, "q_min": 5.0, "steps": 2, "use_ssim_loss": True}
+
+
+class nnUNetTrainerVAFT_TestShort(nnUNetTrainerVAFT):
+    training_schedule = TEST_SCHEDULE
+    attack_kwargs = _SHORT_VAFA
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerVAFA_TestShort(nnUNetTrainerVAFA):
+    training_schedule = TEST_SCHEDULE
+    attack_kwargs = _SHORT_VAFA
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerSAAT_TestShort(nnUNetTrainerSAAT):
+    """Three short epochs, a decision every epoch (epoch 1: m <- 2), checkpoint_latest every
+    epoch (so that ``--c`` can be tested on a run that stopped before its last epoch)."""
+
+    training_schedule = {**TEST_SCHEDULE, "num_epochs": 3, "save_every": 1}
+    saat_check_period = 1
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerDualBN_TestShort(nnUNetTrainerDualBN):
+    training_schedule = TEST_SCHEDULE
+    attack_kwargs = _SHORT_PGD
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerDualNorm_TestShort(nnUNetTrainerDualNorm):
+    training_schedule = TEST_SCHEDULE
+    attack_kwargs = _SHORT_PGD
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerNLCE_TestShort(nnUNetTrainerNLCE):
+    training_schedule = TEST_SCHEDULE
+    val_attack_overrides = {"steps": 1}
+
+
+class nnUNetTrainerNLCE_VAFT_TestShort(nnUNetTrainerNLCE_VAFT):
+    training_schedule = TEST_SCHEDULE
+    attack_kwargs = _SHORT_VAFA
+    val_attack_overrides = {"steps": 1}

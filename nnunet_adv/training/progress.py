@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402  (nnU-Net's own plotting style; seaborn comes with nnU-Net)
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
 ROBUST_KEYS = ("robust_mean_fg_dice", "robust_ema_fg_dice", "robust_dice_per_class_or_region")
@@ -45,6 +46,7 @@ class AdversarialLocalLogger(LocalLogger):
             return
         x = list(range(epoch + 1))
         n_panels = 4 if self.extra_panel_keys else 3
+        sns.set(font_scale=2.5)
         fig, axes = plt.subplots(n_panels, 1, figsize=(30, 18 * n_panels))
 
         ax = axes[0]

@@ -1,0 +1,81 @@
+"""Adversarial attacks for segmentation networks (pure PyTorch, no nnU-Net import).
+
+Usage::
+
+    from nnunet_adv.attacks import build_attack, available_attacks
+    attack = build_attack("vafa-3d", q_max=20, steps=20, block_size=(32, 32, 32), use_ssim_loss=True)
+    x_adv = attack(model, images, labels)   # same shape, dtype and device as images, detached
+
+``images`` ``(B, C, *spatial)`` float (2 or 3 spatial dims); ``labels`` an integer map
+``(B, [1,] *spatial)`` or a deep-supervision list of them (full resolution first); ``model(x)``
+returns logits ``(B, K, *spatial)`` or a list of them (full resolution first). Budgets are in
+the units of the tensor received (see :mod:`nnunet_adv.attacks.base` and ``docs/attacks.md``).
+
+==================  ==========================================================  ============
+name                what                                                        file
+==================  ==========================================================  ============
+``fgsm``            one signed-gradient step (Goodfellow et al. 2015)            fgsm.py
+``bim``             iterated FGSM, no random start (Kurakin et al. 2017)         pgd.py
+``pgd``             L-inf / L2 PGD, random start, restarts (Madry et al. 2018)   pgd.py
+``gn``              Gaussian noise baseline (VAFA paper)                         noise.py
+``ifgsm-targeted``  targeted I-FGSM, NLCEN protocol (He et al. 2019)             targeted.py
+``segpgd``          SegPGD (Gu et al. 2022)                                      segpgd.py
+``cospgd``          CosPGD (Agnihotri et al. 2024)                               cospgd.py
+``apgd-ce``         APGD-CE, AutoAttack schedule (Croce & Hein 2020; ROG 2021)   apgd.py
+``vafa-3d``         VAFA, 3D DCT quantisation attack (Hanif et al. 2023)         vafa.py
+``vafa-2d``         VAFA on 2D slices                                           vafa.py
+``ensemble``        per-sample worst case (lowest Dice) over attacks            ensemble.py
+==================  ==========================================================  ============
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Type
+
+from .apgd import APGDCE
+from .base import Attack
+from .cospgd import CosPGD
+from .ensemble import Ensemble, _canonical
+from .fgsm import FGSM
+from .noise import GaussianNoise
+from .pgd import BIM, PGD
+from .segpgd import SegPGD
+from .targeted import TargetedIFGSM, nlcen_iterations
+from .vafa import VAFA2D, VAFA3D
+
+_REGISTRY: Dict[str, Type[Attack]] = {
+    cls.name: cls
+    for cls in (FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, VAFA3D, VAFA2D, Ensemble)
+}
+
+
+def available_attacks() -> List[str]:
+    """Sorted names accepted by :func:`build_attack`."""
+    return sorted(_REGISTRY)
+
+
+def build_attack(name: str, **options) -> Attack:
+    """Build the attack ``name`` with ``options`` (``ValueError`` for unknown names/options).
+
+    Names are case-insensitive and ``_`` may stand for ``-`` (``"VAFA_3D"`` == ``"vafa-3d"``).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"attack name must be a string, got {name!r}; valid: {available_attacks()}")
+    cls = _REGISTRY.get(_canonical(name))
+    if cls is None:
+        raise ValueError(f"unknown attack {name!r}; valid attacks: {available_attacks()}")
+    return cls(**options)
+
+
+def attack_defaults(name: str) -> dict:
+    """The published defaults (and every accepted option) of attack ``name``."""
+    cls = _REGISTRY.get(_canonical(name)) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown attack {name!r}; valid attacks: {available_attacks()}")
+    return dict(cls.defaults)
+
+
+__all__ = [
+    "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE",
+    "VAFA3D", "VAFA2D", "Ensemble", "build_attack", "available_attacks", "attack_defaults",
+    "nlcen_iterations",
+]

@@ -1,0 +1,89 @@
+"""Ensemble of attacks keeping the per-sample worst case (AutoAttack's composition, Croce &
+Hein, ICML 2020), judged by the Dice of the full-resolution prediction."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from ..losses import dice_per_sample
+from .base import Attack, AttackContext, full_res, per_sample_view
+
+
+class Ensemble(Attack):
+    """Run every member attack and keep, per sample, the adversarial image with the lowest Dice.
+
+    Dice: :func:`nnunet_adv.losses.dice_per_sample` of ``argmax model(x_adv)`` (full
+    resolution) against the full-resolution labels, mean over foreground classes. Ties keep
+    the earlier member. Members run independently from the clean image (each with its own
+    seed), so the result is at least as strong as every member, sample by sample.
+
+    Options:
+        attacks (required): a list whose items are attack names (``'pgd'``), ``(name,
+            options)`` pairs, or built :class:`Attack` instances.
+        any other option: forwarded to every member *given by name* that accepts it (e.g.
+            ``eps``, ``lower``, ``upper`` tensors from the trainer); a member's own options take
+            precedence; an option that no member accepts is an error. Built instances are used
+            as they are.
+    Shapes: images ``(B, C, *S)`` -> ``(B, C, *S)``.
+    """
+
+    name = "ensemble"
+    defaults = {"attacks": None}
+
+    def __init__(self, attacks=None, **shared):
+        from . import _REGISTRY, build_attack  # registry lives in the package __init__
+
+        if not isinstance(attacks, (list, tuple)) or len(attacks) == 0:
+            raise ValueError("ensemble needs attacks=[...]: a non-empty list of names, (name, options) "
+                             "pairs or Attack instances")
+        super().__init__(attacks=list(attacks))
+        members: List[Attack] = []
+        used = set()
+        for item in attacks:
+            if isinstance(item, Attack):
+                members.append(item)
+                continue
+            if isinstance(item, str):
+                name, opts = item, {}
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) \
+                    and isinstance(item[1], dict):
+                name, opts = item[0], dict(item[1])
+            else:
+                raise ValueError(f"ensemble member must be a name, a (name, options) pair or an Attack, "
+                                 f"got {item!r}")
+            cls = _REGISTRY.get(_canonical(name))
+            if cls is None or cls is Ensemble:
+                valid = sorted(n for n, c in _REGISTRY.items() if c is not Ensemble)
+                raise ValueError(f"unknown ensemble member {name!r}; valid: {valid}")
+            accepted = {k: v for k, v in shared.items() if k in cls.defaults}
+            used |= set(accepted)
+            members.append(build_attack(name, **{**accepted, **opts}))
+        unused = sorted(set(shared) - used)
+        if unused:
+            raise ValueError(f"ensemble: option(s) {unused} accepted by no member attack given by name")
+        self.members = members
+        self.shared: Dict[str, Any] = dict(shared)
+
+    def __repr__(self) -> str:
+        return f"Ensemble({self.members!r})"
+
+    def perturb(self, ctx: AttackContext):
+        best_x = best_dice = None
+        images = ctx.x0
+        for member in self.members:
+            x = member(ctx.model, images, ctx.labels).float()
+            with torch.no_grad():
+                logits = full_res(ctx.model(x))
+                dice = dice_per_sample(logits.argmax(1), ctx.y, int(logits.shape[1]))
+            if best_x is None:
+                best_x, best_dice = x, dice
+            else:
+                better = dice < best_dice
+                best_x = torch.where(per_sample_view(better, x.dim()), x, best_x)
+                best_dice = torch.where(better, dice, best_dice)
+        return best_x
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("_", "-")

@@ -1,0 +1,279 @@
+"""VAFA: Volumetric Adversarial Frequency Attack (Hanif, Naseer, Khan, Shah, Khan, "Frequency
+Domain Adversarial Training for Robust Volumetric Medical Segmentation", MICCAI 2023; ref. code
+``attacks/vafa/vafa.py``), 3D and 2D (slice-wise, after AdvDrop, Duan et al. ICCV 2021).
+
+The budget is the quantisation-table bound ``q_max``, not an Lp eps. The attack learns, per
+sample, channel, block and DCT coefficient, a quantisation step ``q`` in ``[q_min, q_max]``
+that makes JPEG-like compression of the image destroy what the network relies on.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..frequency import BACKENDS, dctn, from_blocks, idctn, normalize_block_size, soft_round, to_blocks
+from ..ssim import block_ssim
+from .base import COMMON_DEFAULTS, TARGET_DEFAULTS, Attack, AttackContext, full_res, per_sample_view
+
+
+class VAFA3D(Attack):
+    """VAFA-3D: learn 3D-DCT quantisation tables on ``h^3`` blocks.
+
+    Algorithm (the reference code, on images mapped to [0, 1]; ``T = steps``)::
+
+        q <- q_max everywhere                         (paper Alg. 1: ones; ref. code: q_max)
+        a <- 0.1 ; da = (1e-20 - 0.1) / T             soft-rounding temperature, annealed
+        D  = DCT3_ortho(block(255 X) - 128)           per h^3 block (constant: computed once)
+        repeat T times:
+            X' = unblock(IDCT3_ortho(phi(D / q, a) * q) + 128) / 255
+            [renormalize_slices: X' min-max rescaled per slice to [0, 1] (ref. code only)]
+            J  = -L(f(X'), y) + (1 - SSIM_blocks(X, X'))   (SSIM term if use_ssim_loss)
+            q <- clamp(q - q_step * sign(dJ/dq), q_min, q_max);  a <- a + da
+            a sample whose every voxel is misclassified keeps this X' and stops (early stop)
+        X_adv = clip(X', 0, 1)  (the X' of the last evaluated step, as in the reference)
+
+    ``phi`` is :func:`nnunet_adv.frequency.soft_round` (tanh rounding, not straight-through);
+    SSIM is 3D, window 3 (Gaussian sigma 1.5), data range 1, non-negative, blocks as the batch.
+    Targeted: ``J = +L(f(X'), target) + (1 - SSIM)`` and the early stop waits for every voxel
+    to take the target class.
+
+    Units: the attack maps each image to [0, 1] with the intensity window ``lower``/``upper``
+    (tensor units; None: the clean sample's per-channel min/max), runs VAFA there and maps
+    the result back, so the output lies in the window.
+
+    Block sizes that do not divide the image: the [0, 1] image is padded at the far end of
+    each blocked axis (``pad_mode``: 'replicate' (default) or 'reflect'), attacked, and the
+    output cropped back; nothing is truncated. A block larger than the image is an error.
+    The SSIM term is computed on the padded blocks.
+
+    Options:
+        steps 20; q_max 20; q_min 5 (paper: 1); block_size (8, 8, 8) (class default; the
+        reference experiments use 32); use_ssim_loss True; q_step 1.0; temperature
+        (0.1, 1e-20); renormalize_slices False (the reference code rescales each axial slice
+        of X' to [0, 1] before the forward pass; off by default because it changes the
+        intensities of every slice); slice_axis 0 (the axis indexing slices among the spatial
+        axes; nnU-Net's first spatial axis is the out-of-plane one, MONAI's (H, W, D) layout
+        of the reference code uses -1); early_stop True; pad_mode 'replicate'; dct_backend
+        'matrix' ('torch_dct' = the reference's DCT); targeted / target, loss, seed (unused:
+        VAFA is deterministic), lower / upper, amp_loss_scale.
+    Shapes: images ``(B, C, D, H, W)`` -> same. Labels ``(B, [1,] D, H, W)`` (or a list).
+    """
+
+    name = "vafa-3d"
+    block_ndim = 3
+    defaults = {**COMMON_DEFAULTS, **TARGET_DEFAULTS, "steps": 20, "q_max": 20.0, "q_min": 5.0,
+                "block_size": (8, 8, 8), "use_ssim_loss": True, "q_step": 1.0,
+                "temperature": (0.1, 1e-20), "renormalize_slices": False, "slice_axis": 0,
+                "early_stop": True, "pad_mode": "replicate", "dct_backend": "matrix"}
+
+    # ------------------------------------------------------------------ options
+    def validate(self) -> None:
+        o = self.options
+        for key in ("q_max", "q_min", "q_step"):
+            v = o[key]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
+                raise ValueError(f"{key} must be a positive number, got {v!r}")
+        if o["q_min"] > o["q_max"]:
+            raise ValueError(f"q_min ({o['q_min']}) must be <= q_max ({o['q_max']})")
+        o["block_size"] = normalize_block_size(o["block_size"], self.block_ndim)
+        temp = o["temperature"]
+        try:
+            a0, a1 = (float(v) for v in temp)
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature must be a pair (start, end), got {temp!r}") from None
+        if not (0.0 < a1 <= a0 < 1.0):
+            raise ValueError(f"temperature (start, end) must satisfy 0 < end <= start < 1, got {temp!r}")
+        for key in ("use_ssim_loss", "renormalize_slices", "early_stop"):
+            if not isinstance(o[key], bool):
+                raise ValueError(f"{key} must be True or False, got {o[key]!r}")
+        if o["pad_mode"] not in ("replicate", "reflect"):
+            raise ValueError(f"pad_mode must be 'replicate' or 'reflect', got {o['pad_mode']!r}")
+        if o["dct_backend"] not in BACKENDS:
+            raise ValueError(f"dct_backend must be one of {list(BACKENDS)}, got {o['dct_backend']!r}")
+        if isinstance(o["slice_axis"], bool) or not isinstance(o["slice_axis"], numbers.Integral):
+            raise ValueError(f"slice_axis must be an integer, got {o['slice_axis']!r}")
+
+    def check_input(self, images: torch.Tensor) -> None:
+        nsp = images.dim() - 2
+        if nsp != 3:
+            raise ValueError(f"{self.name} needs 3D images (B, C, D, H, W), got shape {tuple(images.shape)}; "
+                             f"use 'vafa-2d' for 2D images")
+        self._slice_axis(nsp)
+        self._check_block_fits(images)
+
+    def _slice_axis(self, nsp: int) -> int:
+        s = int(self.options["slice_axis"])
+        if not -nsp <= s < nsp:
+            raise ValueError(f"slice_axis {s} out of range for {nsp} spatial dims")
+        return s % nsp
+
+    def _check_block_fits(self, images: torch.Tensor) -> None:
+        sizes = self._block_dim_sizes(images)
+        bs = self.options["block_size"]
+        if any(b > s for b, s in zip(bs, sizes)):
+            raise ValueError(f"{self.name}: block_size {tuple(bs)} is larger than the image's blocked "
+                             f"dims {tuple(sizes)} (image shape {tuple(images.shape)})")
+
+    # ------------------------------------------------------------------ layout
+    def _block_dim_sizes(self, images) -> Tuple[int, ...]:
+        return tuple(images.shape[2:])
+
+    def to_work(self, x: torch.Tensor) -> torch.Tensor:
+        """Image layout -> work layout whose last ``block_ndim`` dims are the blocked ones."""
+        return x
+
+    def from_work(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def _pad(self, w: torch.Tensor):
+        """Pad the trailing blocked dims of a (B, C, *S) work tensor up to block multiples."""
+        bs = self.options["block_size"]
+        k = len(bs)
+        sizes = w.shape[-k:]
+        extra = [(-s) % b for s, b in zip(sizes, bs)]
+        if not any(extra):
+            return w, tuple(sizes)
+        pad = []
+        for e in reversed(extra):                        # F.pad lists the last dim first
+            pad += [0, e]
+        pad += [0, 0] * (w.dim() - 2 - k)                # non-blocked spatial dims untouched
+        return F.pad(w, pad, mode=self.options["pad_mode"]), tuple(sizes)
+
+    @staticmethod
+    def _crop(w: torch.Tensor, sizes) -> torch.Tensor:
+        idx = (Ellipsis,) + tuple(slice(0, s) for s in sizes)
+        return w[idx]
+
+    def _renormalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Reference-code option: min-max rescale every slice (along slice_axis) to [0, 1]."""
+        nsp = x01.dim() - 2
+        if nsp == 2:
+            dims = (2, 3)
+        else:
+            s = self._slice_axis(nsp)
+            dims = tuple(2 + d for d in range(3) if d != s)
+        mn = x01.amin(dim=dims, keepdim=True)
+        mx = x01.amax(dim=dims, keepdim=True)
+        return (x01 - mn) / torch.where(mx > mn, mx - mn, torch.ones_like(mx))
+
+    # ------------------------------------------------------------------ transform
+    def frequency_coefficients(self, x01: torch.Tensor):
+        """Image in [0, 1] ``(B, C, *S)`` -> ``(coeffs, clean_blocks, sizes)``.
+
+        ``clean_blocks``: the padded image in block layout ``(B, C, [n_slices,] n1..nk,
+        b1..bk)``; ``coeffs = DCT(255 * blocks - 128)`` (orthonormal, per block);
+        ``sizes``: the unpadded blocked sizes (for the crop). fp32, autocast disabled.
+        """
+        bs = self.options["block_size"]
+        with torch.autocast(device_type=x01.device.type, enabled=False):
+            w_pad, sizes = self._pad(self.to_work(x01.float()))
+            clean_blocks = to_blocks(w_pad, bs)
+            coeffs = dctn(clean_blocks * 255.0 - 128.0, len(bs), self.options["dct_backend"])
+        return coeffs, clean_blocks, sizes
+
+    def reconstruct(self, coeffs: torch.Tensor, q: torch.Tensor, a, sizes):
+        """Quantise / dequantise and invert: returns ``(x01_adv (B, C, *S), adv_blocks)``.
+
+        ``X' = unblock(IDCT(phi(coeffs / q, a) * q) + 128) / 255``, cropped to ``sizes``;
+        ``a = None`` skips the rounding (then ``q`` cancels and ``X' = X`` exactly up to
+        floating point). Differentiable w.r.t. ``q``. fp32, autocast disabled.
+        """
+        bs = self.options["block_size"]
+        with torch.autocast(device_type=coeffs.device.type, enabled=False):
+            scaled = coeffs / q
+            rounded = scaled if a is None else soft_round(scaled, a)
+            adv_blocks = (idctn(rounded * q, len(bs), self.options["dct_backend"]) + 128.0) / 255.0
+            x01_adv = self.from_work(self._crop(from_blocks(adv_blocks, bs), sizes))
+        return x01_adv, adv_blocks
+
+    # ------------------------------------------------------------------ attack
+    def perturb(self, ctx: AttackContext):
+        o = self.options
+        bs, k = o["block_size"], len(o["block_size"])
+        lo, hi = self.window(ctx)
+        width = hi - lo
+        x01 = (ctx.x0 - lo) / width
+        dev_type = ctx.x0.device.type
+
+        # The transforms run in fp32 even under autocast: DCT coefficients of 255-scaled
+        # blocks reach ~1e3 and fp16 would swamp the small changes of q. The clean
+        # coefficients are constant, so they are computed once (the reference recomputes them).
+        coeffs, clean_blocks, sizes = self.frequency_coefficients(x01)
+        q = torch.full_like(coeffs, float(o["q_max"]))
+        steps = int(o["steps"])
+        a0, a1 = (float(v) for v in o["temperature"])
+        da = (a1 - a0) / steps
+        done = torch.zeros(ctx.B, dtype=torch.bool, device=ctx.x0.device)
+        result = x01.clone()
+        x01_adv = x01
+        for i in range(steps):
+            q.requires_grad_(True)
+            x01_adv, adv_blocks = self.reconstruct(coeffs, q, a0 + i * da, sizes)
+            if o["renormalize_slices"]:
+                with torch.autocast(device_type=dev_type, enabled=False):
+                    x01_adv = self._renormalize(x01_adv)
+                    adv_blocks = to_blocks(self._pad(self.to_work(x01_adv))[0], bs)
+            out = self.forward(ctx, lo + x01_adv * width)
+            # J = -objective (+ 1 - SSIM): q descends J, i.e. ascends the attack objective.
+            J = -self.objective(ctx, out)
+            if o["use_ssim_loss"]:
+                with torch.autocast(device_type=dev_type, enabled=False):
+                    J = J + (1.0 - block_ssim(clean_blocks, adv_blocks, k, data_range=1.0, win_size=3))
+            g = self.grad_of(ctx, J, q)
+            with torch.no_grad():
+                q = (q - float(o["q_step"]) * g.sign()).clamp_(float(o["q_min"]), float(o["q_max"]))
+                if o["early_stop"]:
+                    pred = full_res(out).argmax(1)
+                    ref = self.voxel_labels(ctx)
+                    hit = (pred == ref) if self.is_targeted() else (pred != ref)
+                    success = hit.flatten(1).all(1) & ~done
+                    if bool(success.any()):
+                        result = torch.where(per_sample_view(success, result.dim()), x01_adv.detach(), result)
+                        done |= success
+                        if bool(done.all()):
+                            break
+        with torch.no_grad():
+            result = torch.where(per_sample_view(done, result.dim()), result, x01_adv.detach())
+            return self.clamp_box(ctx, lo + result.clamp(0.0, 1.0) * width)
+
+
+class VAFA2D(VAFA3D):
+    """VAFA-2D: the same algorithm with 2D DCT on ``h x h`` blocks of every slice.
+
+    3D images: every slice along ``slice_axis`` (default 0, the first spatial axis) is split
+    into ``h x h`` blocks over the two remaining axes; 2D images: the image itself.
+    Defaults (reference ``VAFA_2D``): steps 10, q_max 20, q_min 5, block_size (8, 8) (the
+    README suggests 32), use_ssim_loss False (the reference has no SSIM term; when enabled it
+    is a 2D block SSIM), other options as :class:`VAFA3D`.
+    Shapes: images ``(B, C, H, W)`` or ``(B, C, D, H, W)`` -> same.
+    """
+
+    name = "vafa-2d"
+    block_ndim = 2
+    defaults = {**VAFA3D.defaults, "steps": 10, "block_size": (8, 8), "use_ssim_loss": False}
+
+    def check_input(self, images: torch.Tensor) -> None:
+        nsp = images.dim() - 2
+        if nsp == 3:
+            self._slice_axis(nsp)
+        self._check_block_fits(images)
+
+    def _block_dim_sizes(self, images) -> Tuple[int, ...]:
+        sp = tuple(images.shape[2:])
+        if len(sp) == 2:
+            return sp
+        s = self._slice_axis(3)
+        return tuple(v for d, v in enumerate(sp) if d != s)
+
+    def to_work(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return x
+        return x.movedim(2 + self._slice_axis(3), 2)     # (B, C, n_slices, a, b)
+
+    def from_work(self, w: torch.Tensor) -> torch.Tensor:
+        if w.dim() == 4:
+            return w
+        return w.movedim(2, 2 + self._slice_axis(3))

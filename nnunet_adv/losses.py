@@ -1,0 +1,171 @@
+"""Segmentation losses and metrics used by the attacks and by VAFT (pure PyTorch).
+
+Shapes: ``logits`` are ``(B, K, *spatial)`` (2 or 3 spatial dims, K classes, raw scores);
+label maps are integer ``(B, *spatial)`` or ``(B, 1, *spatial)``. Losses are computed in
+fp32 whatever the dtype of the logits (autocast fp16 logits are upcast), because an fp16
+cross-entropy or DCT loses the small differences that adversarial steps live on.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .frequency import dctn
+
+Tensor = torch.Tensor
+
+
+def _full_res(x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+    """Deep-supervision outputs are lists, full resolution first."""
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def as_label_map(labels: Tensor, spatial_shape: Sequence[int]) -> Tensor:
+    """``(B, 1, *S)`` or ``(B, *S)`` integer map -> ``(B, *S)`` int64; ``ValueError`` otherwise."""
+    s = tuple(int(v) for v in spatial_shape)
+    if not torch.is_tensor(labels):
+        raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")
+    if tuple(labels.shape[1:]) == s:
+        return labels.long()
+    if labels.dim() == len(s) + 2 and labels.shape[1] == 1 and tuple(labels.shape[2:]) == s:
+        return labels[:, 0].long()
+    raise ValueError(f"label map shape {tuple(labels.shape)} does not match spatial shape {s}: "
+                     f"expected (B, 1, *{s}) or (B, *{s})")
+
+
+def _prep(logits: Tensor, labels: Tensor):
+    logits = _full_res(logits)
+    if logits.dim() not in (4, 5):
+        raise ValueError(f"logits must be (B, K, *spatial) with 2 or 3 spatial dims, got {tuple(logits.shape)}")
+    y = as_label_map(_full_res(labels), logits.shape[2:])
+    if y.shape[0] != logits.shape[0]:
+        raise ValueError(f"batch size of labels ({y.shape[0]}) != batch size of logits ({logits.shape[0]})")
+    return logits.float(), y
+
+
+def cross_entropy_map(logits: Tensor, labels: Tensor) -> Tensor:
+    """Voxel-wise cross-entropy ``(B, *S)`` in fp32."""
+    logits, y = _prep(logits, labels)
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def segpgd_loss(logits: Tensor, labels: Tensor, t: int, T: int, targeted: bool = False) -> Tensor:
+    """SegPGD loss (Gu et al., "SegPGD: An Effective and Efficient Adversarial Attack for
+    Evaluating and Boosting Segmentation Robustness", ECCV 2022).
+
+    At step ``t`` of ``T`` (``t = 1..T``), ``lambda_t = (t-1) / (2T)`` and, with
+    ``c_i = [argmax_k logits_i == y_i]`` (detached),
+    ``loss = mean_i[(1 - lambda_t) c_i CE_i + lambda_t (1 - c_i) CE_i]``: early steps push the
+    still-correct voxels, later steps weight the already-wrong ones more.
+    Targeted (``labels`` = target map, the attack descends this loss): the weights swap,
+    ``mean_i[lambda_t c_i CE_i + (1 - lambda_t)(1 - c_i) CE_i]`` (CosPGD authors' code).
+
+    Args: logits ``(B, K, *S)``; labels ``(B, [1,] *S)``; mean over batch and voxels. Scalar fp32.
+    """
+    if int(T) < 1 or not 1 <= int(t) <= int(T):
+        raise ValueError(f"SegPGD step t must satisfy 1 <= t <= T, got t={t}, T={T}")
+    logits, y = _prep(logits, labels)
+    lam = (int(t) - 1) / (2.0 * int(T))
+    ce = F.cross_entropy(logits, y, reduction="none")
+    correct = (logits.detach().argmax(1) == y).to(ce.dtype)
+    if targeted:
+        w = lam * correct + (1.0 - lam) * (1.0 - correct)
+    else:
+        w = (1.0 - lam) * correct + lam * (1.0 - correct)
+    return (w * ce).mean()
+
+
+def cospgd_weights(logits: Tensor, labels: Tensor) -> Tensor:
+    """CosPGD voxel weights ``cos_i = cosine(softmax(logits_i), onehot(y_i))``, ``(B, *S)``, detached."""
+    logits, y = _prep(logits, labels)
+    k = logits.shape[1]
+    p = torch.softmax(logits.detach(), dim=1)
+    onehot = F.one_hot(y.clamp(0, k - 1), k).movedim(-1, 1).to(p.dtype)
+    return F.cosine_similarity(p, onehot, dim=1)
+
+
+def cospgd_loss(logits: Tensor, labels: Tensor, targeted: bool = False) -> Tensor:
+    """CosPGD loss (Agnihotri, Jung, Keuper, "CosPGD: an efficient white-box adversarial attack
+    for pixel-wise prediction tasks", ICML 2024).
+
+    Untargeted: ``mean_i cos_i CE_i`` (maximised); targeted (labels = target, descended):
+    ``mean_i (1 - cos_i) CE_i``, with ``cos_i`` from :func:`cospgd_weights` (detached).
+    Args: logits ``(B, K, *S)``; labels ``(B, [1,] *S)``. Scalar fp32.
+    """
+    cos = cospgd_weights(logits, labels)
+    ce = cross_entropy_map(logits, labels)
+    w = (1.0 - cos) if targeted else cos
+    return (w * ce).mean()
+
+
+def _drop_channel(t: Tensor) -> Tensor:
+    """``(B, 1, *S)`` -> ``(B, *S)``; 5-D maps must have the singleton channel, 4-D maps with
+    ``shape[1] == 1`` are read as 2D ``(B, 1, H, W)``; 3-D maps are ``(B, H, W)``."""
+    if t.dim() == 5 or (t.dim() == 4 and t.shape[1] == 1):
+        if t.shape[1] != 1:
+            raise ValueError(f"a 5-D label map must be (B, 1, D, H, W), got {tuple(t.shape)}")
+        return t[:, 0]
+    if t.dim() in (3, 4):
+        return t
+    raise ValueError(f"label map must be (B, [1,] *spatial) with 2 or 3 spatial dims, got {tuple(t.shape)}")
+
+
+def dice_per_sample(pred_labels: Tensor, labels: Tensor, num_classes: int,
+                    include_background: bool = False) -> Tensor:
+    """Mean Dice over classes, per sample.
+
+    Args:
+        pred_labels, labels: integer maps ``(B, [1,] *S)`` of the same spatial shape.
+        num_classes: K; classes ``1..K-1`` are scored (``0..K-1`` with include_background).
+    Returns:
+        ``(B,)`` float: per sample, the mean Dice over the scored classes present in the
+        prediction or the reference (a class absent from both is skipped, as nnU-Net does);
+        1.0 when no scored class is present in either.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    y, p = _drop_channel(labels).long(), _drop_channel(pred_labels).long()
+    if p.shape != y.shape:
+        raise ValueError(f"prediction shape {tuple(p.shape)} != label shape {tuple(y.shape)}")
+    b = y.shape[0]
+    p = p.reshape(b, -1)
+    y = y.reshape(b, -1)
+    total = torch.zeros(b, dtype=torch.float64, device=y.device)
+    count = torch.zeros(b, dtype=torch.float64, device=y.device)
+    for c in range(0 if include_background else 1, num_classes):
+        pc, yc = p == c, y == c
+        inter = (pc & yc).sum(1).double()
+        denom = (pc.sum(1) + yc.sum(1)).double()
+        present = denom > 0
+        total += torch.where(present, 2.0 * inter / denom.clamp_min(1), torch.zeros_like(denom))
+        count += present.double()
+    return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total)).float()
+
+
+def frequency_consistency(logits_clean, logits_adv) -> Tensor:
+    """VAFT frequency-consistency loss (Hanif et al., MICCAI 2023; ref. code normalisation).
+
+    ``FC = sum |DCT(z) - DCT(z')| / sum |DCT(z)|`` where the orthonormal DCT runs over all
+    spatial dims of the whole patch, separately for every sample and class channel, and the
+    sums run over everything (batch, classes, coefficients). Paper Eq. 4 is the unnormalised
+    L1; the released code divides by ``sum |DCT(z)|``, which keeps the term O(1) whatever the
+    patch size.
+
+    Args:
+        logits_clean, logits_adv: ``(B, K, *S)`` (2 or 3 spatial dims) or deep-supervision
+            lists (the full-resolution first elements are used).
+    Returns:
+        Scalar fp32, differentiable w.r.t. both inputs; computed with autocast disabled.
+    """
+    z, za = _full_res(logits_clean), _full_res(logits_adv)
+    if z.shape != za.shape:
+        raise ValueError(f"clean and adversarial logits differ in shape: {tuple(z.shape)} vs {tuple(za.shape)}")
+    if z.dim() not in (4, 5):
+        raise ValueError(f"logits must be (B, K, *spatial) with 2 or 3 spatial dims, got {tuple(z.shape)}")
+    nsp = z.dim() - 2
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        dz = dctn(z.float(), nsp)
+        dza = dctn(za.float(), nsp)
+        return (dz - dza).abs().sum() / dz.abs().sum().clamp_min(torch.finfo(torch.float32).tiny)
