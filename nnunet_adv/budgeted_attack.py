@@ -7,7 +7,7 @@ the units of the tensor they receive. :func:`build_budgeted_attack` converts, pe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -22,7 +22,8 @@ class AttackRecipe:
 
     Attributes:
         name: attack name (``nnunet_adv.attacks.available_attacks()``).
-        options: options passed unchanged (steps, random_start, q_max, block_size, ...).
+        options: options passed unchanged (steps, random_start, q_max, block_size, ...). For
+            ``ensemble``: ``{"attacks": [(name, options), ...]}``, each member budgeted alike.
         eps_frac: L-inf radius as a fraction of each channel's intensity window, or None.
         eps_raw: radius in raw intensity units (HU), or None. Exactly one is set.
         alpha_over_eps: step size as a multiple of eps (None: the attack's default).
@@ -60,6 +61,12 @@ def build_budgeted_attack(recipe: AttackRecipe, threat_model: ThreatModel, data:
     if loss is not None:
         computed["loss"] = loss
     options = {**recipe.options, **overrides}
+    if recipe.name == "ensemble":
+        # every member gets the same budget, converted for this batch
+        options["attacks"] = [
+            build_budgeted_attack(replace(recipe, name=member, options=dict(member_options)), threat_model,
+                                  data, loss=loss, raw_std=raw_std)
+            for member, member_options in options.get("attacks") or []]
     accepted = accepted_options(recipe.name)
     options.update({k: v for k, v in computed.items() if k in accepted and k not in options})
     return build_attack(recipe.name, **options)

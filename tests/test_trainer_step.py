@@ -130,3 +130,38 @@ def test_validation_step_reports_clean_and_robust_counts(nnunet_tree, monkeypatc
     assert clean_dice.mean() > 0.3  # the network has learnt the task ...
     assert robust_dice.mean() < clean_dice.mean()  # ... and the attack degrades it
     assert out["robust_loss"] > out["loss"]
+
+
+# Few-step settings of every attack for the check below (the published defaults are tested
+# in test_attacks.py; here we check that a trainer can use each one in nnU-Net space).
+FAST_OPTIONS = {
+    "apgd-ce": {"steps": 2}, "bim": {"steps": 2}, "cospgd": {"steps": 2}, "fgsm": {}, "gn": {},
+    "ifgsm-targeted": {"steps": 2}, "pgd": {"steps": 2}, "segpgd": {"steps": 2},
+    "vafa-2d": {"steps": 2}, "vafa-3d": {"steps": 2, "block_size": (8, 8, 8)},
+    "ensemble": {"attacks": [("fgsm", {}), ("pgd", {"steps": 2})]},
+}
+LP_ATTACKS = {"apgd-ce", "bim", "cospgd", "fgsm", "ifgsm-targeted", "pgd", "segpgd", "ensemble"}
+
+
+def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
+    from nnunet_adv.attacks import available_attacks
+    from nnunet_adv.budgeted_attack import accepted_options
+
+    assert set(FAST_OPTIONS) == set(available_attacks())
+    trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
+    batch = _batch(trainer)
+    x, target = batch["data"], batch["target"]
+    budget = trainer.threat_model.budget(x, eps_frac=4 / 255)
+    for name, options in FAST_OPTIONS.items():
+        if name == "vafa-2d":
+            continue  # needs a 2D configuration: covered by test_attacks.py
+        trainer.attack_name, trainer.attack_kwargs = name, options
+        trainer.std_over_eps = 1.0 if name == "gn" else None
+        trainer.alpha_over_eps = 0.5 if "alpha" in accepted_options(name) else None
+        x_adv = trainer.craft_adversarial(x, target)
+        assert x_adv.shape == x.shape and torch.isfinite(x_adv).all(), name
+        assert not torch.equal(x_adv, x), name
+        if name in LP_ATTACKS:
+            assert ((x_adv - x).abs() <= budget.eps + 1e-6).all(), name
+        # the trainer passes the projection box to every attack that takes one (gn included)
+        assert (x_adv >= budget.lower - 1e-5).all() and (x_adv <= budget.upper + 1e-5).all(), name
