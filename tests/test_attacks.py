@@ -20,13 +20,7 @@ FAST = {"bim": {"steps": 4}, "pgd": {"steps": 4}, "segpgd": {"steps": 4}, "cospg
         "apgd-ce": {"steps": 4}, "vafa-2d": {"steps": 4}, "vafa-3d": {"steps": 4}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread is much faster for tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(nsp, ds, n=2, channels=1, seed=7):

@@ -7,13 +7,7 @@ import torch
 from nnunet_adv import frequency as fq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread is much faster for tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scipy_block_dct(x: np.ndarray, bs, inverse=False):

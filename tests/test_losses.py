@@ -12,12 +12,7 @@ from nnunet_adv.losses import (cospgd_loss, cospgd_weights, dice_per_sample, fre
 from nnunet_adv.ssim import block_ssim, ssim, ssim_per_channel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():

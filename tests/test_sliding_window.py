@@ -33,14 +33,7 @@ PATCH_3D, SHAPE_3D = (12, 16, 16), (20, 24, 28)
 PATCH_2D = (16, 16)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny networks gain nothing from intra-op threads; on a shared 2-core machine OpenMP
-    threads competing with other processes make them ~10x slower."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
