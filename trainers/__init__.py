@@ -5,6 +5,10 @@ shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer), so every class exists 
 """
 from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
 from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
+from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT
+from .saat import nnUNetTrainerSAAT
+from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm
+from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_VAFT
 from .short import (
     nnUNetTrainer_AdvDemoCPU,
     nnUNetTrainer_AdvDemoGPU,
@@ -13,6 +17,13 @@ from .short import (
     nnUNetTrainerPGDAT_AdvDemoCPU,
     nnUNetTrainerPGDAT_AdvDemoGPU,
     nnUNetTrainerPGDAT_TestShort,
+    nnUNetTrainerDualBN_TestShort,
+    nnUNetTrainerDualNorm_TestShort,
+    nnUNetTrainerNLCE_TestShort,
+    nnUNetTrainerNLCE_VAFT_TestShort,
+    nnUNetTrainerSAAT_TestShort,
+    nnUNetTrainerVAFA_TestShort,
+    nnUNetTrainerVAFT_TestShort,
 )
 
 __all__ = [
@@ -27,4 +38,19 @@ __all__ = [
     "nnUNetTrainer_AdvDemoGPU",
     "nnUNetTrainerPGDAT_AdvDemoCPU",
     "nnUNetTrainerPGDAT_AdvDemoGPU",
+    # the published recipes (docs/recipes.md)
+    "nnUNetTrainerVAFT",
+    "nnUNetTrainerVAFA",
+    "nnUNetTrainerSAAT",
+    "nnUNetTrainerDualBN",
+    "nnUNetTrainerDualNorm",
+    "nnUNetTrainerNLCE",
+    "nnUNetTrainerNLCE_VAFT",
+    "nnUNetTrainerVAFT_TestShort",
+    "nnUNetTrainerVAFA_TestShort",
+    "nnUNetTrainerSAAT_TestShort",
+    "nnUNetTrainerDualBN_TestShort",
+    "nnUNetTrainerDualNorm_TestShort",
+    "nnUNetTrainerNLCE_TestShort",
+    "nnUNetTrainerNLCE_VAFT_TestShort",
 ]

@@ -10,8 +10,8 @@ from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDA
 
 TEST_SCHEDULE = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
 # The demo trains the clean model, then fine-tunes PGD-AT from it (as the papers do).
-DEMO_SCHEDULE_CPU = {"num_epochs": 6, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4}
-DEMO_FINETUNE_CPU = {"num_epochs": 4, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4}
+DEMO_SCHEDULE_CPU = {"num_epochs": 4, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 2}
+DEMO_FINETUNE_CPU = {"num_epochs": 2, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 2}
 DEMO_SCHEDULE_GPU = {"num_epochs": 50, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 20}
 DEMO_FINETUNE_GPU = {"num_epochs": 25, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 20}
 _SHORT_PGD = {"steps": 2, "random_start": True, "norm": "linf"}
@@ -38,7 +38,7 @@ class nnUNetTrainer_AdvDemoCPU(nnUNetTrainerAdversarial):
     training_schedule = DEMO_SCHEDULE_CPU
     clean_loss_weight = 1.0
     adversarial_loss_weight = 0.0
-    val_attack_overrides = {"steps": 3}
+    val_attack_overrides = {"steps": 2}
 
 
 class nnUNetTrainer_AdvDemoGPU(nnUNetTrainer_AdvDemoCPU):
@@ -47,9 +47,9 @@ class nnUNetTrainer_AdvDemoGPU(nnUNetTrainer_AdvDemoCPU):
 
 class nnUNetTrainerPGDAT_AdvDemoCPU(nnUNetTrainerPGDAT):
     training_schedule = DEMO_FINETUNE_CPU
-    attack_kwargs = {"steps": 3, "random_start": True, "norm": "linf"}
-    alpha_over_eps = 2.5 / 3
-    val_attack_overrides = {"steps": 3}
+    attack_kwargs = _SHORT_PGD
+    alpha_over_eps = 2.5 / 2
+    val_attack_overrides = {"steps": 2}
 
 
 class nnUNetTrainerPGDAT_AdvDemoGPU(nnUNetTrainerPGDAT):

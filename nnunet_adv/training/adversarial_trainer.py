@@ -21,15 +21,18 @@ nnU-Net's pseudo-Dice (training log and progress.png).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import copy
+from contextlib import nullcontext
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import autocast, distributed as dist
+from torch import autocast, distributed as dist, nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_adv.budgeted_attack import AttackRecipe, build_budgeted_attack
 from nnunet_adv.threat_model import ThreatModel, ThreatModelError
@@ -70,6 +73,9 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
     # keys drawn in an extra progress.png panel (recipes with per-epoch state, e.g. SAAT)
     progress_panel_keys: tuple = ()
 
+    # ---- the network (nnunet_adv.training.network_changes: NLCE, dual norm, BatchNorm, ...) ----
+    network_changes: tuple = ()  # applied in order by build_network_architecture (also at prediction)
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -80,7 +86,38 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager)
         except ThreatModelError as e:
             raise RecipeError(type(self).__name__, str(e)) from None
+        if self.network_changes:
+            # -pretrained_weights from a clean checkpoint: map plain norms / keep new modules at init
+            from nnunet_adv.training import pretrained
+            pretrained.install()
+        self.configure_attack()
         self._check_recipe()
+
+    # ------------------------------------------------------------------ the network
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """nnU-Net's network with the recipe's ``network_changes`` applied in order.
+
+        nnU-Net calls this for training and its predictor calls it (on the class) to rebuild
+        a trained network, so every architecture change lives here and checkpoints load
+        strictly. Without changes it is exactly the parent's network.
+        """
+        changes = tuple(cls.network_changes)
+        if changes:
+            # arch_kwargs edits go to a copy: the trainer's plans (saved as plans.json) stay untouched
+            configuration = copy.deepcopy(configuration_manager.configuration)
+            arch_kwargs = configuration["architecture"]["arch_kwargs"]
+            for change in changes:
+                arch_kwargs = change.update_arch_kwargs(arch_kwargs)
+            configuration["architecture"]["arch_kwargs"] = arch_kwargs
+            configuration_manager = ConfigurationManager(configuration)
+        network = super(nnUNetTrainerAdversarial, cls).build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
+        for change in changes:
+            network = change.apply(network)
+        return network
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -112,6 +149,11 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         except (ValueError, TypeError) as e:
             raise RecipeError(name, f"attack {self.attack_name!r}: {e}") from None
 
+    def configure_attack(self) -> None:
+        """Hook, called before the recipe is validated: adapt the attack to the configuration
+        (e.g. VAFT picks ``vafa-2d``/``vafa-3d`` and a block size that fits the patch). Values set
+        here as instance attributes are recorded in debug.json like class attributes."""
+
     @property
     def attack_recipe(self) -> AttackRecipe:
         return AttackRecipe(self.attack_name, dict(self.attack_kwargs), self.eps_frac, self.eps_raw,
@@ -123,7 +165,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         return build_budgeted_attack(self.attack_recipe, self.threat_model, data, loss=loss, **overrides)
 
     # ------------------------------------------------------------------ the attack
-    def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None) -> torch.Tensor:
+    def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None,
+                          for_training: bool = True) -> torch.Tensor:
         """Adversarial version of a batch against the current network.
 
         Args:
@@ -131,6 +174,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             target: nnU-Net target: a label map (B, 1, *patch) or, under deep
                 supervision, a list of them (full resolution first).
             overrides: attack options replacing ``attack_kwargs`` (validation uses fewer steps).
+            for_training: True for the training step, False for robust validation (see
+                :meth:`attack_context`).
         Returns:
             (B, C, *patch) tensor, detached, within the budget and the projection box.
         """
@@ -138,8 +183,23 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         net = unwrap_network(self.network)
         # fp32 input gradients: fp16 gradients of a Dice+CE loss underflow to all-zero sign steps
         no_autocast = autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context()
-        with torch.enable_grad(), no_autocast, network_mode(net, self.attack_in_train_mode):
+        with torch.enable_grad(), no_autocast, network_mode(net, self.attack_in_train_mode), \
+                self.attack_context(net, for_training):
             return attack(net, data.float(), target).detach()
+
+    def attack_context(self, network: nn.Module, for_training: bool) -> ContextManager:
+        """Hook: context the attack runs in on the unwrapped ``network`` (default: none).
+
+        Dual-norm recipes route the training attack through the adversarial branch and the
+        robust-validation attack through the clean (deployed) branch.
+        """
+        return nullcontext()
+
+    def forward_context(self, parts: Sequence[Tuple[str, int]]) -> ContextManager:
+        """Hook: context of the training forward pass of :meth:`compute_loss_terms`, whose input
+        is the concatenation of ``parts`` = [(name, batch size), ...] (``"clean"``, ``"adv"``)
+        in batch order (default: none; dual-norm recipes route each part to its branch)."""
+        return nullcontext()
 
     # ------------------------------------------------------------------ training
     def _to_device(self, batch: dict):
@@ -177,7 +237,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         if x_adv is not None:
             inputs.append(x_adv)
             names.append("adv")
-        output = self.network(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+        with self.forward_context([(n, x.shape[0]) for n, x in zip(names, inputs)]):
+            output = self.network(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
         outputs = dict(zip(names, split_batch(output, [x.shape[0] for x in inputs]) if len(inputs) > 1 else [output]))
         weights = {"clean": self.clean_loss_weight, "adv": self.adversarial_loss_weight}
         terms = {n: weights[n] * self.loss(o, target) for n, o in outputs.items()}
@@ -218,7 +279,7 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         clean = super().validation_step({"data": data, "target": _clone_target(target)})
         if not self.robust_validation:
             return clean
-        x_adv = self.craft_adversarial(data, target, self.val_attack_overrides)
+        x_adv = self.craft_adversarial(data, target, self.val_attack_overrides, for_training=False)
         adv = super().validation_step({"data": x_adv, "target": target})
         clean.update({f"robust_{k}": v for k, v in adv.items()})
         return clean

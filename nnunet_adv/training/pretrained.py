@@ -1,0 +1,107 @@
+"""Fine-tuning from a clean nnU-Net checkpoint (``nnUNetv2_train ... -pretrained_weights``)
+for networks changed by a recipe (NLCE modules, dual norms).
+
+nnU-Net's ``load_pretrained_weights`` requires every key of the new network (except the
+``.seg_layers.``) to exist in the checkpoint with the same shape. A network with NLCE modules
+has keys that a clean checkpoint lacks, and a dual-norm network stores each norm twice
+(``...norm.norms.0.weight`` / ``...norm.norms.1.weight`` instead of ``...norm.weight``), so the
+stock function stops with "Key ... is missing in the pretrained model weights".
+
+:func:`load_pretrained_weights` keeps nnU-Net's rules (same keys and shapes required,
+segmentation layers not transferred, strict ``load_state_dict``) and adds two mappings:
+
+* a dual norm missing from the checkpoint takes the plain norm's tensors in *both* branches;
+* NLCE parameters missing from the checkpoint keep their initialisation, which is the
+  identity (:mod:`nnunet_adv.modules.nlce`), so the fine-tuned network starts from the clean
+  network's function.
+
+Networks without those modules go to nnU-Net's own function unchanged.
+``nnUNetv2_train`` calls the name ``load_pretrained_weights`` of ``nnunetv2.run.run_training``;
+:func:`install` points that name at ours (trainers with network changes call it in their
+constructor, which runs before nnU-Net loads pretrained weights).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Set
+
+import torch
+from torch import nn
+
+from nnunet_adv.modules.dual_norm import DualNorm
+from nnunet_adv.modules.nlce import NLCE
+from nnunet_adv.training.network import unwrap_network
+
+_SKIP_IN_PRETRAINED = (".seg_layers.",)
+_DUAL_KEY = re.compile(r"^(?P<prefix>.*)norms\.(?P<branch>\d+)\.(?P<name>[^.]+)$")
+
+
+def _module_prefixes(module: nn.Module, cls) -> Set[str]:
+    """Every name prefix ("a.b.") under which a module of type ``cls`` is registered
+    (dynamic_network_architectures registers norms twice: all aliases are returned)."""
+    return {(name + ".") if name else "" for name, m in module.named_modules(remove_duplicate=False)
+            if isinstance(m, cls)}
+
+
+def has_changed_modules(network: nn.Module) -> bool:
+    """Whether ``network`` holds NLCE or DualNorm modules (needs the key mapping)."""
+    return any(isinstance(m, (NLCE, DualNorm)) for m in unwrap_network(network).modules())
+
+
+def map_pretrained_state_dict(network: nn.Module, pretrained: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict to load into ``network`` from a (possibly plain) ``pretrained`` one.
+
+    Applies nnU-Net's rules plus the two mappings of the module docstring.
+
+    Raises:
+        AssertionError: (as nnU-Net) a key of the network is neither in ``pretrained`` nor
+            covered by a mapping, or a shape differs.
+    """
+    mod = unwrap_network(network)
+    model_dict = mod.state_dict()
+    dual_prefixes = _module_prefixes(mod, DualNorm)
+    nlce_prefixes = tuple(_module_prefixes(mod, NLCE))
+    merged = dict(model_dict)
+    for key, value in model_dict.items():
+        if any(s in key for s in _SKIP_IN_PRETRAINED):
+            continue  # nnU-Net does not transfer segmentation layers
+        source = key
+        if key not in pretrained:
+            match = _DUAL_KEY.match(key)
+            if match and match["prefix"] in dual_prefixes and match["prefix"] + match["name"] in pretrained:
+                source = match["prefix"] + match["name"]   # plain norm -> both branches
+            elif nlce_prefixes and key.startswith(nlce_prefixes):
+                continue                                    # new NLCE module: keep its identity init
+            else:
+                raise AssertionError(f"Key {key} is missing in the pretrained model weights. The pretrained weights "
+                                     f"do not seem to be compatible with your network.")
+        assert pretrained[source].shape == value.shape, \
+            f"The shape of the parameters of key {key} is not the same. Pretrained model: " \
+            f"{tuple(pretrained[source].shape)}; your network: {tuple(value.shape)}."
+        merged[key] = pretrained[source]
+    return merged
+
+
+def load_pretrained_weights(network: nn.Module, fname, verbose: bool = False) -> None:
+    """Drop-in replacement of nnU-Net's ``load_pretrained_weights`` (see module docstring)."""
+    from nnunetv2.run import load_pretrained_weights as nnunet_module
+
+    if not has_changed_modules(network):
+        return nnunet_module.load_pretrained_weights(network, fname, verbose=verbose)
+    saved = torch.load(fname, map_location="cpu", weights_only=False)
+    merged = map_pretrained_state_dict(network, saved["network_weights"])
+    print("################### Loading pretrained weights from file ", fname, "###################")
+    print("nnunet_adv: plain norms copied into both dual-norm branches and NLCE modules kept at their identity "
+          "initialisation where the checkpoint lacks them")
+    unwrap_network(network).load_state_dict(merged, strict=True)
+
+
+def install() -> None:
+    """Make ``nnUNetv2_train -pretrained_weights`` use :func:`load_pretrained_weights`.
+
+    Idempotent; networks without NLCE/DualNorm still take nnU-Net's own code path.
+    """
+    from nnunetv2.run import run_training
+
+    if getattr(run_training, "load_pretrained_weights", None) is not load_pretrained_weights:
+        run_training.load_pretrained_weights = load_pretrained_weights

@@ -1,0 +1,175 @@
+"""The published recipes end to end through nnU-Net's own commands (subprocesses).
+
+Every ``*_TestShort`` recipe trains with ``nnUNetv2_train`` and its model predicts with
+``nnUNetv2_predict``; the NLCE and dual-norm recipes are fine-tuned from a clean checkpoint
+(``-pretrained_weights``), and an SAAT run that stopped after its second epoch continues with
+``--c`` from the state it saved.
+
+To keep the file short on a 2-core CPU, the runs use a copy of the fixture's plans with a
+tiny network (plans identifier ``nnUNetPlansTiny``; the same preprocessed data, nnU-Net's
+full pipeline), and most run the 3d_fullres configuration (one 32^3 patch per case).
+"""
+import ast
+import json
+import re
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from nnunet_tree import DATASET_ID, DATASET_NAME
+
+pytestmark = pytest.mark.e2e
+
+PLANS = "nnUNetPlansTiny"
+TINY_FEATURES = [8, 16, 16, 16, 16, 16, 16, 16]
+
+
+@pytest.fixture(scope="module")
+def tree(nnunet_tree):
+    """The shared tree plus a tiny-network copy of its plans (same data_identifier: same data)."""
+    folder = nnunet_tree.preprocessed / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = PLANS
+    for cfg in plans["configurations"].values():
+        arch = cfg.get("architecture", {}).get("arch_kwargs")
+        if arch:
+            arch["features_per_stage"] = TINY_FEATURES[:arch["n_stages"]]
+    (folder / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+    return nnunet_tree
+
+
+def _model_folder(tree, trainer, configuration):
+    return tree.results / DATASET_NAME / f"{trainer}__{PLANS}__{configuration}"
+
+
+def _train(tree, trainer, configuration, *extra, extra_env=None):
+    return tree.run("nnUNetv2_train", DATASET_ID, configuration, 0, "-tr", trainer, "-p", PLANS, "-device", "cpu",
+                    *extra, extra_env=extra_env)
+
+
+def _predict_and_check(tree, trainer, configuration, out):
+    tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", configuration,
+             "-f", 0, "-tr", trainer, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
+             "-npp", 1, "-nps", 1)
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
+    pred = nib.load(out / written[0])
+    ref = nib.load(tree.dataset / "labelsTs" / written[0])
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def _clean_checkpoint(tree, configuration, trainer_cls, path):
+    """A clean model's checkpoint as nnU-Net writes it (only network_weights is read by
+    -pretrained_weights): the plain network of ``trainer_cls`` on the tiny plans."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = tree.preprocessed / DATASET_NAME
+    plans_manager = PlansManager(str(folder / f"{PLANS}.json"))
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    cm = plans_manager.get_configuration(configuration)
+    torch.manual_seed(0)
+    net = trainer_cls.build_network_architecture(
+        plans_manager, cm, determine_num_input_channels(plans_manager, cm, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
+    torch.save({"network_weights": net.state_dict()}, path)
+    return net.state_dict()
+
+
+# (trainer, configuration, clean trainer to fine-tune from or None, expected training-loss terms)
+RECIPES = [
+    ("nnUNetTrainerVAFT_TestShort", "3d_fullres", None, ("clean", "adv", "fc")),
+    ("nnUNetTrainerVAFA_TestShort", "2d", None, ("adv",)),
+    ("nnUNetTrainerDualBN_TestShort", "3d_fullres", "nnUNetTrainerBN", ("clean", "adv")),
+    ("nnUNetTrainerDualNorm_TestShort", "3d_fullres", None, ("clean", "adv")),
+    ("nnUNetTrainerNLCE_TestShort", "3d_fullres", "nnUNetTrainer", ("clean",)),
+    ("nnUNetTrainerNLCE_VAFT_TestShort", "2d", None, ("clean", "adv", "fc")),
+]
+
+
+@pytest.mark.parametrize("trainer, configuration, finetune_from, terms", RECIPES)
+def test_recipe_trains_and_predicts(tree, tmp_path, trainer, configuration, finetune_from, terms):
+    extra = []
+    clean_state = None
+    if finetune_from:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        ckpt = tmp_path / "clean.pth"
+        clean_state = _clean_checkpoint(tree, configuration, recursive_find_trainer_class_by_name(finetune_from), ckpt)
+        extra = ["-pretrained_weights", ckpt]
+    proc = _train(tree, trainer, configuration, *extra)
+    fold = _model_folder(tree, trainer, configuration) / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == trainer
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "Robust pseudo dice" in log
+    logged = re.search(r"train loss terms (\{.*\})", log)
+    assert logged and tuple(ast.literal_eval(logged.group(1))) == terms  # exactly these loss terms
+    debug = json.loads((fold / "debug.json").read_text())
+    assert "network_changes" in debug and "attack_name" in debug
+    weights = checkpoint["network_weights"]
+    if "Dual" in trainer:
+        assert any(".norms.1." in k for k in weights)
+    if "NLCE" in trainer:
+        assert any(".nlce." in k for k in weights)
+    if "VAF" in trainer:
+        assert debug["attack_name"] == ("vafa-3d" if configuration == "3d_fullres" else "vafa-2d")
+    if clean_state is not None:
+        assert "Loading pretrained weights" in proc.stdout and "nnunet_adv: plain norms copied" in proc.stdout
+    _predict_and_check(tree, trainer, configuration, tmp_path / "pred")
+
+
+SAAT = "nnUNetTrainerSAAT_TestShort"
+STOPPING_SAAT = '''
+import os
+from nnunet_adv.trainers import nnUNetTrainerSAAT_TestShort
+
+
+class nnUNetTrainerSAAT_TestShortStops(nnUNetTrainerSAAT_TestShort):
+    """SAAT_TestShort that dies after the epoch named in NNUNET_ADV_TEST_STOP_AFTER (a crashed run)."""
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if os.environ.get("NNUNET_ADV_TEST_STOP_AFTER") == str(self.current_epoch - 1):
+            raise SystemExit("simulated crash")
+'''
+
+
+def test_saat_trains_predicts_and_continues_with_its_state(tree, tmp_path):
+    # 1. the recipe itself: 3 epochs, a decision every epoch (m <- 2 after epoch 1)
+    _train(tree, SAAT, "3d_fullres")
+    fold = _model_folder(tree, SAAT, "3d_fullres") / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    assert logging["saat_m"] == [1, 1, 2]
+    assert len(logging["saat_grad_magnitude"]) == 3 and all(v > 0 for v in logging["saat_grad_magnitude"])
+    assert logging["saat_threshold"][:2] == [0.0, 0.0]
+    assert logging["saat_threshold"][2] == pytest.approx(1.1 * logging["saat_grad_magnitude"][2])
+    assert checkpoint["saat_state"]["m"] == 2
+    assert (fold / "progress.png").is_file()
+    _predict_and_check(tree, SAAT, "3d_fullres", tmp_path / "pred")
+
+    # 2. a run that crashed after epoch 1 (checkpoint_latest holds m = 2) continues with --c
+    folder = tmp_path / "user_trainers"
+    folder.mkdir()
+    (folder / "stopping_saat.py").write_text(textwrap.dedent(STOPPING_SAAT))
+    env = {"nnUNet_extTrainer": str(folder)}
+    stopping = "nnUNetTrainerSAAT_TestShortStops"
+    proc = tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", stopping, "-p", PLANS, "-device", "cpu",
+                    extra_env={**env, "NNUNET_ADV_TEST_STOP_AFTER": "1"}, check=False)
+    assert proc.returncode != 0 and "simulated crash" in proc.stderr
+    fold = _model_folder(tree, stopping, "3d_fullres") / "fold_0"
+    latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 2 and latest["saat_state"]["m"] == 2
+    assert not (fold / "checkpoint_final.pth").exists()
+
+    proc = _train(tree, stopping, "3d_fullres", "--c", extra_env=env)
+    assert "SAAT: restored m = 2" in proc.stdout
+    assert "SAAT: 2 attack iteration(s) per batch this epoch" in proc.stdout  # epoch 2 ran with the restored m
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["logging"]["saat_m"] == [1, 1, 2]
+    assert final["saat_state"]["m"] == 2

@@ -1,0 +1,515 @@
+"""The published training recipes (VAFT / M_VAFA, SAAT, dual norm, NLCE), in-process on tiny
+versions of the planned networks (2D and 3D, deep supervision on and off)."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2.run import run_training
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as nnunet_load_pretrained_weights
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
+
+from nnunet_adv.attacks.vafa import VAFA2D, VAFA3D
+from nnunet_adv.losses import frequency_consistency
+from nnunet_adv.modules.dual_norm import ADV, CLEAN, DualNorm, dual_norms, norm_route
+from nnunet_adv.modules.nlce import NLCE
+from nnunet_adv.trainers import (
+    nnUNetTrainerDualBN,
+    nnUNetTrainerDualBN_TestShort,
+    nnUNetTrainerDualNorm,
+    nnUNetTrainerDualNorm_TestShort,
+    nnUNetTrainerNLCE,
+    nnUNetTrainerNLCE_TestShort,
+    nnUNetTrainerNLCE_VAFT,
+    nnUNetTrainerNLCE_VAFT_TestShort,
+    nnUNetTrainerSAAT,
+    nnUNetTrainerSAAT_TestShort,
+    nnUNetTrainerVAFA,
+    nnUNetTrainerVAFA_TestShort,
+    nnUNetTrainerVAFT,
+    nnUNetTrainerVAFT_TestShort,
+)
+from nnunet_adv.trainers.vaft import vafa_block_size
+from nnunet_adv.training.network_changes import (
+    BatchNormArchitecture,
+    BatchRoutedDualNorm,
+    DualNormConversion,
+    InsertNLCE,
+)
+from nnunet_adv.training.pretrained import load_pretrained_weights
+from nnunet_adv.training.saat_schedule import SAATSchedule
+from nnunet_tree import DATASET_NAME
+
+SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _plans(tree, configuration, patch_3d=(16, 16, 16)):
+    folder = tree.preprocessed / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = SMALL_FEATURES[:arch["n_stages"]]  # tiny network, same topology
+    if configuration == "3d_fullres" and patch_3d is not None:
+        plans["configurations"][configuration]["patch_size"] = list(patch_3d)
+    plans["continue_training"] = False
+    return plans, json.loads((folder / "dataset.json").read_text())
+
+
+def _make_trainer(cls, tree, configuration, deep_supervision, monkeypatch, initialize=True, patch_3d=(16, 16, 16)):
+    for var, path in (("nnUNet_raw", tree.raw), ("nnUNet_preprocessed", tree.preprocessed),
+                      ("nnUNet_results", tree.results)):
+        monkeypatch.setenv(var, str(path))
+    plans, dataset_json = _plans(tree, configuration, patch_3d)
+    torch.manual_seed(0)
+    trainer = cls(plans, configuration, 0, dataset_json, torch.device("cpu"))
+    trainer.enable_deep_supervision = deep_supervision
+    if initialize:
+        trainer.initialize()
+    return trainer
+
+
+def _batch(trainer, batch_size=2, seed=0):
+    """A fixed batch: smooth random images, labels from intensity thresholds (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    patch = list(trainer.configuration_manager.patch_size)
+    x = torch.randn([batch_size, 1] + patch, generator=g)
+    x = (F.avg_pool3d if len(patch) == 3 else F.avg_pool2d)(x, 5, 1, 2)
+    x = (x - x.mean()) / x.std()
+    y = (x > 0.3).long() + (x > 1.0).long()
+    target = y.float()
+    if trainer.enable_deep_supervision:
+        scales = trainer._get_deep_supervision_scales()
+        target = [F.interpolate(y.float(), size=[round(s * f) for s, f in zip(patch, sc)], mode="nearest")
+                  for sc in scales]
+    return {"data": x, "target": target}
+
+
+def _build(cls, trainer, deep_supervision=False):
+    """The network as nnU-Net's predictor builds it: the static method, called on the class."""
+    return cls.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                          trainer.num_input_channels, trainer.label_manager.num_segmentation_heads,
+                                          enable_deep_supervision=deep_supervision)
+
+
+def _unused_head(trainer, name):
+    """Segmentation heads that get no gradient in nnU-Net's step: with deep supervision the
+    coarsest (decoder.seg_layers[0]; loss weight 0), without it all but the last."""
+    if not name.startswith("decoder.seg_layers."):
+        return False
+    index = int(name.split(".")[2])
+    return index == 0 if trainer.enable_deep_supervision else index < len(trainer.network.decoder.seg_layers) - 1
+
+
+def _count_optimizer_steps(trainer, monkeypatch):
+    calls = []
+    original = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    return calls
+
+
+# ----------------------------------------------------------------------------- defaults
+def test_published_defaults_of_every_recipe():
+    # VAFT (Hanif et al. 2023): q_max 20, 20 steps, SSIM on, q_min 5 (ref. code), block 32, weights 1/1/1
+    assert nnUNetTrainerVAFT.attack_name == "vafa-3d"
+    assert nnUNetTrainerVAFT.attack_kwargs == {"q_max": 20.0, "q_min": 5.0, "steps": 20, "use_ssim_loss": True}
+    assert nnUNetTrainerVAFT.vafa_block_candidates[0] == 32
+    assert (nnUNetTrainerVAFT.clean_loss_weight, nnUNetTrainerVAFT.adversarial_loss_weight,
+            nnUNetTrainerVAFT.frequency_consistency_weight) == (1.0, 1.0, 1.0)
+    assert nnUNetTrainerVAFT.attack_in_train_mode is False
+    # M_VAFA: adversarial loss only
+    assert (nnUNetTrainerVAFA.clean_loss_weight, nnUNetTrainerVAFA.adversarial_loss_weight,
+            nnUNetTrainerVAFA.frequency_consistency_weight) == (0.0, 1.0, 0.0)
+    # SAAT: Free-AT, eps 8/255 of the range, step eps/2, gamma 1.1, m_max 5, decisions every 3 epochs
+    s = nnUNetTrainerSAAT
+    assert (s.saat_inner_attack, s.eps_frac, s.alpha_over_eps) == ("free", 8 / 255, 0.5)
+    assert (s.saat_check_period, s.saat_gamma, s.saat_m_max, s.saat_m_init, s.saat_m_start) == (3, 1.1, 5, 1, 2)
+    assert set(s.progress_panel_keys) == {"saat_m", "saat_grad_magnitude", "saat_threshold"}
+    # dual BN (Han et al. 2021): PGD eps 0.005, alpha 0.0025, 10 steps, random start, BN momentum 0.01
+    for cls in (nnUNetTrainerDualBN, nnUNetTrainerDualNorm):
+        assert cls.attack_name == "pgd" and cls.eps_frac == 0.005 and cls.eps_frac * cls.alpha_over_eps == 0.0025
+        assert cls.attack_kwargs == {"steps": 10, "random_start": True, "norm": "linf"}
+        assert (cls.clean_loss_weight, cls.adversarial_loss_weight) == (1.0, 1.0)
+        assert (cls.train_attack_route, cls.validation_attack_route) == (ADV, CLEAN)
+    assert nnUNetTrainerDualBN.network_changes == (BatchNormArchitecture(), DualNormConversion(momentum=0.01))
+    assert nnUNetTrainerDualNorm.network_changes == (DualNormConversion(momentum=0.01),)
+    # NLCE: coarse encoder stages, clean training; NLCE_VAFT = VAFT + the NLCE network change
+    assert nnUNetTrainerNLCE.network_changes == (InsertNLCE(stages=(-2, -1)),)
+    assert (nnUNetTrainerNLCE.clean_loss_weight, nnUNetTrainerNLCE.adversarial_loss_weight) == (1.0, 0.0)
+    assert issubclass(nnUNetTrainerNLCE_VAFT, nnUNetTrainerVAFT)
+    assert nnUNetTrainerNLCE_VAFT.network_changes == nnUNetTrainerNLCE.network_changes
+    assert "train_step" not in vars(nnUNetTrainerNLCE_VAFT) and "extra_loss_terms" not in vars(nnUNetTrainerNLCE_VAFT)
+
+
+def test_vafa_block_size_rule():
+    assert vafa_block_size((32, 32, 32)) == 32
+    assert vafa_block_size((64, 128, 96)) == 32
+    assert vafa_block_size((80, 192, 160)) == 16       # nnU-Net-like patch: 32 does not divide 80
+    assert vafa_block_size((40, 56, 72)) == 8
+    assert vafa_block_size((20, 40, 40)) == 16         # nothing divides: largest that fits, padded
+    assert vafa_block_size((6, 6)) == 6
+
+
+@pytest.mark.parametrize("configuration, patch, attack_cls, block", [
+    ("3d_fullres", None, VAFA3D, (32, 32, 32)),        # the planned 32^3 patch: the published block
+    ("3d_fullres", (16, 16, 16), VAFA3D, (16, 16, 16)),
+    ("2d", None, VAFA2D, (32, 32)),
+])
+def test_vaft_builds_vafa_for_the_configuration(nnunet_tree, monkeypatch, configuration, patch, attack_cls, block):
+    trainer = _make_trainer(nnUNetTrainerVAFT, nnunet_tree, configuration, True, monkeypatch, initialize=False,
+                            patch_3d=patch)
+    x = torch.zeros((1, 1) + tuple(trainer.configuration_manager.patch_size))
+    attack = trainer._build_attack(x, {})
+    assert isinstance(attack, attack_cls)
+    o = attack.options
+    assert (o["q_max"], o["q_min"], o["steps"], o["use_ssim_loss"], tuple(o["block_size"])) == (20, 5, 20, True, block)
+    assert trainer._build_attack(x, trainer.val_attack_overrides).options["steps"] == 5
+
+
+# ----------------------------------------------------------------------------- VAFT
+@pytest.mark.parametrize("configuration, deep_supervision", [("3d_fullres", True), ("2d", False)])
+def test_vaft_loss_has_clean_adversarial_and_frequency_terms(nnunet_tree, monkeypatch, configuration,
+                                                              deep_supervision):
+    trainer = _make_trainer(nnUNetTrainerVAFT_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch)
+    batch = _batch(trainer)
+    net, x, target = trainer.network, batch["data"], batch["target"]
+    net.train()
+
+    modes = []
+    hook = net.register_forward_pre_hook(lambda m, i: modes.append(m.training))
+    x_adv = trainer.craft_adversarial(x, target)
+    hook.remove()
+    assert modes and not any(modes) and net.training      # VAFA crafted in eval mode, mode restored
+    assert (x_adv - x).abs().max() > 1e-3
+
+    terms = trainer.compute_loss_terms(x, x_adv, target)
+    assert set(terms) == {"clean", "adv", "fc"}
+    with torch.no_grad():
+        out_clean, out_adv = net(x), net(x_adv)
+        assert torch.allclose(terms["clean"], trainer.loss(out_clean, target), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(terms["adv"], trainer.loss(out_adv, target), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(terms["fc"], frequency_consistency(out_clean, out_adv), rtol=1e-4, atol=1e-6)
+    assert terms["fc"] > 1e-4
+    assert trainer.compute_loss_terms(x, x.clone(), target)["fc"] < 1e-5   # zero when adv == clean
+
+    before = [p.detach().clone() for p in net.parameters()]
+    out = trainer.train_step(batch)
+    assert set(out) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
+    assert out["loss"] == pytest.approx(out["loss_clean"] + out["loss_adv"] + out["loss_fc"], rel=1e-5)
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
+    trainer = _make_trainer(nnUNetTrainerVAFA_TestShort, nnunet_tree, "2d", True, monkeypatch)
+    batch = _batch(trainer)
+    x_adv = trainer.craft_adversarial(batch["data"], batch["target"])
+    assert set(trainer.compute_loss_terms(batch["data"], x_adv, batch["target"])) == {"adv"}
+
+
+def test_nlce_vaft_is_vaft_on_the_nlce_network(nnunet_tree, monkeypatch):
+    trainer = _make_trainer(nnUNetTrainerNLCE_VAFT_TestShort, nnunet_tree, "2d", True, monkeypatch)
+    assert sum(isinstance(m, NLCE) for m in trainer.network.modules()) == 2
+    assert isinstance(trainer._build_attack(_batch(trainer)["data"], {}), VAFA2D)
+    assert set(trainer.train_step(_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
+
+
+# ----------------------------------------------------------------------------- SAAT rule
+# (epoch, magnitude of that epoch, m for the next epoch, threshold after the epoch); period 3
+SAAT_SEQUENCE = [
+    (0, 5.0, 1, 0.0), (1, 4.0, 1, 0.0), (2, 3.0, 1, 0.0),
+    (3, 1.0, 2, 0.0),                  # epoch == P: m <- 2
+    (4, 2.0, 2, 2.2),                  # epoch == P + 1: thr <- 1.1 * mag
+    (5, 9.0, 2, 2.2),                  # not a check epoch
+    (6, 3.0, 3, 3.3),                  # 3 > 2.2: m + 1, thr <- 3.3
+    (7, 0.1, 3, 3.3), (8, 0.1, 3, 3.3),
+    (9, 3.4, 4, 3.74),                 # 3.4 > 3.3
+    (12, 3.5, 4, 3.74),                # 3.4 <= 3.5 <= 3.74: unchanged
+    (15, 3.0, 3, 3.3),                 # 3.0 < 3.74 / 1.1: m - 1
+    (18, 10.0, 4, 11.0), (21, 20.0, 5, 22.0),
+    (24, 30.0, 5, 22.0),               # m == m_max: no increase; 30 > 20: no decrease
+    (27, 1.0, 4, 1.1), (30, 0.5, 3, 0.55), (33, 0.1, 2, 0.11),
+    (36, 0.01, 2, 0.11),               # m == 2: no decrease below m_start
+    (39, float("nan"), 2, 0.11),       # nothing measured: no decision
+]
+
+
+def test_saat_rule_against_a_hand_written_sequence_with_save_and_restore():
+    schedule = SAATSchedule()
+    restored = None
+    for epoch, magnitude, m, threshold in SAAT_SEQUENCE:
+        for s in (schedule, restored) if restored is not None else (schedule,):
+            assert s.update(epoch, magnitude) == m, (epoch, s)
+            assert s.threshold == pytest.approx(threshold), (epoch, s)
+        if epoch == 9:  # save into a checkpoint-like dict and continue in a fresh schedule
+            checkpoint = {"saat_state": copy.deepcopy(schedule.state_dict())}
+            restored = SAATSchedule()
+            assert (restored.m, restored.threshold) == (1, 0.0)
+            restored.load_state_dict(checkpoint["saat_state"])
+            assert (restored.m, restored.threshold) == (4, pytest.approx(3.74))
+
+
+def test_saat_rule_with_a_configurable_period():
+    s = SAATSchedule(check_period=1, m_max=3)
+    got = [s.update(e, mag) for e, mag in enumerate([1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0])]
+    # epoch 1: m <- 2; epoch 2: thr <- 2.2; epochs 3, 4 increase (m_max 3 stops at 3); epoch 6 decreases
+    assert got == [1, 2, 2, 3, 3, 3, 2]
+    with pytest.raises(ValueError):
+        SAATSchedule(check_period=0)
+
+
+# ----------------------------------------------------------------------------- SAAT trainer
+class _SAATm2(nnUNetTrainerSAAT_TestShort):
+    saat_m_init = 2
+
+
+def test_saat_free_at_step_replays_m_times_with_a_persistent_buffer(nnunet_tree, monkeypatch):
+    trainer = _make_trainer(_SAATm2, nnunet_tree, "3d_fullres", True, monkeypatch)
+    net = trainer.network
+    net.train()
+    batch1, batch2 = _batch(trainer, seed=0), _batch(trainer, seed=1)
+    x1 = batch1["data"]
+    eps1 = trainer.threat_model.budget(x1, eps_frac=8 / 255).eps
+
+    steps = _count_optimizer_steps(trainer, monkeypatch)
+    seen = []
+    original = trainer.compute_loss_terms
+    monkeypatch.setattr(trainer, "compute_loss_terms", lambda d, xa, t: (seen.append(xa.detach().clone()), original(d, xa, t))[1])
+    out = trainer.train_step(batch1)
+    assert len(steps) == 2 and len(seen) == 2                    # m = 2 replays, 2 optimiser steps
+    assert torch.equal(seen[0], x1)                               # zero buffer at the start
+    delta = trainer.free_delta
+    assert (delta.abs() <= eps1 + 1e-7).all()
+    # two sign steps of eps/2 (not the reference's eps // 2 == 0): multiples of eps/2, some reach eps
+    assert torch.allclose(torch.remainder(delta.abs() / (eps1 / 2) + 0.5, 1.0), torch.full_like(delta, 0.5), atol=1e-3)
+    assert (delta.abs() > 0.99 * eps1).any()
+    assert out["saat_mag_count"] == 2 * x1.shape[0] and out["saat_mag_sum"] > 0
+
+    # the buffer persists: the next batch starts from it, projected onto that batch's eps-ball and box
+    x2 = batch2["data"]
+    budget2 = trainer.threat_model.budget(x2, eps_frac=8 / 255)
+    expected = torch.minimum(torch.maximum(x2 + torch.maximum(torch.minimum(delta, budget2.eps), -budget2.eps),
+                                           budget2.lower), budget2.upper)
+    seen.clear()
+    trainer.train_step(batch2)
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_saat_free_at_magnitude_is_the_input_gradient_of_the_training_loss(nnunet_tree, monkeypatch):
+    trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
+    net = trainer.network
+    net.train()
+    batch = _batch(trainer)
+    reference = copy.deepcopy(net)
+    x = batch["data"].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(trainer.loss(reference(x), batch["target"]), x)
+    out = trainer.train_step(batch)  # m = 1, zero buffer: trains on the clean batch itself
+    assert out["saat_mag_count"] == x.shape[0]
+    assert out["saat_mag_sum"] == pytest.approx(float(g.abs().flatten(1).sum(1).sum()), rel=1e-4)
+
+
+def test_saat_pgd_inner_attack_uses_m_steps(nnunet_tree, monkeypatch):
+    class _SAATPGD(nnUNetTrainerSAAT_TestShort):
+        saat_inner_attack = "pgd"
+        saat_m_init = 3
+
+    trainer = _make_trainer(_SAATPGD, nnunet_tree, "2d", True, monkeypatch)
+    recorded = []
+    original = trainer.craft_adversarial
+    monkeypatch.setattr(trainer, "craft_adversarial",
+                        lambda d, t, o=None, for_training=True: (recorded.append(dict(o or {})), original(d, t, o, for_training))[1])
+    steps = _count_optimizer_steps(trainer, monkeypatch)
+    out = trainer.train_step(_batch(trainer))
+    assert recorded == [{"steps": 3}] and len(steps) == 1
+    assert out["saat_mag_sum"] > 0 and out["saat_mag_count"] == 2
+
+
+def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_tree, monkeypatch, tmp_path):
+    trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)  # period 1
+    magnitudes = [1.0, 2.0, 3.0, 5.0]
+    for epoch, mag in enumerate(magnitudes):
+        trainer.current_epoch = epoch
+        outputs = [{"loss": np.float32(1.0), "saat_mag_sum": 2 * mag, "saat_mag_count": 2.0},
+                   {"loss": np.float32(1.0), "saat_mag_sum": 6 * mag, "saat_mag_count": 6.0}]
+        trainer.on_train_epoch_end(outputs)
+    log = trainer.logger.local_logger.my_fantastic_logging
+    assert log["saat_m"] == [1, 1, 2, 2]                     # m used in each epoch
+    assert log["saat_grad_magnitude"] == pytest.approx(magnitudes)
+    assert log["saat_threshold"] == pytest.approx([0.0, 0.0, 3.3, 5.5])
+    assert trainer.saat.m == 3
+    assert set(trainer.logger.local_logger.extra_panel_keys) >= {"saat_m", "saat_grad_magnitude", "saat_threshold"}
+
+    path = tmp_path / "checkpoint.pth"
+    trainer.save_checkpoint(str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema", "current_epoch",
+                "init_args", "trainer_name", "inference_allowed_mirroring_axes"):
+        assert key in checkpoint, key
+    assert checkpoint["saat_state"]["m"] == 3 and checkpoint["saat_state"]["threshold"] == pytest.approx(5.5)
+
+    fresh = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
+    assert fresh.saat.m == 1
+    fresh.load_checkpoint(str(path))
+    assert (fresh.saat.m, fresh.saat.threshold) == (3, pytest.approx(5.5))
+    assert fresh.logger.local_logger.my_fantastic_logging["saat_m"] == [1, 1, 2, 2]
+
+
+# ----------------------------------------------------------------------------- dual norm
+class _DualBNSeeded(nnUNetTrainerDualBN_TestShort):
+    attack_kwargs = {**nnUNetTrainerDualBN_TestShort.attack_kwargs, "seed": 0}
+
+
+class _DualINSeeded(nnUNetTrainerDualNorm_TestShort):
+    attack_kwargs = {**nnUNetTrainerDualNorm_TestShort.attack_kwargs, "seed": 0}
+
+
+@pytest.mark.parametrize("cls, configuration, deep_supervision", [
+    (_DualBNSeeded, "3d_fullres", True), (_DualINSeeded, "2d", False), (_DualBNSeeded, "2d", False)])
+def test_dual_norm_step(nnunet_tree, monkeypatch, cls, configuration, deep_supervision):
+    trainer = _make_trainer(cls, nnunet_tree, configuration, deep_supervision, monkeypatch)
+    net = trainer.network
+    duals = list(dual_norms(net))
+    assert duals and all(isinstance(d, BatchRoutedDualNorm) for d in duals)
+    bn = cls is _DualBNSeeded
+    inner = nn.modules.batchnorm._BatchNorm if bn else nn.modules.instancenorm._InstanceNorm
+    assert all(isinstance(b, inner) for d in duals for b in d.norms)
+    if bn:
+        assert all(b.momentum == 0.01 for d in duals for b in d.norms)
+    batch = _batch(trainer)
+    x, target = batch["data"], batch["target"]
+    net.train()
+
+    # the training attack goes through the adversarial branch in eval mode; validation's through the clean one
+    seen = []
+    hook = duals[0].register_forward_pre_hook(lambda m, i: seen.append((m.route, m.training)))
+    x_adv = trainer.craft_adversarial(x, target)
+    assert seen and set(seen) == {(ADV, False)}
+    seen.clear()
+    trainer.craft_adversarial(x, target, {"steps": 1}, for_training=False)
+    assert seen and set(seen) == {(CLEAN, False)}
+    hook.remove()
+    assert all(d.route == CLEAN and d.segments is None for d in duals) and net.training
+
+    # one step's gradients == those of L(f(x; clean branch)) + L(f(x_adv; adversarial branch))
+    reference = copy.deepcopy(net)
+    reference.train()
+    with norm_route(reference, CLEAN):
+        loss = trainer.loss(reference(x), target)
+    with norm_route(reference, ADV):
+        loss = loss + trainer.loss(reference(x_adv), target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 12)
+    out = trainer.train_step(batch)
+    assert set(out) == {"loss", "loss_clean", "loss_adv"}
+    for (name, p), r in zip(net.named_parameters(), reference.parameters()):
+        if _unused_head(trainer, name):
+            continue
+        assert p.grad is not None and r.grad is not None, name   # every parameter of both branches
+        assert torch.allclose(p.grad, r.grad, rtol=1e-3, atol=1e-6), name
+    if bn:  # running statistics are per branch (clean batch vs adversarial batch)
+        for d, rd in zip(duals, dual_norms(reference)):
+            for b, rb in zip(d.norms, rd.norms):
+                assert torch.allclose(b.running_mean, rb.running_mean, atol=1e-6)
+
+    for seed in (1, 2):
+        trainer.train_step(_batch(trainer, seed=seed))
+    for d in duals:  # the two branches now hold different parameters
+        assert not torch.allclose(d.norms[0].weight, d.norms[1].weight)
+        if bn:
+            assert not torch.allclose(d.norms[0].running_mean, d.norms[1].running_mean)
+
+    # prediction: the network nnU-Net's predictor builds routes clean and loads the checkpoint strictly
+    deployed = _build(cls, trainer)
+    assert all(d.route == CLEAN for d in dual_norms(deployed))
+    state = net.state_dict()
+    assert any(".norms.0." in k for k in state) and any(".norms.1." in k for k in state)
+    deployed.load_state_dict(state, strict=True)
+    deployed.eval()
+    net.eval()
+    trainer.set_deep_supervision_enabled(False)
+    with torch.no_grad():
+        with norm_route(net, CLEAN):
+            clean_out = net(x)
+        with norm_route(net, ADV):
+            adv_out = net(x)
+        assert torch.allclose(deployed(x), clean_out, atol=1e-5)
+        assert not torch.allclose(deployed(x), adv_out, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- NLCE
+@pytest.mark.parametrize("configuration, deep_supervision", [("3d_fullres", True), ("2d", False)])
+def test_nlce_network_is_identity_like_and_trains_every_parameter(nnunet_tree, monkeypatch, configuration,
+                                                                  deep_supervision):
+    # the planned patch (32^3 / 32^2): coarsest stage 4^3, so the max-pooled keys are more than one
+    # (at a 2^3 stage they collapse to a single key and theta/phi get exactly zero gradients)
+    trainer = _make_trainer(nnUNetTrainerNLCE_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch,
+                            patch_3d=None)
+    built = _build(nnUNetTrainerNLCE_TestShort, trainer)
+    nlces = [m for m in built.modules() if isinstance(m, NLCE)]
+    n_stages = len(built.encoder.stages)
+    assert len(nlces) == 2
+    assert all(any(isinstance(m, NLCE) for m in built.encoder.stages[i].modules()) for i in (n_stages - 2, n_stages - 1))
+
+    # identity at initialisation: the plain network with the same weights computes the same function
+    torch.manual_seed(1)
+    plain = _build(nnUNetTrainer, trainer)
+    missing, unexpected = built.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".nlce." in k for k in missing)
+    x = _batch(trainer)["data"]
+    built.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(built(x), plain(x), atol=1e-5)
+
+    # gradients reach every parameter (those behind the zero-initialised outputs after one step)
+    net = trainer.network
+    net.train()
+    trainer.train_step(_batch(trainer, seed=0))
+    trainer.train_step(_batch(trainer, seed=1))
+    for name, p in net.named_parameters():
+        if not _unused_head(trainer, name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cls, plain_cls", [(nnUNetTrainerNLCE_TestShort, nnUNetTrainer),
+                                            (nnUNetTrainerDualBN_TestShort, nnUNetTrainerBN),
+                                            (nnUNetTrainerDualNorm_TestShort, nnUNetTrainer)])
+def test_finetuning_from_a_clean_checkpoint(nnunet_tree, monkeypatch, tmp_path, cls, plain_cls):
+    trainer = _make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
+    torch.manual_seed(3)
+    plain = _build(plain_cls, trainer, deep_supervision=True)
+    if plain_cls is nnUNetTrainerBN:  # non-trivial running statistics to copy
+        plain.train()
+        with torch.no_grad():
+            plain(_batch(trainer)["data"])
+    path = tmp_path / "clean.pth"
+    torch.save({"network_weights": plain.state_dict()}, path)
+
+    # nnU-Net's own loader needs identical keys; nnUNetv2_train now calls ours (installed by the trainer)
+    with pytest.raises(AssertionError, match="missing in the pretrained"):
+        nnunet_load_pretrained_weights(copy.deepcopy(trainer.network), str(path))
+    assert run_training.load_pretrained_weights is load_pretrained_weights
+    run_training.load_pretrained_weights(trainer.network, str(path))
+
+    net_state, plain_state = trainer.network.state_dict(), plain.state_dict()
+    for key, value in plain_state.items():
+        if ".seg_layers." in key:
+            continue  # nnU-Net does not transfer segmentation layers
+        if key in net_state:
+            assert torch.equal(net_state[key], value), key
+        else:  # a plain norm: copied into both dual branches
+            prefix, name = key.rsplit(".", 1)
+            for branch in (0, 1):
+                assert torch.equal(net_state[f"{prefix}.norms.{branch}.{name}"], value), key
+    if cls is nnUNetTrainerNLCE_TestShort:  # fine-tuning starts from the clean network's function
+        for key, value in plain_state.items():
+            if ".seg_layers." in key:
+                net_state[key].copy_(value)
+        trainer.network.eval()
+        plain.eval()
+        x = _batch(trainer)["data"]
+        with torch.no_grad():
+            assert torch.allclose(trainer.network(x)[0], plain(x)[0], atol=1e-5)

@@ -1,0 +1,215 @@
+"""SAAT: self-adaptive adversarial training (Wang, Fu, Zhang, Ruan, MICCAI 2023; ref. code SEAT,
+built on ROG, Daza et al. MICCAI 2021).
+
+The number ``m`` of attack iterations is adapted during training from a Lipschitz proxy, the
+epoch's mean input-gradient magnitude ``mag = mean_samples sum_voxels |grad_x L|`` (the
+gradient of the training loss with respect to the network input the step trained on). The
+rule lives in :class:`nnunet_adv.training.saat_schedule.SAATSchedule`; its published defaults
+are ``saat_check_period = 3`` epochs, ``saat_gamma = 1.1``, ``saat_m_max = 5``. nnU-Net epochs
+are 250 iterations, far longer than ROG's, so the period is a class attribute (the rule is
+unchanged). Under DDP the magnitude is summed over ranks before the decision (all ranks take
+the same ``m``).
+
+Inner attack (``saat_inner_attack``):
+
+* ``"free"`` (default, as the reference code): Free adversarial training (Shafahi et al. 2019)
+  with a persistent perturbation buffer ``delta`` (one per rank, shape of the batch). Each
+  training iteration replays the batch ``m`` times; each replay trains on
+  ``clip(x + delta, box)`` (one forward, one backward, one optimiser step) and then moves
+  ``delta <- clip(delta + step * sign(grad_delta L), -eps, eps)`` with the input gradient of
+  that same backward (no extra cost: that is the "free" in Free-AT; under DDP it is the
+  backward of the DDP forward, inputs are not reduced). So an nnU-Net iteration costs ``m``
+  forward/backward passes and makes ``m`` optimiser steps.
+  ``eps = 8/255`` of each sample's intensity range (the threat model: z-scored channels use
+  the clean patch's range, CT channels the dataset window) and ``step = eps/2``. The released
+  code floor-divides (``b_eps // 2``), which is 0 on z-scored data so its perturbation never
+  moves; this trainer uses ``eps/2`` (``alpha_over_eps = 0.5``). The buffer is projected onto
+  the current batch's eps-ball before its first replay (a new batch can have a smaller range).
+* ``"pgd"``: PGD with ``m`` steps (random start, step ``alpha_over_eps * eps``) crafted on the
+  unwrapped network in eval mode, one optimiser step on the adversarial loss.
+
+Logged every epoch (training log, progress.png panel, checkpoint ``logging``): ``saat_m`` (the
+iterations used in the epoch), ``saat_grad_magnitude`` (its mean magnitude), ``saat_threshold``
+(after the epoch's decision). The rule's state is saved in every checkpoint under
+``"saat_state"`` (next to nnU-Net's own keys) and restored by ``nnUNetv2_train --c``. The Free-AT
+buffer is not saved (a continued run restarts it at zero).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Union
+
+import numpy as np
+import torch
+from torch import autocast, distributed as dist
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
+from nnunet_adv.training.saat_schedule import SAATSchedule
+
+SAAT_LOG_KEYS = ("saat_m", "saat_grad_magnitude", "saat_threshold")
+
+
+class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
+    """SAAT with Free-AT (default) or PGD as inner attack; see the module docstring."""
+
+    attack_name = "pgd"               # the "pgd" inner attack and the robust validation
+    attack_kwargs = {"steps": 1, "random_start": True, "norm": "linf"}  # steps <- m in the step
+    eps_frac = 8 / 255
+    alpha_over_eps = 0.5              # step eps/2 (not the reference's eps // 2)
+    attack_in_train_mode = False
+    clean_loss_weight = 0.0
+    adversarial_loss_weight = 1.0
+    val_attack_overrides = {"steps": 5}
+
+    saat_inner_attack: str = "free"   # "free" | "pgd"
+    saat_check_period: int = 3        # epochs between decisions (ref. 3)
+    saat_gamma: float = 1.1
+    saat_m_max: int = 5
+    saat_m_init: int = 1
+    saat_m_start: int = 2
+    progress_panel_keys = SAAT_LOG_KEYS
+
+    # ------------------------------------------------------------------ set-up
+    def configure_attack(self) -> None:
+        name = type(self).__name__
+        if self.saat_inner_attack not in ("free", "pgd"):
+            raise RecipeError(name, f"saat_inner_attack must be 'free' or 'pgd' (got {self.saat_inner_attack!r})")
+        if self.saat_inner_attack == "free" and self.alpha_over_eps is None:
+            raise RecipeError(name, "Free-AT needs a step size: set alpha_over_eps (published: 0.5)")
+        if self.adversarial_loss_weight <= 0:
+            raise RecipeError(name, "SAAT trains on adversarial examples: adversarial_loss_weight must be > 0")
+        try:
+            self.saat = SAATSchedule(check_period=self.saat_check_period, gamma=self.saat_gamma,
+                                     m_max=self.saat_m_max, m_init=self.saat_m_init, m_start=self.saat_m_start)
+        except ValueError as e:
+            raise RecipeError(name, str(e)) from None
+        self.free_delta = None  # Free-AT perturbation buffer (B, C, *patch), per rank
+        self.logger.local_logger.add_keys(SAAT_LOG_KEYS)
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.print_to_log_file(f"SAAT: {self.saat.m} attack iteration(s) per batch this epoch "
+                               f"({self.saat_inner_attack})")
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        if self.saat_inner_attack == "pgd":
+            return self._pgd_step(data, target, self.saat.m)
+        return self._free_step(data, target, self.saat.m)
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _loss_scale(self) -> float:
+        return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+
+    def _optimise(self, data, x_in, target):
+        """One forward (``x_in`` requires grad), backward and optimiser step, as nnU-Net's step;
+        returns (loss terms, total). ``x_in.grad`` then holds the (loss-scaled) input gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            terms = self.compute_loss_terms(data, x_in, target)
+            total = sum(terms.values())
+        self._backward_and_step(total)
+        return terms, total
+
+    @staticmethod
+    def _magnitude(grad: torch.Tensor, scale: float):
+        """(sum over samples of sum_voxels |grad|, number of samples) or None if not finite."""
+        per_sample = grad.detach().float().abs().flatten(1).sum(1) / scale
+        if not bool(torch.isfinite(per_sample).all()):
+            return None
+        return float(per_sample.sum()), int(per_sample.numel())
+
+    def _pgd_step(self, data, target, m: int) -> dict:
+        x_adv = self.craft_adversarial(data, target, {"steps": int(m)}).requires_grad_(True)
+        scale = self._loss_scale()  # read before GradScaler.update() changes it
+        terms, total = self._optimise(data, x_adv, target)
+        magnitude = self._magnitude(x_adv.grad, scale)
+        return self._step_output([terms], [total], [magnitude])
+
+    def _free_step(self, data, target, m: int) -> dict:
+        budget = self.threat_model.budget(data, eps_frac=self.eps_frac, eps_raw=self.eps_raw)
+        eps, step = budget.eps, budget.scaled(self.alpha_over_eps)
+        delta = self.free_delta
+        if delta is None or delta.shape != data.shape or delta.device != data.device:
+            delta = torch.zeros_like(data, dtype=torch.float32)
+        delta = torch.maximum(torch.minimum(delta, eps), -eps)  # onto this batch's eps-ball
+        all_terms, totals, magnitudes = [], [], []
+        for _ in range(int(m)):
+            delta_leaf = delta.detach().requires_grad_(True)
+            x_in = torch.minimum(torch.maximum(data.float() + delta_leaf, budget.lower), budget.upper)
+            x_in.retain_grad()
+            scale = self._loss_scale()
+            terms, total = self._optimise(data, x_in, target)
+            magnitude = self._magnitude(x_in.grad, scale)
+            if magnitude is not None and delta_leaf.grad is not None:
+                delta = torch.maximum(torch.minimum(delta + step * delta_leaf.grad.sign(), eps), -eps)
+            all_terms.append(terms)
+            totals.append(total)
+            magnitudes.append(magnitude)
+        self.free_delta = delta.detach()
+        return self._step_output(all_terms, totals, magnitudes)
+
+    @staticmethod
+    def _step_output(all_terms: List[dict], totals: list, magnitudes: list) -> dict:
+        out = {"loss": np.mean([t.detach().cpu().numpy() for t in totals])}
+        for key in all_terms[0]:
+            out[f"loss_{key}"] = np.mean([terms[key].detach().cpu().numpy() for terms in all_terms])
+        measured = [m for m in magnitudes if m is not None]
+        out["saat_mag_sum"] = float(sum(m[0] for m in measured))
+        out["saat_mag_count"] = float(sum(m[1] for m in measured))
+        return out
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        total = sum(float(o.get("saat_mag_sum", 0.0)) for o in train_outputs)
+        count = sum(float(o.get("saat_mag_count", 0.0)) for o in train_outputs)
+        magnitude = self.reduce_magnitude(total, count)
+        self.saat_decide(magnitude)
+
+    def reduce_magnitude(self, total: float, count: float) -> float:
+        """The epoch's mean magnitude over all samples of all ranks (all-reduce under DDP)."""
+        if self.is_ddp:
+            t = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total, count = (float(v) for v in t.tolist())
+        return total / count if count > 0 else float("nan")
+
+    def saat_decide(self, magnitude: float) -> int:
+        """Apply SAAT's rule after the current epoch and log m, magnitude and threshold."""
+        epoch = self.current_epoch
+        m_used = self.saat.m
+        m_next = self.saat.update(epoch, magnitude)
+        self.logger.log("saat_m", m_used, epoch)
+        self.logger.log("saat_grad_magnitude", magnitude, epoch)
+        self.logger.log("saat_threshold", self.saat.threshold, epoch)
+        self.print_to_log_file(f"SAAT: m {m_used}, input-gradient magnitude {magnitude:.6g}, threshold "
+                               f"{self.saat.threshold:.6g}, m for the next epoch {m_next}")
+        return m_next
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (all its keys) plus ``"saat_state"``."""
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint["saat_state"] = self.saat.state_dict()
+            torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if isinstance(filename_or_checkpoint, os.PathLike):
+            filename_or_checkpoint = os.fspath(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = checkpoint.get("saat_state")
+        if state is None:
+            self.print_to_log_file("SAAT: the checkpoint has no SAAT state (not written by an SAAT trainer); "
+                                   f"m starts at {self.saat.m}")
+            return
+        self.saat.load_state_dict(state)
+        self.print_to_log_file(f"SAAT: restored m = {self.saat.m}, threshold = {self.saat.threshold:.6g}")
