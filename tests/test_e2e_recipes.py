@@ -53,7 +53,7 @@ def _train(tree, trainer, configuration, *extra, extra_env=None):
 def _predict_and_check(tree, trainer, configuration, out):
     tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", configuration,
              "-f", 0, "-tr", trainer, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
-             "-npp", 1, "-nps", 1)
+             "-npp", 0, "-nps", 0)  # nnU-Net's sequential mode: no worker processes on a 2-core machine
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
     pred = nib.load(out / written[0])

@@ -37,12 +37,12 @@ class nnUNetTrainerNLCE(nnUNetTrainerAdversarial):
     network_changes = (NLCE_COARSE_STAGES,)
     clean_loss_weight = 1.0
     adversarial_loss_weight = 0.0
-    # robust validation only (no attack in the training step): PGD 4/255, 5 steps
+    # used by robust validation only (no attack in the training step): PGD 4/255, 5 steps
     attack_name = "pgd"
-    attack_kwargs = {"steps": 10, "random_start": True, "norm": "linf"}
+    attack_kwargs = {"steps": 5, "random_start": True, "norm": "linf"}
     eps_frac = 4 / 255
     alpha_over_eps = 2.5 / 5
-    val_attack_overrides = {"steps": 5}
+    val_attack_overrides = {}
 
 
 class nnUNetTrainerNLCE_VAFT(nnUNetTrainerVAFT):

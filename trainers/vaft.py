@@ -70,8 +70,9 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
             raise RecipeError(type(self).__name__, f"frequency_consistency_weight must be >= 0 "
                                                    f"(got {self.frequency_consistency_weight})")
         patch = tuple(self.configuration_manager.patch_size)
-        if self.attack_name in ("vafa-3d", "vafa-2d"):
-            self.attack_name = "vafa-3d" if len(patch) == 3 else "vafa-2d"
+        if self.attack_name not in ("vafa-3d", "vafa-2d"):
+            return  # a subclass chose another attack: leave it alone
+        self.attack_name = "vafa-3d" if len(patch) == 3 else "vafa-2d"
         if "block_size" not in self.attack_kwargs:
             side = vafa_block_size(patch, self.vafa_block_candidates)
             self.attack_kwargs = {**self.attack_kwargs, "block_size": (side,) * len(patch)}

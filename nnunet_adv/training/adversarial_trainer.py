@@ -1,9 +1,11 @@
 """The adversarial base trainer: nnU-Net's trainer plus an attack in every training step.
 
 A recipe (PGD-AT, FGSM-AT, GN augmentation, VAFT, ...) is a subclass that only sets
-class attributes: which attack with which options, the budget, and the loss weights.
-Every attribute below is a hyper-parameter; nnU-Net's ``debug.json`` records all of
-them for each run.
+class attributes: which attack with which options, the budget, the loss weights and the
+network changes (``network_changes``, applied in ``build_network_architecture``, which
+nnU-Net's predictor also calls), plus, where needed, small hooks (``configure_attack``,
+``attack_context``, ``forward_context``, ``extra_loss_terms``). Every attribute below is a
+hyper-parameter; nnU-Net's ``debug.json`` records all of them for each run.
 
 Per training step (``train_step``):
   1. the batch (already augmented by nnU-Net) is attacked against the current weights,
