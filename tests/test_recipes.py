@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2.run import run_training
@@ -43,6 +42,7 @@ from nnunet_adv.training.network_changes import (
 )
 from nnunet_adv.training.pretrained import load_pretrained_weights
 from nnunet_adv.training.saat_schedule import SAATSchedule
+from trainer_batch import make_batch
 from nnunet_tree import DATASET_NAME
 
 SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
@@ -73,20 +73,6 @@ def _make_trainer(cls, tree, configuration, deep_supervision, monkeypatch, initi
     return trainer
 
 
-def _batch(trainer, batch_size=2, seed=0):
-    """A fixed batch: smooth random images, labels from intensity thresholds (learnable)."""
-    g = torch.Generator().manual_seed(seed)
-    patch = list(trainer.configuration_manager.patch_size)
-    x = torch.randn([batch_size, 1] + patch, generator=g)
-    x = (F.avg_pool3d if len(patch) == 3 else F.avg_pool2d)(x, 5, 1, 2)
-    x = (x - x.mean()) / x.std()
-    y = (x > 0.3).long() + (x > 1.0).long()
-    target = y.float()
-    if trainer.enable_deep_supervision:
-        scales = trainer._get_deep_supervision_scales()
-        target = [F.interpolate(y.float(), size=[round(s * f) for s, f in zip(patch, sc)], mode="nearest")
-                  for sc in scales]
-    return {"data": x, "target": target}
 
 
 def _build(cls, trainer, deep_supervision=False):
@@ -175,7 +161,7 @@ def test_vaft_builds_vafa_for_the_configuration(nnunet_tree, monkeypatch, config
 def test_vaft_loss_has_clean_adversarial_and_frequency_terms(nnunet_tree, monkeypatch, configuration,
                                                               deep_supervision):
     trainer = _make_trainer(nnUNetTrainerVAFT_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch)
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     net, x, target = trainer.network, batch["data"], batch["target"]
     net.train()
 
@@ -205,7 +191,7 @@ def test_vaft_loss_has_clean_adversarial_and_frequency_terms(nnunet_tree, monkey
 
 def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
     trainer = _make_trainer(nnUNetTrainerVAFA_TestShort, nnunet_tree, "2d", True, monkeypatch)
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     x_adv = trainer.craft_adversarial(batch["data"], batch["target"])
     assert set(trainer.compute_loss_terms(batch["data"], x_adv, batch["target"])) == {"adv"}
 
@@ -213,8 +199,8 @@ def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
 def test_nlce_vaft_is_vaft_on_the_nlce_network(nnunet_tree, monkeypatch):
     trainer = _make_trainer(nnUNetTrainerNLCE_VAFT_TestShort, nnunet_tree, "2d", True, monkeypatch)
     assert sum(isinstance(m, NLCE) for m in trainer.network.modules()) == 2
-    assert isinstance(trainer._build_attack(_batch(trainer)["data"], {}), VAFA2D)
-    assert set(trainer.train_step(_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
+    assert isinstance(trainer._build_attack(make_batch(trainer)["data"], {}), VAFA2D)
+    assert set(trainer.train_step(make_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
 
 
 # ----------------------------------------------------------------------------- SAAT rule
@@ -270,7 +256,7 @@ def test_saat_free_at_step_replays_m_times_with_a_persistent_buffer(nnunet_tree,
     trainer = _make_trainer(_SAATm2, nnunet_tree, "3d_fullres", True, monkeypatch)
     net = trainer.network
     net.train()
-    batch1, batch2 = _batch(trainer, seed=0), _batch(trainer, seed=1)
+    batch1, batch2 = make_batch(trainer, seed=0), make_batch(trainer, seed=1)
     x1 = batch1["data"]
     eps1 = trainer.threat_model.budget(x1, eps_frac=8 / 255).eps
 
@@ -302,7 +288,7 @@ def test_saat_free_at_magnitude_is_the_input_gradient_of_the_training_loss(nnune
     trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
     net = trainer.network
     net.train()
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     reference = copy.deepcopy(net)
     x = batch["data"].clone().requires_grad_(True)
     (g,) = torch.autograd.grad(trainer.loss(reference(x), batch["target"]), x)
@@ -322,7 +308,7 @@ def test_saat_pgd_inner_attack_uses_m_steps(nnunet_tree, monkeypatch):
     monkeypatch.setattr(trainer, "craft_adversarial",
                         lambda d, t, o=None, for_training=True: (recorded.append(dict(o or {})), original(d, t, o, for_training))[1])
     steps = _count_optimizer_steps(trainer, monkeypatch)
-    out = trainer.train_step(_batch(trainer))
+    out = trainer.train_step(make_batch(trainer))
     assert recorded == [{"steps": 3}] and len(steps) == 1
     assert out["saat_mag_sum"] > 0 and out["saat_mag_count"] == 2
 
@@ -378,7 +364,7 @@ def test_dual_norm_step(nnunet_tree, monkeypatch, cls, configuration, deep_super
     assert all(isinstance(b, inner) for d in duals for b in d.norms)
     if bn:
         assert all(b.momentum == 0.01 for d in duals for b in d.norms)
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     x, target = batch["data"], batch["target"]
     net.train()
 
@@ -415,7 +401,7 @@ def test_dual_norm_step(nnunet_tree, monkeypatch, cls, configuration, deep_super
                 assert torch.allclose(b.running_mean, rb.running_mean, atol=1e-6)
 
     for seed in (1, 2):
-        trainer.train_step(_batch(trainer, seed=seed))
+        trainer.train_step(make_batch(trainer, seed=seed))
     for d in duals:  # the two branches now hold different parameters
         assert not torch.allclose(d.norms[0].weight, d.norms[1].weight)
         if bn:
@@ -458,7 +444,7 @@ def test_nlce_network_is_identity_like_and_trains_every_parameter(nnunet_tree, m
     plain = _build(nnUNetTrainer, trainer)
     missing, unexpected = built.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(".nlce." in k for k in missing)
-    x = _batch(trainer)["data"]
+    x = make_batch(trainer)["data"]
     built.eval()
     plain.eval()
     with torch.no_grad():
@@ -467,8 +453,8 @@ def test_nlce_network_is_identity_like_and_trains_every_parameter(nnunet_tree, m
     # gradients reach every parameter (those behind the zero-initialised outputs after one step)
     net = trainer.network
     net.train()
-    trainer.train_step(_batch(trainer, seed=0))
-    trainer.train_step(_batch(trainer, seed=1))
+    trainer.train_step(make_batch(trainer, seed=0))
+    trainer.train_step(make_batch(trainer, seed=1))
     for name, p in net.named_parameters():
         if not _unused_head(trainer, name):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -484,7 +470,7 @@ def test_finetuning_from_a_clean_checkpoint(nnunet_tree, monkeypatch, tmp_path, 
     if plain_cls is nnUNetTrainerBN:  # non-trivial running statistics to copy
         plain.train()
         with torch.no_grad():
-            plain(_batch(trainer)["data"])
+            plain(make_batch(trainer)["data"])
     path = tmp_path / "clean.pth"
     torch.save({"network_weights": plain.state_dict()}, path)
 
@@ -510,6 +496,6 @@ def test_finetuning_from_a_clean_checkpoint(nnunet_tree, monkeypatch, tmp_path, 
                 net_state[key].copy_(value)
         trainer.network.eval()
         plain.eval()
-        x = _batch(trainer)["data"]
+        x = make_batch(trainer)["data"]
         with torch.no_grad():
             assert torch.allclose(trainer.network(x)[0], plain(x)[0], atol=1e-5)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort
+from trainer_batch import make_batch
 from nnunet_tree import DATASET_NAME
 
 SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
@@ -38,20 +38,6 @@ def _make_trainer(tree, configuration, deep_supervision, monkeypatch):
     return trainer
 
 
-def _batch(trainer, batch_size=2, seed=0):
-    """A fixed batch: smooth random images, labels from intensity thresholds (learnable)."""
-    g = torch.Generator().manual_seed(seed)
-    patch = list(trainer.configuration_manager.patch_size)
-    x = torch.randn([batch_size, 1] + patch, generator=g)
-    x = (F.avg_pool3d if len(patch) == 3 else F.avg_pool2d)(x, 5, 1, 2)
-    x = (x - x.mean()) / x.std()
-    y = (x > 0.3).long() + (x > 1.0).long()
-    target = y.float()
-    if trainer.enable_deep_supervision:
-        scales = trainer._get_deep_supervision_scales()
-        target = [F.interpolate(y.float(), size=[round(s * f) for s, f in zip(patch, sc)], mode="nearest")
-                  for sc in scales]
-    return {"data": x, "target": target}
 
 
 def _clean_train(trainer, batch, steps=40):
@@ -69,7 +55,7 @@ CASES = [("3d_fullres", True), ("3d_fullres", False), ("2d", True), ("2d", False
 @pytest.mark.parametrize("configuration, deep_supervision", CASES)
 def test_adversarial_training_step(nnunet_tree, monkeypatch, configuration, deep_supervision):
     trainer = _make_trainer(nnunet_tree, configuration, deep_supervision, monkeypatch)
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     _clean_train(trainer, batch)
     net, x, target = trainer.network, batch["data"], batch["target"]
 
@@ -118,7 +104,7 @@ def test_adversarial_training_step(nnunet_tree, monkeypatch, configuration, deep
 
 def test_validation_step_reports_clean_and_robust_counts(nnunet_tree, monkeypatch):
     trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     _clean_train(trainer, batch, steps=80)
     trainer.network.eval()
     with torch.no_grad():  # nnU-Net validates under no_grad: the attack must enable gradients itself
@@ -149,7 +135,7 @@ def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
 
     assert set(FAST_OPTIONS) == set(available_attacks())
     trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
-    batch = _batch(trainer)
+    batch = make_batch(trainer)
     x, target = batch["data"], batch["target"]
     budget = trainer.threat_model.budget(x, eps_frac=4 / 255)
     for name, options in FAST_OPTIONS.items():
