@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from nnunet_adv.cli.common import CLIError, cli_main, pick_device
+from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
 
 ATTACK_JSON = "attack.json"
 _IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".png", ".bmp", ".tif", ".tiff")
@@ -64,13 +64,8 @@ def _parse_value(text: str):
         return text
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse prints the usage too)
-        raise CLIError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nnUNetv2_adv_attack", allow_abbrev=False,
+    p = OneLineArgumentParser(prog="nnUNetv2_adv_attack", allow_abbrev=False,
                 description="Attack the images in a folder with a trained nnU-Net model (whole volumes, in nnU-Net's "
                             "network space) and write the adversarial images with the inputs' names and geometry, "
                             "ready for nnUNetv2_predict.")
@@ -233,7 +228,8 @@ class AttackCommand:
             parsed.append(f if f == "all" else int(f))
         return parsed
 
-    def cases(self, input_folder: Path, file_ending: str, num_channels: int) -> Dict[str, dict]:
+    @staticmethod
+    def cases(input_folder: Path, file_ending: str, num_channels: int) -> Dict[str, dict]:
         """case id -> {'files': [...] or None, 'problem': str or None}, nnU-Net's naming."""
         if not input_folder.is_dir():
             raise CLIError(f"input folder {input_folder} does not exist")
@@ -268,7 +264,8 @@ class AttackCommand:
             out[case] = {"files": files_, "names": [chans[c] for c in sorted(chans)], "problem": problem}
         return out
 
-    def check_folders(self, input_folder: Path, output_folder: Path, labels_folder: Optional[Path]) -> None:
+    @staticmethod
+    def check_folders(input_folder: Path, output_folder: Path, labels_folder: Optional[Path]) -> None:
         i, o = input_folder.resolve(), output_folder.resolve()
         if o == i:
             raise CLIError(f"the output folder {output_folder} is the input folder; choose another (-o)")

@@ -1,12 +1,21 @@
 """What every nnunet_adv command shares: one-line errors and device selection."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
 
 class CLIError(Exception):
     """A user-facing problem: printed as one line, exit code 2, no traceback."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are CLIErrors: one line, exit code 2 (argparse would print the
+    whole usage first)."""
+
+    def error(self, message):
+        raise CLIError(message)
 
 
 def cli_main(run: Callable[[], int]) -> int:

@@ -3,35 +3,29 @@
 In a new folder: build the real-MRI demo dataset, plan and preprocess it with nnU-Net,
 train a clean model and a PGD adversarially trained one (fine-tuned from the clean
 model, as the papers do), attack both on the held-out test cases and print a table of
-clean vs adversarial Dice. Every nnU-Net step runs through nnU-Net's own commands.
+clean vs adversarial Dice. Every nnU-Net step runs through nnU-Net's own commands; the
+attacks and the report through ``nnUNetv2_adv_evaluate`` (whole-volume attacks written as
+images, predicted by nnU-Net's predictor), which prints its report.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nnunet_adv.cli.common import CLIError, cli_main, pick_device
 
 CONFIGURATION = "3d_fullres"
 
-# Attacks of the demo table, budgets as in the VAFA paper's voxel-attack baselines.
-def _demo_attacks():
-    from nnunet_adv.budgeted_attack import AttackRecipe
-
-    return {
-        "clean": None,
-        "GN (std 4/255)": AttackRecipe("gn", {"seed": 0}, eps_frac=4 / 255, std_over_eps=1.0),
-        "FGSM (4/255)": AttackRecipe("fgsm", {}, eps_frac=4 / 255),
-        "PGD-10 (4/255)": AttackRecipe("pgd", {"steps": 10, "random_start": True, "seed": 0},
-                                       eps_frac=4 / 255, alpha_over_eps=2.5 / 10),
-    }
+# Attacks of the demo report, budgets as in the VAFA paper's voxel-attack baselines
+# (x/255 of each image's intensity window), and an FGSM eps sweep for the robustness curve
+# (one step per eps: NLCEN's targeted I-FGSM sweep would cost 3-10 steps per point on a CPU).
+DEMO_ATTACKS = ("gn:std=4", "pgd:eps=4,steps=10")
+DEMO_EPS_SWEEP = ("2", "4", "8")
+DEMO_SWEEP_ATTACK = "fgsm"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +87,7 @@ class Demo:
             folder.mkdir(parents=True)
         d = self.args.dataset_id
         self.step(f"building the real-MRI demo dataset in {self.raw}")
-        dataset = build_demo_dataset(self.raw, d, num_train=self.args.num_train, num_test=self.args.num_test,
+        build_demo_dataset(self.raw, d, num_train=self.args.num_train, num_test=self.args.num_test,
                                      seed=self.args.seed, progress=True)
         self.step("planning and preprocessing with nnU-Net")
         # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 there
@@ -105,43 +99,17 @@ class Demo:
         self.step(f"PGD adversarial training ({self.robust_trainer}), fine-tuned from the clean model")
         self.nnunet("nnUNetv2_train", d, CONFIGURATION, 0, "-tr", self.robust_trainer, "-device", self.device,
                     "-pretrained_weights", clean_ckpt)
-        self.step("attacking both models on the held-out test cases")
-        table = self.evaluate(dataset)
-        text = format_table(table)
-        (self.root / "demo_results.md").write_text(text)
-        (self.root / "demo_results.json").write_text(json.dumps(table, indent=2))
-        self.step(f"done; results in {self.root / 'demo_results.md'}")
-        print("\n" + text)
+        self.step("attacking both models on the held-out test cases and writing the robustness report")
+        dataset_folder = self.dataset_folder()
+        report = self.root / "report"
+        self.nnunet("nnUNetv2_adv_evaluate", "-i", dataset_folder / "imagesTs", "-l", dataset_folder / "labelsTs",
+                    "-o", report, "-d", d, "-c", CONFIGURATION, "-f", 0, "-tr", self.clean_trainer,
+                    self.robust_trainer, "--attacks", *DEMO_ATTACKS, "--eps_sweep", *DEMO_EPS_SWEEP,
+                    "--sweep_attack", DEMO_SWEEP_ATTACK,
+                    "--seed", self.args.seed, "--disable_tta", "--saliency", "-device", self.device,
+                    "--disable_progress_bar")
+        self.step(f"done; the report (report.md, summary.json, metrics.csv, figures) is in {report}")
         return 0
-
-    def evaluate(self, dataset: Path) -> dict:
-        import torch
-
-        from nnunet_adv.trained_model import load_trained_model
-        from nnunet_adv.volume_eval import evaluate_under_attacks
-
-        torch.manual_seed(self.args.seed)
-        labels = sorted((dataset / "labelsTs").glob("*.nii.gz"))
-        cases = [([str(dataset / "imagesTs" / lab.name.replace(".nii.gz", "_0000.nii.gz"))], str(lab))
-                 for lab in labels]
-        device = torch.device(self.device)
-        table = {}
-        for trainer in (self.clean_trainer, self.robust_trainer):
-            model = load_trained_model(self.model_folder(trainer), (0,), device=device)
-            dice = evaluate_under_attacks(model, cases, _demo_attacks(), device=device)
-            table[trainer] = {name: float(np.nanmean(v)) for name, v in dice.items()}
-        return table
-
-
-def format_table(table: dict) -> str:
-    """Markdown table: one row per model, one column per setting (mean foreground Dice)."""
-    settings = list(next(iter(table.values())))
-    lines = ["| model | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for model, row in table.items():
-        lines.append(f"| {model} | " + " | ".join(f"{row[s]:.3f}" for s in settings) + " |")
-    return "\n".join(lines) + "\n\nMean foreground Dice on the held-out test cases (whole volumes, nnU-Net " \
-                              "preprocessed grid, no test-time mirroring); budgets are fractions of each " \
-                              "image's intensity window.\n"
 
 
 def main(argv=None) -> int:

@@ -183,9 +183,9 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         """
         attack = self._build_attack(data, overrides or {})
         net = unwrap_network(self.network)
-        # fp32 input gradients: fp16 gradients of a Dice+CE loss underflow to all-zero sign steps
-        no_autocast = autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context()
-        with torch.enable_grad(), no_autocast, network_mode(net, self.attack_in_train_mode), \
+        # fp32 input gradients: fp16 gradients of a Dice+CE loss underflow to all-zero sign steps.
+        # Disabled on every device: a caller's CPU/MPS autocast must not leak into the attack either.
+        with torch.enable_grad(), autocast(self.device.type, enabled=False), network_mode(net, self.attack_in_train_mode), \
                 self.attack_context(net, for_training):
             return attack(net, data.float(), target).detach()
 

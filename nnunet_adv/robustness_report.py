@@ -1,0 +1,241 @@
+"""The files of an ``nnUNetv2_adv_evaluate`` report: summary.json, metrics.csv, report.md, figures.
+
+Inputs are the per-evaluation summaries of :mod:`nnunet_adv.robustness_metrics` (nnU-Net's
+summary layout, label keys as strings). "Mean foreground Dice" everywhere is nnU-Net's
+``foreground_mean['Dice']`` (mean over classes of the per-class mean over cases), the number
+``nnUNetv2_evaluate_folder`` reports; HD95 in millimetres likewise.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from nnunet_adv.metrics import lpips_available, robust_fraction
+
+ROG_FACTOR = 0.5  # a case is robust if its Dice > 0.5 x the model's mean clean Dice (ROG)
+
+
+@dataclass
+class ReportContext:
+    root: Path
+    command: str
+    dataset: str
+    models: list  # [Model(name, folder)]
+    settings: list  # [Setting], clean first
+    evaluations: list  # [Evaluation]
+    summaries: Dict[Tuple[str, str], dict]  # (model name, evaluation key) -> summary
+    labels: list
+    tta: bool
+    eot: bool
+    device: str
+    folds: list
+    checkpoint: str
+    cases: List[str]
+
+    def summary(self, model_name: str, key: str) -> Optional[dict]:
+        return self.summaries.get((model_name, key))
+
+    def fg(self, model_name: str, key: str, metric: str = "Dice") -> float:
+        s = self.summary(model_name, key)
+        return float("nan") if s is None else float(s["foreground_mean"][metric])
+
+    def robust_fraction(self, model_name: str, key: str) -> float:
+        s = self.summary(model_name, key)
+        per_case = [c["foreground_dice"] for c in s["metric_per_case"]]
+        return robust_fraction(per_case, self.fg(model_name, "clean"), ROG_FACTOR)
+
+    def per_case_mean(self, model_name: str, key: str, field: str) -> float:
+        values = [c.get(field) for c in self.summary(model_name, key)["metric_per_case"]]
+        values = [float(v) for v in values if v is not None]
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- files
+def write_summary_json(ctx: ReportContext) -> None:
+    """``summary.json``: run information and, per evaluation, nnU-Net's summary with ``model``,
+    ``attack``, ``eps``, ``crafted_on`` and ``robust_fraction`` keys."""
+    results = []
+    for ev in ctx.evaluations:
+        s = ctx.summary(ev.model.name, ev.key)
+        results.append({"model": ev.model.name, "attack": ev.setting.label, "eps": ev.setting.eps,
+                        "sweep": ev.setting.sweep, "crafted_on": None if ev.source is None else ev.source.name,
+                        "prediction_folder": str(Path("predictions") / ev.model.name / ev.key),
+                        "robust_fraction": ctx.robust_fraction(ev.model.name, ev.key),
+                        **s})
+    doc = {"command": ctx.command, "dataset": ctx.dataset, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+           "models": {m.name: str(m.folder.resolve()) for m in ctx.models}, "folds": ctx.folds,
+           "checkpoint": ctx.checkpoint, "device": ctx.device, "test_time_mirroring": ctx.tta,
+           "eot_mirroring": ctx.eot, "cases": ctx.cases, "lpips": _lpips_note(),
+           "conventions": {"Dice/IoU": "nnU-Net compute_metrics (NaN when a class is absent from both maps)",
+                           "HD95": "mm; a class in only one map: the image diagonal",
+                           "ASR": "fraction of voxels whose predicted label differs from the clean prediction",
+                           "SSIM/PSNR": "adversarial vs clean raw image, mean over channels",
+                           "robust_fraction": f"cases with foreground Dice > {ROG_FACTOR} x mean clean Dice (ROG)"},
+           "results": results}
+    _atomic_write(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+CSV_COLUMNS = ["model", "attack", "eps", "crafted_on", "case", "class", "dice", "iou", "hd95_mm", "tp", "fp", "fn",
+               "n_ref", "n_pred", "asr", "ssim", "psnr", "linf_raw"]
+
+
+def write_metrics_csv(ctx: ReportContext) -> None:
+    """``metrics.csv``: one row per model x attack x eps x case x class."""
+    path = ctx.root / "metrics.csv"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for ev in ctx.evaluations:
+            s = ctx.summary(ev.model.name, ev.key)
+            for case, entry in zip(ctx.cases, s["metric_per_case"]):
+                for label, m in entry["metrics"].items():
+                    writer.writerow([ev.model.name, ev.setting.label, _cell(ev.setting.eps),
+                                     "" if ev.source is None else ev.source.name, case, label,
+                                     _cell(m["Dice"]), _cell(m["IoU"]), _cell(m["HD95"]), m["TP"], m["FP"], m["FN"],
+                                     m["n_ref"], m["n_pred"], _cell(entry.get("ASR")), _cell(entry.get("SSIM")),
+                                     _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw"))])
+    os.replace(tmp, path)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{float(value):.6g}"
+
+
+def write_figures(ctx: ReportContext, cases: Dict[str, dict], reader_writer, num_examples: int) -> List[str]:
+    """robustness_curve.png (with a sweep) and examples.png (with an attack); their file names."""
+    from nnunet_adv.report_figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve
+
+    written = []
+    sweep = [s for s in ctx.settings if s.sweep]
+    if sweep:
+        curves = {m.name: {"eps": [0.0] + [s.eps for s in sweep],
+                           "dice": [ctx.fg(m.name, "clean")] + [ctx.fg(m.name, s.tag) for s in sweep],
+                           "jaccard": [ctx.fg(m.name, "clean", "IoU")] + [ctx.fg(m.name, s.tag, "IoU") for s in sweep]}
+                  for m in ctx.models}
+        plot_robustness_curve(curves, ctx.root / "robustness_curve.png",
+                              x_label="eps (x/255 of the intensity window)",
+                              title=f"{sweep[0].spec.name} sweep, {ctx.dataset}")
+        written.append("robustness_curve.png")
+    attacked = [s for s in ctx.settings if s.spec is not None]
+    if attacked and num_examples > 0:
+        setting = next((s for s in attacked if not s.sweep), attacked[-1])
+        rows = []
+        for model in ctx.models:
+            for case in ctx.cases[:num_examples]:
+                image_file = cases[case]["images"][0]
+                adv_file = ctx.root / "adversarial" / model.name / setting.tag / Path(image_file).name
+                pred = ctx.root / "predictions" / model.name
+                ending = Path(cases[case]["label"]).name[len(case):]
+                image = reader_writer.read_images([image_file])[0][0]
+                rows.append(ExampleRow(
+                    title=f"{model.name}, {case}, {setting.label}",
+                    image=central_slice(image),
+                    adversarial=central_slice(reader_writer.read_images([str(adv_file)])[0][0]),
+                    clean_prediction=central_slice(reader_writer.read_seg(str(pred / "clean" / f"{case}{ending}"))[0][0]),
+                    adversarial_prediction=central_slice(
+                        reader_writer.read_seg(str(pred / setting.tag / f"{case}{ending}"))[0][0]),
+                    reference=central_slice(reader_writer.read_seg(cases[case]["label"])[0][0])))
+        plot_examples(rows, ctx.root / "examples.png", num_classes=max(_max_label(ctx.labels) + 1, 2))
+        written.append("examples.png")
+    return written
+
+
+def _max_label(labels) -> int:
+    return max(max(label) if isinstance(label, (tuple, list)) else int(label) for label in labels)
+
+
+def write_saliency(ctx: ReportContext, image_slices, maps) -> str:
+    from nnunet_adv.report_figures import plot_saliency
+
+    plot_saliency(image_slices, maps, ctx.root / "saliency.png")
+    return "saliency.png"
+
+
+# ---------------------------------------------------------------------------------------- report.md
+def _f(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
+    """``report.md``; returns its text."""
+    main = [s for s in ctx.settings if not s.sweep]
+    sweep = [s for s in ctx.settings if s.sweep]
+    transfer = [ev for ev in ctx.evaluations if ev.transfer]
+    lines = [f"# Robustness report: {ctx.dataset}", "",
+             f"{len(ctx.cases)} test case(s); folds {', '.join(map(str, ctx.folds))} ({ctx.checkpoint}); prediction "
+             f"with nnU-Net's predictor, test-time mirroring {'on' if ctx.tta else 'off'}; attacks on whole volumes "
+             f"in nnU-Net's network space{' with mirroring EOT' if ctx.eot else ''}, written as images and predicted "
+             f"like any input; device {ctx.device}.", "",
+             f"Command: `{ctx.command}`", "",
+             "## Mean foreground Dice (HD95 in mm)", ""]
+    lines += _table(["model"] + [s.label for s in main],
+                    [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} ({_f(ctx.fg(m.name, s.tag, 'HD95'), 1)})" for s in main]
+                     for m in ctx.models])
+    lines += ["", "Dice is nnU-Net's `foreground_mean` (the number `nnUNetv2_evaluate_folder` gives for the same "
+                  "predictions); HD95 of a class missing from one map counts as the image diagonal.", ""]
+    attacked = [s for s in ctx.settings if s.spec is not None]
+    if attacked:
+        lines += ["## Attack effect", ""]
+        rows = []
+        for m in ctx.models:
+            for s in attacked:
+                rows.append([m.name, s.label, _f(ctx.fg(m.name, s.tag, "IoU")),
+                             _f(ctx.per_case_mean(m.name, s.tag, "ASR")),
+                             _f(ctx.robust_fraction(m.name, s.tag), 2),
+                             _f(ctx.per_case_mean(m.name, s.tag, "SSIM")),
+                             _f(ctx.per_case_mean(m.name, s.tag, "PSNR"), 1)])
+        lines += _table(["model", "attack", "Jaccard (IoU)", "voxel ASR", "robust fraction", "SSIM", "PSNR dB"], rows)
+        clean = ", ".join(f"{m.name} {_f(ctx.robust_fraction(m.name, 'clean'), 2)}" for m in ctx.models)
+        lines += ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
+                      f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: {_lpips_note()}.", ""]
+    if sweep:
+        lines += [f"## eps sweep ({sweep[0].spec.name}): mean foreground Dice / Jaccard", ""]
+        lines += _table(["model", "clean"] + [f"eps {s.eps:g}" for s in sweep],
+                        [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} / {_f(ctx.fg(m.name, s.tag, 'IoU'))}"
+                                     for s in [ctx.settings[0]] + sweep] for m in ctx.models])
+        lines += ["", "eps in x/255 of each channel's intensity window.", ""]
+    if transfer:
+        source = transfer[0].source.name
+        lines += [f"## Transfer attacks (crafted on {source}): mean foreground Dice", ""]
+        lines += _table(["model"] + [s.label for s in attacked],
+                        [[m.name] + [_f(ctx.fg(m.name, f"{s.tag}__from_{source}")) for s in attacked]
+                         for m in ctx.models if m.name != source])
+        lines.append("")
+    for name in figures:
+        lines += [f"![{name}]({name})", ""]
+    text = "\n".join(lines)
+    _atomic_write(ctx.root / "report.md", text)
+    return text
+
+
+def _lpips_note() -> str:
+    return "available (package lpips with local weights) but not computed for 3D volumes" if lpips_available() \
+        else "unavailable (the lpips package and its local weights are not installed)"

@@ -1,0 +1,236 @@
+"""``nnUNetv2_adv_evaluate`` end to end on the real-MRI dataset 901 (subprocesses): two models, two
+attacks, a three-point eps sweep, a transfer attack and saliency maps; the report's numbers against
+nnU-Net's own ``nnUNetv2_evaluate_folder``; the figures; ``--continue``; one-line errors.
+
+Models: ``nnUNetTrainerPGDAT_TestShort`` (2 iterations; reused if the session trained it already)
+and a copy of its folder under another trainer name. The copy makes the transfer attack exactly
+checkable (same weights: the transferred predictions equal the white-box ones) without training a
+second model. Their Dice is low; what is checked is that the report is correct for the
+predictions it made, not that the models are good.
+"""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_adv.report_figures import curve_figure_size, examples_figure_size, saliency_figure_size
+from nnunet_tree import DATASET_ID
+
+pytestmark = pytest.mark.e2e
+
+MODELS = ["nnUNetTrainerPGDAT_TestShort", "nnUNetTrainerPGDATCopy"]
+ATTACKS = ["pgd:eps=16,steps=2,alpha=8", "vafa-3d:q_max=20,steps=2,block_size=16"]
+SWEEP = ["4", "8", "16"]
+NUM_EXAMPLES = 2
+
+
+def _evaluate_args(tree, out, *extra):
+    return ["nnUNetv2_adv_evaluate", "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs", "-o", out,
+            "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", *MODELS, "--disable_tta", "-device", "cpu",
+            "--disable_progress_bar", *extra]
+
+
+@pytest.fixture(scope="module")
+def report(nnunet_tree, tmp_path_factory):
+    tree = nnunet_tree
+    if not (tree.model_folder(MODELS[0]) / "fold_0" / "checkpoint_final.pth").is_file():
+        tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", MODELS[0], "-device", "cpu")
+    if not tree.model_folder(MODELS[1]).is_dir():
+        shutil.copytree(tree.model_folder(MODELS[0]), tree.model_folder(MODELS[1]))
+    out = tmp_path_factory.mktemp("evaluate") / "report"
+    proc = tree.run(*_evaluate_args(tree, out, "--attacks", *ATTACKS, "--eps_sweep", *SWEEP,
+                                    "--sweep_attack", "ifgsm-targeted:steps=2", "--transfer_from", MODELS[0],
+                                    "--saliency", "--num_examples", NUM_EXAMPLES))
+    summary = json.loads((out / "summary.json").read_text())
+    return {"tree": tree, "out": out, "proc": proc, "summary": summary}
+
+
+def _result(summary, model, attack, crafted_on="self"):
+    crafted_on = model if crafted_on == "self" else crafted_on
+    if attack == "clean":
+        crafted_on = None
+    matches = [r for r in summary["results"] if r["model"] == model and r["attack"] == attack
+               and r["crafted_on"] == crafted_on]
+    assert len(matches) == 1, (model, attack, crafted_on)
+    return matches[0]
+
+
+def test_report_files_and_layout(report):
+    out, summary = report["out"], report["summary"]
+    for name in ("summary.json", "metrics.csv", "report.md", "robustness_curve.png", "examples.png", "saliency.png"):
+        assert (out / name).is_file(), name
+    settings = ["clean", *ATTACKS, *[f"ifgsm-targeted:steps=2,eps={e}" for e in SWEEP]]
+    # every model x setting white-box, plus the transfer rows of the other model
+    assert len(summary["results"]) == len(MODELS) * len(settings) + (len(settings) - 1)
+    for model in MODELS:
+        for setting in settings:
+            r = _result(summary, model, setting)
+            assert set(r) >= {"metric_per_case", "mean", "foreground_mean", "model", "attack", "eps"}
+            assert len(r["metric_per_case"]) == 2 and set(r["mean"]) == {"1", "2"}
+            for case in r["metric_per_case"]:
+                assert set(case["metrics"]["1"]) >= {"Dice", "IoU", "HD95", "TP", "FP", "FN", "n_ref", "n_pred"}
+                assert case["metrics"]["1"]["HD95"] >= 0
+    pgd = _result(summary, MODELS[0], ATTACKS[0])
+    assert pgd["eps"] == 16 and all(0 <= c["ASR"] <= 1 for c in pgd["metric_per_case"])
+    assert all(0 < c["SSIM"] <= 1 and c["PSNR"] > 0 for c in pgd["metric_per_case"])
+    transfer = _result(summary, MODELS[1], ATTACKS[0], crafted_on=MODELS[0])
+    assert transfer["prediction_folder"].endswith(f"__from_{MODELS[0]}")
+    # same weights and seed: the transferred attack is the white-box one, case by case
+    assert [c["metrics"] for c in transfer["metric_per_case"]] == [c["metrics"] for c in pgd["metric_per_case"]]
+    # the adversarial images are kept next to the predictions
+    assert sorted(p.name for p in (out / "adversarial" / MODELS[0]).iterdir()) == \
+        sorted(["pgd_eps-16_steps-2_alpha-8", "vafa-3d_q_max-20_steps-2_block_size-16",
+                *[f"ifgsm-targeted_steps-2_eps-{e}" for e in SWEEP]])
+
+
+def test_attacks_change_predictions(report):
+    summary = report["summary"]
+    pgd = _result(summary, MODELS[0], ATTACKS[0])
+    assert np.mean([c["ASR"] for c in pgd["metric_per_case"]]) > 0.01
+    assert pgd["foreground_mean"]["Dice"] < _result(summary, MODELS[0], "clean")["foreground_mean"]["Dice"]
+    assert all(c["ASR"] is None for c in _result(summary, MODELS[0], "clean")["metric_per_case"])
+
+
+def _nnunet_evaluate(tree, pred_folder, out_json):
+    model = tree.model_folder(MODELS[0])
+    tree.run("nnUNetv2_evaluate_folder", tree.dataset / "labelsTs", pred_folder, "-djfile", model / "dataset.json",
+             "-pfile", model / "plans.json", "-o", out_json, "-np", 1)
+    return json.loads(out_json.read_text())
+
+
+@pytest.mark.parametrize("model,attack,crafted_on", [(MODELS[0], "clean", None), (MODELS[1], "clean", None),
+                                                     (MODELS[0], ATTACKS[0], "self"), (MODELS[1], ATTACKS[1], "self"),
+                                                     (MODELS[1], ATTACKS[0], MODELS[0])])
+def test_numbers_agree_with_nnunet_evaluate_folder(report, tmp_path, model, attack, crafted_on):
+    out, summary = report["out"], report["summary"]
+    ours = _result(summary, model, attack, crafted_on)
+    theirs = _nnunet_evaluate(report["tree"], out / ours["prediction_folder"], tmp_path / "summary.json")
+    for key in ("Dice", "IoU", "TP", "FP", "FN"):
+        assert ours["foreground_mean"][key] == pytest.approx(theirs["foreground_mean"][key], rel=1e-9, nan_ok=True)
+        for label in ("1", "2"):
+            assert ours["mean"][label][key] == pytest.approx(theirs["mean"][label][key], rel=1e-9, nan_ok=True)
+    if crafted_on in (None, "self"):  # the paper table of report.md prints these numbers
+        row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith(f"| {model} |"))
+        columns = ["clean", *ATTACKS]
+        cell = row.strip("|").split("|")[1 + columns.index(attack)].strip()
+        assert cell.startswith(f"{theirs['foreground_mean']['Dice']:.3f} (")
+
+
+def test_metrics_csv_rows(report):
+    rows = list(csv.DictReader(open(report["out"] / "metrics.csv")))
+    n_results = len(report["summary"]["results"])
+    assert len(rows) == n_results * 2 * 2  # x cases x classes
+    assert {r["class"] for r in rows} == {"1", "2"} and {r["model"] for r in rows} == set(MODELS)
+    sweep = [r for r in rows if r["attack"].startswith("ifgsm-targeted") and r["crafted_on"] == r["model"]]
+    assert sorted({float(r["eps"]) for r in sweep}) == [4.0, 8.0, 16.0]
+    summary = report["summary"]
+    r = _result(summary, MODELS[0], ATTACKS[0])
+    case = r["metric_per_case"][0]
+    row = next(x for x in rows if x["model"] == MODELS[0] and x["attack"] == ATTACKS[0] and x["class"] == "1"
+               and x["crafted_on"] == MODELS[0] and case["reference_file"].endswith(x["case"] + ".nii.gz"))
+    assert float(row["dice"]) == pytest.approx(case["metrics"]["1"]["Dice"], rel=1e-5, nan_ok=True)
+    assert float(row["hd95_mm"]) == pytest.approx(case["metrics"]["1"]["HD95"], rel=1e-5)
+
+
+def _png_size(path):
+    image = sitk.ReadImage(str(path))  # a PNG reader: checks the file is a valid PNG
+    return image.GetSize()[:2]
+
+
+def test_figures_are_valid_pngs_of_the_expected_size(report):
+    out = report["out"]
+    assert _png_size(out / "robustness_curve.png") == curve_figure_size()
+    assert _png_size(out / "examples.png") == examples_figure_size(len(MODELS) * NUM_EXAMPLES)
+    assert _png_size(out / "saliency.png") == saliency_figure_size(NUM_EXAMPLES, len(MODELS))
+    text = (out / "report.md").read_text()
+    assert "![robustness_curve.png](robustness_curve.png)" in text and "## Transfer attacks" in text
+
+
+def test_continue_recomputes_nothing(report):
+    out, tree = report["out"], report["tree"]
+    kept = {p: p.stat().st_mtime_ns for sub in ("adversarial", "predictions", "metrics", "saliency")
+            for p in (out / sub).rglob("*") if p.is_file()}
+    assert len(kept) > 50
+    proc = tree.run(*_evaluate_args(tree, out, "--attacks", *ATTACKS, "--eps_sweep", *SWEEP,
+                                    "--sweep_attack", "ifgsm-targeted:steps=2", "--transfer_from", MODELS[0],
+                                    "--saliency", "--num_examples", NUM_EXAMPLES, "--continue"))
+    assert "computed this run: nothing (all reused)" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert json.loads((out / "summary.json").read_text())["results"] == report["summary"]["results"]
+
+
+def test_existing_report_needs_continue(report):
+    proc = report["tree"].run(*_evaluate_args(report["tree"], report["out"], "--attacks", ATTACKS[0]), check=False)
+    assert proc.returncode == 2 and "--continue" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _copy_data(tree, tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shutil.copytree(tree.dataset / "imagesTs", images)
+    shutil.copytree(tree.dataset / "labelsTs", labels)
+    return images, labels
+
+
+def _bad_label_value(tree, tmp_path):
+    images, labels = _copy_data(tree, tmp_path)
+    first = sorted(labels.iterdir())[0]
+    image = sitk.ReadImage(str(first))
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = 7
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(image)
+    sitk.WriteImage(bad, str(first))
+    return {"-i": [images], "-l": [labels]}, f"{first.name[:-7]}: label file"
+
+
+def _missing_label(tree, tmp_path):
+    images, labels = _copy_data(tree, tmp_path)
+    gone = sorted(labels.iterdir())[-1]
+    gone.unlink()
+    return {"-i": [images], "-l": [labels]}, f"case {gone.name[:-7]}: no label file"
+
+
+def _other_dataset(tree, tmp_path):
+    fake = tmp_path / "OtherTrainer__nnUNetPlans__3d_fullres"
+    shutil.copytree(tree.model_folder(MODELS[0]), fake)
+    plans = json.loads((fake / "plans.json").read_text())
+    plans["dataset_name"] = "Dataset999_Other"
+    (fake / "plans.json").write_text(json.dumps(plans))
+    return ({"-m": [tree.model_folder(MODELS[0]), fake], "-d": None, "-c": None, "-tr": None},
+            "OtherTrainer__nnUNetPlans__3d_fullres was trained on Dataset999_Other")
+
+
+BAD = {
+    "label value not in dataset.json": _bad_label_value,
+    "missing label": _missing_label,
+    "model of another dataset": _other_dataset,
+    "attack string": lambda tree, tmp: ({"--attacks": ["pgd:eps=4,stepz=3"]}, "attack 'pgd:eps=4,stepz=3'"),
+    "unparsable attack string": lambda tree, tmp: ({"--attacks": ["pgd:eps=4,=3"]}, "cannot parse"),
+    "unknown attack": lambda tree, tmp: ({"--attacks": ["pgdx"]}, "unknown attack 'pgdx'"),
+    "transfer source": lambda tree, tmp: ({"--transfer_from": ["nnUNetTrainerNope"]},
+                                          "--transfer_from nnUNetTrainerNope"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_error(report, tmp_path, case, capsys, monkeypatch):
+    """In process (fast): exit code 2, one line naming the problem, nothing written."""
+    from nnunet_adv.cli.evaluate import main
+
+    tree = report["tree"]
+    overrides, expected = BAD[case](tree, tmp_path)
+    args = {"-i": [tree.dataset / "imagesTs"], "-l": [tree.dataset / "labelsTs"], "-o": [tmp_path / "report"],
+            "-d": [DATASET_ID], "-c": ["3d_fullres"], "-tr": MODELS, "--attacks": [ATTACKS[0]], "-device": ["cpu"]}
+    args.update(overrides)
+    argv = [str(x) for flag, values in args.items() if values is not None for x in (flag, *values)]
+    for key, value in tree.env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "report").exists()  # nothing written on a refused run
