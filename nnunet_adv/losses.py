@@ -144,6 +144,32 @@ def dice_per_sample(pred_labels: Tensor, labels: Tensor, num_classes: int,
     return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total)).float()
 
 
+def region_dice_per_sample(pred_regions: Tensor, regions: Tensor, mask: Tensor = None) -> Tensor:
+    """Mean Dice over regions, per sample (nnU-Net region-based training: sigmoid outputs).
+
+    Args:
+        pred_regions, regions: binary ``(B, R, *S)`` (bool or 0/1), one channel per region.
+        mask: optional ``(B, 1, *S)``, 0 on voxels to ignore.
+    Returns:
+        ``(B,)`` float: per sample, the mean Dice over the regions present in the prediction or
+        the reference (absent from both: skipped); 1.0 when no region is present in either.
+    """
+    if pred_regions.shape != regions.shape:
+        raise ValueError(f"prediction shape {tuple(pred_regions.shape)} != region shape {tuple(regions.shape)}")
+    p, y = pred_regions.bool(), regions.bool()
+    if mask is not None:
+        keep = mask.bool().expand_as(p)
+        p, y = p & keep, y & keep
+    b, r = p.shape[:2]
+    p, y = p.reshape(b, r, -1), y.reshape(b, r, -1)
+    inter = (p & y).sum(2).double()
+    denom = (p.sum(2) + y.sum(2)).double()
+    present = denom > 0
+    dice = torch.where(present, 2.0 * inter / denom.clamp_min(1), torch.zeros_like(denom))
+    count = present.sum(1).double()
+    return torch.where(count > 0, dice.sum(1) / count.clamp_min(1), torch.ones_like(count)).float()
+
+
 def frequency_consistency(logits_clean, logits_adv) -> Tensor:
     """VAFT frequency-consistency loss (Hanif et al., MICCAI 2023; ref. code normalisation).
 

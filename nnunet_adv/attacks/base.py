@@ -10,6 +10,13 @@ Contract (every attack)::
   maps (nnU-Net deep-supervision targets, full resolution first). The attack's own
   voxel-wise computations use the full-resolution map; a user ``loss`` receives ``labels``
   unchanged (or the target in the same structure for targeted attacks).
+  Region targets (nnU-Net region-based training, sigmoid outputs): ``(B, R, *spatial)``
+  with one binary channel per region (R = K; nnU-Net's ignore channel may follow as
+  channel K), or a list of them. They are recognised by ``R > 1`` channels, or by a model
+  with a single output channel (K = 1 can only be a sigmoid: a softmax CE over one class is
+  identically 0). Then the default loss is BCE-with-logits on the full-resolution regions
+  (ignore voxels masked), not CE; targeted attacks and attacks defined by a softmax CE
+  weighting (``segpgd``, ``cospgd``) raise ``ValueError``.
 * ``model(x)`` returns logits ``(B, K, *spatial)`` or a list/tuple of them (full res first).
 * ``x_adv``: same shape, dtype and device as ``images``, detached.
 
@@ -170,13 +177,17 @@ class AttackContext:
     """Per-call state shared by the attack's helpers (not part of the public API).
 
     Attributes: ``model``; ``x0`` clean images fp32 ``(B, C, *S)``; ``labels`` as received;
-    ``y`` full-res labels ``(B, *S)`` int64; ``B, C, spatial``; ``generator``; ``sign`` (+1
-    untargeted, -1 targeted); ``loss_scale``; ``lower``/``upper`` effective bounds (full-size
-    tensors or None); ``num_classes`` (known after the first forward); per-attack extras.
+    ``y`` full-res labels ``(B, *S)`` int64, or with ``regions`` True the full-res region
+    targets ``(B, K, *S)`` fp32 in {0, 1} and ``region_mask`` ``(B, 1, *S)`` (0 on nnU-Net's
+    ignore voxels) or None; ``B, C, spatial``; ``generator``; ``sign`` (+1 untargeted, -1
+    targeted); ``loss_scale``; ``lower``/``upper`` effective bounds (full-size tensors or
+    None); ``num_classes`` (known after the first forward); per-attack extras.
     """
 
     def __init__(self, **kw):
         self.num_classes: Optional[int] = None
+        self.regions = False
+        self.region_mask: Optional[Tensor] = None
         self.warned_zero_grad = False
         self._target_struct = None
         self._target_full = None
@@ -192,6 +203,9 @@ class Attack:
     defaults: Dict[str, Any] = dict(COMMON_DEFAULTS)
     #: whether the attack is targeted regardless of the ``targeted`` option
     always_targeted: bool = False
+    #: whether the attack works on region (sigmoid, multi-label) targets; False for attacks
+    #: whose objective is a softmax-CE weighting of class labels (SegPGD, CosPGD)
+    supports_regions: bool = True
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -300,6 +314,14 @@ class Attack:
             first = labels[0]
         if not torch.is_tensor(first):
             raise ValueError(f"labels must be a tensor or a list of tensors, got {type(first).__name__}")
+        if first.dim() == images.dim() and first.shape[1] > 1 and first.shape[2:] == images.shape[2:]:
+            # nnU-Net region targets (B, R, *S), one binary channel per region: a label map
+            # never has more than one channel. Checked against the model in forward().
+            y = first.float()
+            if y.shape[0] != images.shape[0]:
+                raise ValueError(f"labels shape mismatch: batch size {y.shape[0]} != images batch size "
+                                 f"{images.shape[0]}")
+            return y
         try:
             y = as_label_map(first, images.shape[2:])
         except ValueError as e:
@@ -322,7 +344,7 @@ class Attack:
         if scale is None:
             scale = AMP_DEFAULT_SCALE if _cuda_fp16_autocast(x0) else 1.0
         ctx = AttackContext(model=model, x0=x0, labels=labels, y=y, B=x0.shape[0], C=x0.shape[1],
-                            spatial=tuple(x0.shape[2:]), generator=gen,
+                            spatial=tuple(x0.shape[2:]), generator=gen, regions=y.dim() == x0.dim(),
                             sign=-1.0 if self.is_targeted() else 1.0, loss_scale=float(scale))
         lo = broadcast_param("lower", self.options.get("lower"), x0)
         hi = broadcast_param("upper", self.options.get("upper"), x0)
@@ -350,14 +372,39 @@ class Attack:
                                  f"images {tuple(x.shape)}; got "
                                  f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
             k = int(logits.shape[1])
-            ymin, ymax = int(ctx.y.min()), int(ctx.y.max())
-            if ymin < 0 or ymax >= k:
-                raise ValueError(f"labels must be class indices in [0, {k - 1}] for a {k}-class model, "
-                                 f"found values in [{ymin}, {ymax}]")
+            if k == 1 and not ctx.regions:
+                # one output channel = one sigmoid region (nnU-Net region-based training with a
+                # single region): a softmax CE over one class is identically 0, never an objective
+                ctx.regions, ctx.y = True, ctx.y[:, None].float()
+            if ctx.regions:
+                self._check_regions(ctx, k)
+            else:
+                ymin, ymax = int(ctx.y.min()), int(ctx.y.max())
+                if ymin < 0 or ymax >= k:
+                    raise ValueError(f"labels must be class indices in [0, {k - 1}] for a {k}-class model, "
+                                     f"found values in [{ymin}, {ymax}]")
             ctx.num_classes = k
             if self.is_targeted():
                 self._resolve_target(ctx)
         return out
+
+    def _check_regions(self, ctx: AttackContext, k: int) -> None:
+        """Region targets against a K-output sigmoid model (nnU-Net region-based training)."""
+        if not self.supports_regions:
+            raise ValueError(f"attack '{self.name}' weights a softmax CE over class labels; it does not "
+                             f"support region (sigmoid, one binary channel per region) targets")
+        if self.is_targeted():
+            raise ValueError(f"attack '{self.name}': targeted attacks need class labels; region "
+                             f"(sigmoid) targets are not supported")
+        r = int(ctx.y.shape[1])
+        if r == k + 1:
+            # nnU-Net appends the ignore label as a last region channel (DC_and_BCE_loss's convention)
+            ctx.region_mask, ctx.y = 1.0 - ctx.y[:, -1:], ctx.y[:, :-1]
+        elif r != k:
+            raise ValueError(f"region targets have {r} channels but the model has {k} outputs "
+                             f"(expected {k}, or {k + 1} with nnU-Net's ignore channel last)")
+        if bool(((ctx.y != 0) & (ctx.y != 1)).any()):
+            raise ValueError("region targets must be binary (0/1 or bool), one channel per region")
 
     def _resolve_target(self, ctx: AttackContext) -> None:
         """Target map per the ``target`` option (NLCEN rule when None)."""
@@ -394,7 +441,8 @@ class Attack:
         ctx._target_struct = struct if struct is not None else _like_labels(t, ctx.labels)
 
     def voxel_labels(self, ctx: AttackContext) -> Tensor:
-        """Full-res map ``(B, *S)`` that voxel-wise computations use (target if targeted)."""
+        """Full-res map ``(B, *S)`` that voxel-wise computations use (target if targeted);
+        with region targets the regions ``(B, K, *S)`` fp32."""
         return ctx._target_full if self.is_targeted() else ctx.y
 
     def loss_labels(self, ctx: AttackContext):
@@ -410,7 +458,20 @@ class Attack:
             if not torch.is_tensor(v) or v.numel() != 1:
                 raise ValueError("the loss callable must return a scalar tensor")
             return v.reshape(()).float()
+        if ctx.regions:
+            # sigmoid outputs, one binary channel per region: CE against integer labels would be
+            # meaningless; BCE-with-logits is the voxel term of nnU-Net's own region loss
+            return self._region_bce(ctx, output).mean()
         return F.cross_entropy(full_res(output).float(), self.voxel_labels(ctx))
+
+    @staticmethod
+    def _region_bce(ctx: AttackContext, output) -> Tensor:
+        """``(B,)`` BCE-with-logits on the full-res regions, voxel mean (ignore voxels masked)."""
+        bce = F.binary_cross_entropy_with_logits(full_res(output).float(), ctx.y, reduction="none")
+        if ctx.region_mask is None:
+            return bce.flatten(1).mean(1)
+        m = ctx.region_mask.expand_as(bce)
+        return (bce * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
 
     def objective(self, ctx: AttackContext, output, t: int = 1, T: int = 1) -> Tensor:
         """Quantity the step maximises at step ``t`` of ``T`` (override for SegPGD/CosPGD)."""
@@ -420,7 +481,9 @@ class Attack:
     def per_sample_objective(self, ctx: AttackContext, output) -> Tensor:
         """``(B,)`` value of ``sign * L`` per sample (worst-case selection, APGD)."""
         user = self.options.get("loss")
-        if user is None:
+        if user is None and ctx.regions:
+            v = self._region_bce(ctx, output)
+        elif user is None:
             ce = F.cross_entropy(full_res(output).float(), self.voxel_labels(ctx), reduction="none")
             v = ce.flatten(1).mean(1)
         else:

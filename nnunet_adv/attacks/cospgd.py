@@ -20,6 +20,7 @@ class CosPGD(PGD):
 
     name = "cospgd"
     defaults = {k: v for k, v in PGD.defaults.items() if k != "loss"}
+    supports_regions = False  # a softmax-CE weighting of class labels: no sigmoid-region analogue
 
     def objective(self, ctx: AttackContext, output, t: int = 1, T: int = 1):
         return ctx.sign * cospgd_loss(full_res(output), self.voxel_labels(ctx), targeted=self.is_targeted())

@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..losses import dice_per_sample
+from ..losses import dice_per_sample, region_dice_per_sample
 from .base import Attack, AttackContext, full_res, per_sample_view
 
 
@@ -74,8 +74,13 @@ class Ensemble(Attack):
         for member in self.members:
             x = member(ctx.model, images, ctx.labels).float()
             with torch.no_grad():
-                logits = full_res(ctx.model(x))
-                dice = dice_per_sample(logits.argmax(1), ctx.y, int(logits.shape[1]))
+                # self.forward (not ctx.model): its first call checks the labels against the
+                # model and, for region targets, splits off nnU-Net's ignore channel
+                logits = full_res(self.forward(ctx, x))
+                if ctx.regions:  # sigmoid regions: mean Dice of the thresholded regions
+                    dice = region_dice_per_sample(logits > 0, ctx.y, ctx.region_mask)
+                else:
+                    dice = dice_per_sample(logits.argmax(1), ctx.y, int(logits.shape[1]))
             if best_x is None:
                 best_x, best_dice = x, dice
             else:

@@ -22,6 +22,7 @@ class SegPGD(PGD):
 
     name = "segpgd"
     defaults = {k: v for k, v in PGD.defaults.items() if k != "loss"}
+    supports_regions = False  # a softmax-CE weighting of class labels: no sigmoid-region analogue
 
     def objective(self, ctx: AttackContext, output, t: int = 1, T: int = 1):
         return ctx.sign * segpgd_loss(full_res(output), self.voxel_labels(ctx), t, T,

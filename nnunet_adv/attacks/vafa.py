@@ -226,9 +226,15 @@ class VAFA3D(Attack):
             with torch.no_grad():
                 q = (q - float(o["q_step"]) * g.sign()).clamp_(float(o["q_min"]), float(o["q_max"]))
                 if o["early_stop"]:
-                    pred = full_res(out).argmax(1)
                     ref = self.voxel_labels(ctx)
-                    hit = (pred == ref) if self.is_targeted() else (pred != ref)
+                    if ctx.regions:
+                        # sigmoid regions: a voxel is misclassified when any region is (ignore voxels count)
+                        hit = ((full_res(out) > 0).float() != ref).any(1)
+                        if ctx.region_mask is not None:
+                            hit = hit | (ctx.region_mask[:, 0] == 0)
+                    else:
+                        pred = full_res(out).argmax(1)
+                        hit = (pred == ref) if self.is_targeted() else (pred != ref)
                     success = hit.flatten(1).all(1) & ~done
                     if bool(success.any()):
                         result = torch.where(per_sample_view(success, result.dim()), x01_adv.detach(), result)

@@ -174,7 +174,11 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         Args:
             data: (B, C, *patch) normalised network input on ``self.device``.
             target: nnU-Net target: a label map (B, 1, *patch) or, under deep
-                supervision, a list of them (full resolution first).
+                supervision, a list of them (full resolution first). Region-based datasets:
+                one binary channel per region (B, R, *patch) (a list under deep supervision);
+                the attack then maximises the trainer's DC_and_BCE loss, or with
+                ``attack_uses_training_loss = False`` BCE-with-logits on the regions
+                (never a softmax CE, see nnunet_adv.attacks.base).
             overrides: attack options replacing ``attack_kwargs`` (validation uses fewer steps).
             for_training: True for the training step, False for robust validation (see
                 :meth:`attack_context`).
