@@ -358,3 +358,44 @@ def lpips_available() -> bool:
         return True
     except Exception:
         return False
+
+
+_LPIPS_NET = None
+
+
+def lpips_distance(clean: np.ndarray, adv: np.ndarray, data_range: float):
+    """LPIPS (Zhang et al. 2018, AlexNet) of ``adv`` vs ``clean``, or None where it cannot be had.
+
+    LPIPS is a 2D perceptual metric: a 2D image is compared as one picture, a 3D volume
+    ``(Z, Y, X)`` slice by slice along the first axis and the slice distances averaged. Intensities
+    are mapped to LPIPS's [-1, 1] with the clean image's minimum and ``data_range``; the grey
+    slice is repeated into 3 channels.
+
+    Returns:
+        float >= 0 (0 for identical images), or None when :func:`lpips_available` is False or the
+        network rejects the input (e.g. slices too small for AlexNet's pooling): never raises.
+    """
+    global _LPIPS_NET
+    if not lpips_available() or data_range <= 0:
+        return None
+    try:
+        import lpips
+        import torch
+
+        if _LPIPS_NET is None:
+            _LPIPS_NET = lpips.LPIPS(net="alex", verbose=False).eval()
+        x, y = np.squeeze(_np(clean)).astype(np.float32), np.squeeze(_np(adv)).astype(np.float32)
+        _check_shapes(x, y)
+        if x.ndim == 2:
+            x, y = x[None], y[None]
+        lo = float(x.min())
+
+        def to_lpips(a):  # (N, Y, X) -> (N, 3, Y, X) in [-1, 1]
+            t = torch.from_numpy(2.0 * (a - lo) / float(data_range) - 1.0)
+            return t[:, None].expand(-1, 3, -1, -1).contiguous()
+
+        with torch.no_grad():
+            d = _LPIPS_NET(to_lpips(x), to_lpips(y))
+        return float(d.mean())
+    except Exception:
+        return None

@@ -85,6 +85,8 @@ def write_summary_json(ctx: ReportContext) -> None:
                            "HD95": "mm; a class in only one map: the image diagonal",
                            "ASR": "fraction of voxels whose predicted label differs from the clean prediction",
                            "SSIM/PSNR": "adversarial vs clean raw image, mean over channels",
+                           "LPIPS": "adversarial vs clean raw image, slice-wise (first axis), mean over channels; "
+                                    "null when unavailable",
                            "robust_fraction": f"cases with foreground Dice > {ROG_FACTOR} x mean clean Dice (ROG)"},
            "results": results}
     _atomic_write(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
@@ -97,7 +99,7 @@ def _json_default(value):
 
 
 CSV_COLUMNS = ["model", "attack", "eps", "crafted_on", "case", "class", "dice", "iou", "hd95_mm", "tp", "fp", "fn",
-               "n_ref", "n_pred", "asr", "ssim", "psnr", "linf_raw"]
+               "n_ref", "n_pred", "asr", "ssim", "psnr", "linf_raw", "lpips"]
 
 
 def write_metrics_csv(ctx: ReportContext) -> None:
@@ -115,7 +117,8 @@ def write_metrics_csv(ctx: ReportContext) -> None:
                                      "" if ev.source is None else ev.source.name, case, label,
                                      _cell(m["Dice"]), _cell(m["IoU"]), _cell(m["HD95"]), m["TP"], m["FP"], m["FN"],
                                      m["n_ref"], m["n_pred"], _cell(entry.get("ASR")), _cell(entry.get("SSIM")),
-                                     _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw"))])
+                                     _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw")),
+                                     _cell(entry.get("LPIPS"))])
     os.replace(tmp, path)
 
 
@@ -212,7 +215,12 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
                              _f(ctx.robust_fraction(m.name, s.tag), 2),
                              _f(ctx.per_case_mean(m.name, s.tag, "SSIM")),
                              _f(ctx.per_case_mean(m.name, s.tag, "PSNR"), 1)])
-        lines += _table(["model", "attack", "Jaccard (IoU)", "voxel ASR", "robust fraction", "SSIM", "PSNR dB"], rows)
+        header = ["model", "attack", "Jaccard (IoU)", "voxel ASR", "robust fraction", "SSIM", "PSNR dB"]
+        if lpips_available():  # slice-wise LPIPS, only where the package and its weights are installed
+            header.append("LPIPS")
+            rows = [r + [_f(ctx.per_case_mean(m.name, s.tag, "LPIPS"))]
+                    for r, (m, s) in zip(rows, [(m, s) for m in ctx.models for s in attacked])]
+        lines += _table(header, rows)
         clean = ", ".join(f"{m.name} {_f(ctx.robust_fraction(m.name, 'clean'), 2)}" for m in ctx.models)
         lines += ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
                       f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: {_lpips_note()}.", ""]
@@ -237,5 +245,5 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
 
 
 def _lpips_note() -> str:
-    return "available (package lpips with local weights) but not computed for 3D volumes" if lpips_available() \
+    return "slice-wise along the first axis, AlexNet (package lpips with local weights)" if lpips_available() \
         else "unavailable (the lpips package and its local weights are not installed)"

@@ -239,3 +239,71 @@ def test_nnunet_metrics_agrees_with_dice_per_class(tmp_path):
     np.testing.assert_allclose(res_r["metrics"][(1, 2)]["IoU"],
                                iou_per_class(pred, ref, [(1, 2)], ignore_mask=ref == 4)[0],
                                rtol=1e-12)
+
+
+class _FakeLPIPS:
+    """Stand-in for lpips.LPIPS (not installed here): distance = mean |a - b| per image."""
+
+    def __init__(self, net, verbose):
+        assert net == "alex"
+
+    def eval(self):
+        return self
+
+    def __call__(self, a, b):
+        assert a.shape[1] == 3 and a.min() >= -1 and a.max() <= 1  # LPIPS's input convention
+        return (a - b).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+@pytest.fixture
+def fake_lpips(monkeypatch):
+    import sys
+    import types
+
+    import nnunet_adv.metrics as metrics
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=_FakeLPIPS))
+    monkeypatch.setattr(metrics, "lpips_available", lambda: True)
+    monkeypatch.setattr(metrics, "_LPIPS_NET", None)
+    return metrics
+
+
+def test_lpips_distance_slice_wise_on_lpips_scale(fake_lpips):
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 100, (4, 8, 8))
+    adv = clean.copy()
+    adv[1] += 10  # one slice of four changed by 10 of a range of 100 = 0.2 on LPIPS's [-1, 1] scale
+    assert fake_lpips.lpips_distance(clean, adv, data_range=100.0) == pytest.approx(0.2 / 4, rel=1e-5)
+    assert fake_lpips.lpips_distance(clean, clean, data_range=100.0) == 0.0
+    assert fake_lpips.lpips_distance(clean[0], adv[0], data_range=100.0) == 0.0  # 2D: one picture
+    assert fake_lpips.lpips_distance(clean[1], adv[1], data_range=100.0) == pytest.approx(0.2, rel=1e-5)
+
+
+def test_lpips_distance_is_none_when_unavailable_or_rejected(fake_lpips, monkeypatch):
+    x = np.zeros((2, 8, 8))
+    monkeypatch.setattr(fake_lpips, "_LPIPS_NET", lambda a, b: (_ for _ in ()).throw(RuntimeError("too small")))
+    assert fake_lpips.lpips_distance(x, x, data_range=1.0) is None  # the network failed: None, no crash
+    monkeypatch.setattr(fake_lpips, "lpips_available", lambda: False)
+    assert fake_lpips.lpips_distance(x, x, data_range=1.0) is None
+
+
+def test_evaluate_lpips_per_channel_from_image_files(fake_lpips, tmp_path):
+    """nnUNetv2_adv_evaluate's per-case LPIPS: read both images with the dataset's reader/writer,
+    slice-wise LPIPS per channel with the clean channel's range, mean over channels."""
+    import SimpleITK as sitk
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_adv.cli.evaluate import EvaluateCommand
+
+    rng = np.random.default_rng(1)
+    clean = [rng.uniform(0, 50, (3, 8, 8)), rng.uniform(0, 200, (3, 8, 8))]
+    adv = [clean[0] + 5, clean[1].copy()]  # channel 0 shifted by 5 everywhere, channel 1 unchanged
+    files = {}
+    for kind, volumes in (("clean", clean), ("adv", adv)):
+        files[kind] = []
+        for c, v in enumerate(volumes):
+            path = tmp_path / f"{kind}_{c:04d}.nii.gz"
+            sitk.WriteImage(sitk.GetImageFromArray(v.astype(np.float32)), str(path))
+            files[kind].append(str(path))
+    value = EvaluateCommand.lpips(files["clean"], files["adv"], SimpleITKIO())
+    range0 = float(clean[0].astype(np.float32).max() - clean[0].astype(np.float32).min())
+    assert value == pytest.approx((2 * 5 / range0 + 0.0) / 2, rel=1e-4)

@@ -391,12 +391,24 @@ class EvaluateCommand:
                 entry["SSIM"] = _channel_mean(rec.get("ssim"))
                 entry["PSNR"] = _channel_mean(rec.get("psnr"))
                 entry["Linf_raw"] = _channel_mean(rec.get("linf_raw"), np.max)
+                entry["LPIPS"] = self.lpips(cases[case]["images"], self.images_of(ev, case, cases), rw)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, cache)
         self.done_work.append(f"metrics {ev.key} of {ev.model.name}")
         return summary
+
+    @staticmethod
+    def lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Optional[float]:
+        """Mean over channels of the slice-wise LPIPS of adversarial vs clean, None if unavailable."""
+        from nnunet_adv.metrics import lpips_available, lpips_distance
+
+        if not lpips_available():
+            return None
+        clean, adv = rw.read_images(clean_files)[0], rw.read_images(adversarial_files)[0]
+        values = [lpips_distance(c, a, float(c.max() - c.min())) for c, a in zip(clean, adv)]
+        return None if any(v is None for v in values) else float(np.mean(values))
 
     def saliency(self, models: List[Model], cases: Dict[str, dict], context) -> str:
         from nnunet_adv import robustness_report as report
