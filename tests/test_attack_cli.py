@@ -167,6 +167,34 @@ def test_continue_prediction_skips_finished_cases(attacked, tmp_path):
     assert json.loads((out / "attack.json").read_text())["summary"]["skipped"] == 2
 
 
+def test_tile_batch_size_reaches_the_engine(attacked, tmp_path, monkeypatch):
+    """--tile_batch_size is handed to the sliding window and recorded (the gradient's independence of
+    it is tested in test_sliding_window.py); a bad value is a one-line error."""
+    import nnunet_adv.volume_attack as volume_attack
+    from nnunet_adv.cli.attack import main
+
+    seen = []
+
+    class Recording(volume_attack.SlidingWindowModel):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("tile_batch_size"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(volume_attack, "SlidingWindowModel", Recording)
+    for key, value in attacked["tree"].env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    argv = ["-i", attacked["images"], "-l", attacked["labels"], "-m", attacked["tree"].model_folder(TRAINER),
+            "-f", "0", "--attack_name", "fgsm", "--eps", "8", "-device", "cpu", "--disable_progress_bar"]
+    argv = [str(a) for a in argv]
+    assert main(argv + ["-o", str(tmp_path / "tb3"), "--tile_batch_size", "3"]) == 0
+    assert seen == [3]
+    report = json.loads((tmp_path / "tb3" / "attack.json").read_text())
+    assert report["attack"]["sliding_window"]["tile_batch_size"] == 3
+    assert main(argv + ["-o", str(tmp_path / "tb0"), "--tile_batch_size", "0"]) == 2
+    assert not (tmp_path / "tb0").exists()
+
+
 def _input_with(tmp_path, images, names):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eot_mirroring", action="store_true",
                    help="attack the mirroring average (nnU-Net's test-time augmentation) instead of the plain network")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
+    a.add_argument("--tile_batch_size", type=int, default=1,
+                   help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
     r = p.add_argument_group("prediction and report")
     r.add_argument("--disable_tta", action="store_true",
                    help="predict without test-time mirroring (as nnUNetv2_predict --disable_tta; faster)")
@@ -323,7 +325,8 @@ class EvaluateCommand:
             return
         self.say(f"attacking with {setting.label} on {model.name}")
         argv = ["-i", a.i, "-o", str(out), "-l", a.l, "-m", str(model.folder), "-f", *a.f, "-chk", a.chk,
-                *setting.spec.attack_argv(), "-device", self.device, "--continue_prediction"]
+                *setting.spec.attack_argv(), "-device", self.device, "--continue_prediction",
+                "--tile_batch_size", str(a.tile_batch_size)]
         if "--seed" not in argv:
             argv += ["--seed", str(a.seed)]
         if a.eot_mirroring:
@@ -331,8 +334,8 @@ class EvaluateCommand:
         if a.disable_progress_bar:
             argv.append("--disable_progress_bar")
         if attack_main(argv) != 0:
-            raise CLIError(f"attack {setting.label} on {model.name} failed (reasons in {out / 'attack.json'}); "
-                           f"fix it and re-run with --continue")
+            raise CLIError(f"attack {setting.label} on {model.name} failed (the error above; per-case reasons in "
+                           f"{out / 'attack.json'} if it exists); fix it and re-run with --continue")
         self.done_work.append(f"attack {setting.label} on {model.name}")
 
     def predict(self, ev: Evaluation, cases: Dict[str, dict]) -> None:
