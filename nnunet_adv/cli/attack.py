@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
+from nnunet_adv.cli.common import (CLIError, OneLineArgumentParser, cli_main, dataset_results_folder,
+                                   pick_device)
 
 ATTACK_JSON = "attack.json"
 _IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".png", ".bmp", ".tif", ".tiff")
@@ -192,16 +193,7 @@ class AttackCommand:
             if a.d is None or a.c is None:
                 raise CLIError("the model is missing: give -d DATASET -c CONFIGURATION [-tr TRAINER -p PLANS] "
                                "or -m MODEL_FOLDER")
-            if not os.environ.get("nnUNet_results"):
-                raise CLIError("nnUNet_results is not set: export it or use -m MODEL_FOLDER")
-            from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-            try:
-                dataset = maybe_convert_to_dataset_name(a.d)
-            except Exception as e:  # nnU-Net raises RuntimeError with a long text
-                raise CLIError(f"dataset {a.d!r} not found in nnUNet_raw/nnUNet_preprocessed/nnUNet_results "
-                               f"({str(e).splitlines()[0][:200]})") from None
-            folder = Path(os.environ["nnUNet_results"]) / dataset / f"{a.tr}__{a.p}__{a.c}"
+            folder = dataset_results_folder(a.d) / f"{a.tr}__{a.p}__{a.c}"
         if not folder.is_dir():
             raise CLIError(f"model folder {folder} does not exist")
         for required in ("plans.json", "dataset.json"):

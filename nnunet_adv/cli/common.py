@@ -44,3 +44,21 @@ def pick_device(requested):
     if requested == "mps" and not torch.backends.mps.is_available():
         raise CLIError("-device mps requested but MPS is not available (use -device cpu)")
     return requested
+
+
+def dataset_results_folder(dataset) -> "Path":
+    """``$nnUNet_results/DatasetXXX_Name`` for a dataset name or id (as nnU-Net's -d);
+    CLIError if nnUNet_results is unset or the dataset is unknown."""
+    import os
+    from pathlib import Path
+
+    if not os.environ.get("nnUNet_results"):
+        raise CLIError("nnUNet_results is not set: export it or give the model folder with -m")
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except Exception as e:  # nnU-Net raises RuntimeError with a long text
+        raise CLIError(f"dataset {dataset!r} not found in nnUNet_raw/nnUNet_preprocessed/nnUNet_results "
+                       f"({str(e).splitlines()[0][:200]})") from None
+    return Path(os.environ["nnUNet_results"]) / name

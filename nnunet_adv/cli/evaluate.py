@@ -33,7 +33,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
+from nnunet_adv.cli.common import (CLIError, OneLineArgumentParser, cli_main, dataset_results_folder,
+                                   pick_device)
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
 
@@ -147,15 +148,7 @@ class EvaluateCommand:
             if a.d is None or a.c is None:
                 raise CLIError("the models are missing: give -d DATASET -c CONFIGURATION -tr TRAINER ... "
                                "or -m MODEL_FOLDER ...")
-            if not os.environ.get("nnUNet_results"):
-                raise CLIError("nnUNet_results is not set: export it or use -m MODEL_FOLDER ...")
-            from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-            try:
-                dataset = maybe_convert_to_dataset_name(a.d)
-            except Exception as e:
-                raise CLIError(f"dataset {a.d!r} not found ({str(e).splitlines()[0][:200]})") from None
-            results = Path(os.environ["nnUNet_results"]) / dataset
+            results = dataset_results_folder(a.d)
             models = [Model(t, results / f"{t}__{a.p}__{a.c}") for t in (a.tr or ["nnUNetTrainer"])]
         names = [m.name for m in models]
         if len(set(names)) != len(names):
