@@ -40,6 +40,9 @@ def case_metrics(reference_file: str, prediction_file: str, reader_writer,
     ref, props = reader_writer.read_seg(reference_file)
     pred, _ = reader_writer.read_seg(prediction_file)
     ref, pred = ref[0], pred[0]  # (1, *spatial) -> spatial
+    entry["ASR"] = None
+    if clean_prediction_file is not None:  # every voxel counts, ignored ones too
+        entry["ASR"] = attack_success_rate(reader_writer.read_seg(clean_prediction_file)[0][0], pred)
     if ignore_label is not None:  # ignored voxels count for neither map
         ignored = ref == ignore_label
         ref, pred = np.where(ignored, 0, ref), np.where(ignored, 0, pred)
@@ -50,10 +53,6 @@ def case_metrics(reference_file: str, prediction_file: str, reader_writer,
         entry["metrics"][label]["HD95"] = diagonal if np.isinf(value) else float(value)
     dice = [entry["metrics"][label]["Dice"] for label in labels_or_regions]
     entry["foreground_dice"] = float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else float("nan")
-    entry["ASR"] = None
-    if clean_prediction_file is not None:
-        clean, _ = reader_writer.read_seg(clean_prediction_file)
-        entry["ASR"] = attack_success_rate(clean[0], reader_writer.read_seg(prediction_file)[0][0])
     return entry
 
 

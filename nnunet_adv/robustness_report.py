@@ -23,9 +23,31 @@ from nnunet_adv.metrics import lpips_available, robust_fraction
 ROG_FACTOR = 0.5  # a case is robust if its Dice > 0.5 x the model's mean clean Dice (ROG)
 
 
+@dataclass(frozen=True)
+class ReportFolder:
+    """Where a report keeps its intermediate results (one place for the layout)."""
+
+    root: Path
+
+    def adversarial(self, crafted_on: str, attack_tag: str) -> Path:
+        """Adversarial images and attack.json of one attack crafted on one model."""
+        return self.root / "adversarial" / crafted_on / attack_tag
+
+    def predictions(self, model: str, key: str) -> Path:
+        """nnU-Net's predictions of ``model``; key = setting tag (+ ``__from_SOURCE``), 'clean'."""
+        return self.root / "predictions" / model / key
+
+    def metrics(self, model: str, key: str) -> Path:
+        return self.root / "metrics" / model / f"{key}.json"
+
+    def saliency(self, model: str, case: str) -> Path:
+        return self.root / "saliency" / model / f"{case}.npz"
+
+
 @dataclass
 class ReportContext:
-    root: Path
+    folder: ReportFolder
+    file_ending: str
     command: str
     dataset: str
     models: list  # [Model(name, folder)]
@@ -39,6 +61,10 @@ class ReportContext:
     folds: list
     checkpoint: str
     cases: List[str]
+
+    @property
+    def root(self) -> Path:
+        return self.folder.root
 
     def summary(self, model_name: str, key: str) -> Optional[dict]:
         return self.summaries.get((model_name, key))
@@ -74,7 +100,7 @@ def write_summary_json(ctx: ReportContext) -> None:
         s = ctx.summary(ev.model.name, ev.key)
         results.append({"model": ev.model.name, "attack": ev.setting.label, "eps": ev.setting.eps,
                         "sweep": ev.setting.sweep, "crafted_on": None if ev.source is None else ev.source.name,
-                        "prediction_folder": str(Path("predictions") / ev.model.name / ev.key),
+                        "prediction_folder": str(ctx.folder.predictions(ev.model.name, ev.key).relative_to(ctx.root)),
                         "robust_fraction": ctx.robust_fraction(ev.model.name, ev.key),
                         **s})
     doc = {"command": ctx.command, "dataset": ctx.dataset, "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -146,22 +172,24 @@ def write_figures(ctx: ReportContext, cases: Dict[str, dict], reader_writer, num
     attacked = [s for s in ctx.settings if s.spec is not None]
     if attacked and num_examples > 0:
         setting = next((s for s in attacked if not s.sweep), attacked[-1])
+        def image(path):  # central slice of channel 0
+            return central_slice(reader_writer.read_images([str(path)])[0][0])
+
+        def seg(path):
+            return central_slice(reader_writer.read_seg(str(path))[0][0])
+
         rows = []
         for model in ctx.models:
+            adversarial = ctx.folder.adversarial(model.name, setting.tag)
             for case in ctx.cases[:num_examples]:
-                image_file = cases[case]["images"][0]
-                adv_file = ctx.root / "adversarial" / model.name / setting.tag / Path(image_file).name
-                pred = ctx.root / "predictions" / model.name
-                ending = Path(cases[case]["label"]).name[len(case):]
-                image = reader_writer.read_images([image_file])[0][0]
+                image_file, prediction = cases[case]["images"][0], f"{case}{ctx.file_ending}"
                 rows.append(ExampleRow(
                     title=f"{model.name}, {case}, {setting.label}",
-                    image=central_slice(image),
-                    adversarial=central_slice(reader_writer.read_images([str(adv_file)])[0][0]),
-                    clean_prediction=central_slice(reader_writer.read_seg(str(pred / "clean" / f"{case}{ending}"))[0][0]),
-                    adversarial_prediction=central_slice(
-                        reader_writer.read_seg(str(pred / setting.tag / f"{case}{ending}"))[0][0]),
-                    reference=central_slice(reader_writer.read_seg(cases[case]["label"])[0][0])))
+                    image=image(image_file),
+                    adversarial=image(adversarial / Path(image_file).name),
+                    clean_prediction=seg(ctx.folder.predictions(model.name, "clean") / prediction),
+                    adversarial_prediction=seg(ctx.folder.predictions(model.name, setting.tag) / prediction),
+                    reference=seg(cases[case]["label"])))
         plot_examples(rows, ctx.root / "examples.png", num_classes=max(_max_label(ctx.labels) + 1, 2))
         written.append("examples.png")
     return written
@@ -207,6 +235,7 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
     attacked = [s for s in ctx.settings if s.spec is not None]
     if attacked:
         lines += ["## Attack effect", ""]
+        with_lpips = lpips_available()  # slice-wise LPIPS, only where the package and its weights are installed
         rows = []
         for m in ctx.models:
             for s in attacked:
@@ -214,13 +243,10 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
                              _f(ctx.per_case_mean(m.name, s.tag, "ASR")),
                              _f(ctx.robust_fraction(m.name, s.tag), 2),
                              _f(ctx.per_case_mean(m.name, s.tag, "SSIM")),
-                             _f(ctx.per_case_mean(m.name, s.tag, "PSNR"), 1)])
+                             _f(ctx.per_case_mean(m.name, s.tag, "PSNR"), 1)]
+                            + ([_f(ctx.per_case_mean(m.name, s.tag, "LPIPS"))] if with_lpips else []))
         header = ["model", "attack", "Jaccard (IoU)", "voxel ASR", "robust fraction", "SSIM", "PSNR dB"]
-        if lpips_available():  # slice-wise LPIPS, only where the package and its weights are installed
-            header.append("LPIPS")
-            rows = [r + [_f(ctx.per_case_mean(m.name, s.tag, "LPIPS"))]
-                    for r, (m, s) in zip(rows, [(m, s) for m in ctx.models for s in attacked])]
-        lines += _table(header, rows)
+        lines += _table(header + (["LPIPS"] if with_lpips else []), rows)
         clean = ", ".join(f"{m.name} {_f(ctx.robust_fraction(m.name, 'clean'), 2)}" for m in ctx.models)
         lines += ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
                       f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: {_lpips_note()}.", ""]

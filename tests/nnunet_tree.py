@@ -58,6 +58,23 @@ def make_tree(root: Path, configurations=("3d_fullres", "2d")) -> NNUNetTree:
     return tree
 
 
+def predict_and_check(tree: NNUNetTree, trainer: str, configuration: str, out: Path, plans: str = "nnUNetPlans"):
+    """Predict the test images with the stock ``nnUNetv2_predict`` and check that it wrote one
+    prediction per reference label, with the label's geometry and only the dataset's labels."""
+    import nibabel as nib
+    import numpy as np
+
+    tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", configuration,
+             "-f", 0, "-tr", trainer, "-p", plans, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
+             "-npp", 0, "-nps", 0)  # nnU-Net's sequential mode: no worker processes on a 2-core machine
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
+    pred = nib.load(out / written[0])
+    ref = nib.load(tree.dataset / "labelsTs" / written[0])
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
 def copy_tree_without_results(src: NNUNetTree, dst_root: Path) -> NNUNetTree:
     shutil.copytree(src.raw, Path(dst_root) / "raw")
     shutil.copytree(src.preprocessed, Path(dst_root) / "preprocessed")

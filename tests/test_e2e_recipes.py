@@ -14,12 +14,10 @@ import json
 import re
 import textwrap
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
-from nnunet_tree import DATASET_ID, DATASET_NAME
+from nnunet_tree import DATASET_ID, DATASET_NAME, predict_and_check
 
 pytestmark = pytest.mark.e2e
 
@@ -48,18 +46,6 @@ def _model_folder(tree, trainer, configuration):
 def _train(tree, trainer, configuration, *extra, extra_env=None):
     return tree.run("nnUNetv2_train", DATASET_ID, configuration, 0, "-tr", trainer, "-p", PLANS, "-device", "cpu",
                     *extra, extra_env=extra_env)
-
-
-def _predict_and_check(tree, trainer, configuration, out):
-    tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", configuration,
-             "-f", 0, "-tr", trainer, "-p", PLANS, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
-             "-npp", 0, "-nps", 0)  # nnU-Net's sequential mode: no worker processes on a 2-core machine
-    written = sorted(p.name for p in out.glob("*.nii.gz"))
-    assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
-    pred = nib.load(out / written[0])
-    ref = nib.load(tree.dataset / "labelsTs" / written[0])
-    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
-    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
 
 
 def _clean_checkpoint(tree, configuration, trainer_cls, path):
@@ -120,7 +106,7 @@ def test_recipe_trains_and_predicts(tree, tmp_path, trainer, configuration, fine
         assert debug["attack_name"] == ("vafa-3d" if configuration == "3d_fullres" else "vafa-2d")
     if clean_state is not None:
         assert "Loading pretrained weights" in proc.stdout and "nnunet_adv: plain norms copied" in proc.stdout
-    _predict_and_check(tree, trainer, configuration, tmp_path / "pred")
+    predict_and_check(tree, trainer, configuration, tmp_path / "pred", PLANS)
 
 
 SAAT = "nnUNetTrainerSAAT_TestShort"
@@ -151,7 +137,7 @@ def test_saat_trains_predicts_and_continues_with_its_state(tree, tmp_path):
     assert logging["saat_threshold"][2] == pytest.approx(1.1 * logging["saat_grad_magnitude"][2])
     assert checkpoint["saat_state"]["m"] == 2
     assert (fold / "progress.png").is_file()
-    _predict_and_check(tree, SAAT, "3d_fullres", tmp_path / "pred")
+    predict_and_check(tree, SAAT, "3d_fullres", tmp_path / "pred", PLANS)
 
     # 2. a run that crashed after epoch 1 (checkpoint_latest holds m = 2) continues with --c
     folder = tmp_path / "user_trainers"

@@ -6,12 +6,10 @@ No ``nnUNet_extTrainer`` is set in the environment: our start-up hook must make
 import json
 import textwrap
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
-from nnunet_tree import DATASET_ID
+from nnunet_tree import DATASET_ID, predict_and_check
 
 pytestmark = pytest.mark.e2e
 
@@ -48,15 +46,7 @@ def test_train_pgdat_without_any_environment_setup(pgd_model):
 
 def test_stock_predict_loads_the_model(pgd_model, tmp_path):
     tree, _ = pgd_model
-    out = tmp_path / "pred"
-    tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
-             "-f", 0, "-tr", PGD_SHORT, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta")
-    written = sorted(p.name for p in out.glob("*.nii.gz"))
-    assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
-    pred = nib.load(out / written[0])
-    ref = nib.load(tree.dataset / "labelsTs" / written[0])
-    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
-    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    predict_and_check(tree, PGD_SHORT, "3d_fullres", tmp_path / "pred")
 
 
 def test_predictor_api_and_class_identity(pgd_model):

@@ -35,6 +35,7 @@ import numpy as np
 
 from nnunet_adv.cli.common import (CLIError, OneLineArgumentParser, cli_main, dataset_results_folder,
                                    pick_device)
+from nnunet_adv.robustness_report import ReportFolder
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
 
@@ -132,7 +133,11 @@ class EvaluateCommand:
         self.args, self.argv = args, argv
         self.started = time.time()
         self.root = Path(args.o)
+        self.folder = ReportFolder(self.root)
+        self.folds = [f if f == "all" else int(f) for f in args.f]
         self.done_work: List[str] = []  # what this run computed: "attack ...", "prediction ...", ...
+        self._predictors: Dict[str, object] = {}  # model name -> initialised nnUNetPredictor
+        self._attack_models: Dict[str, object] = {}  # model name -> TrainedModel (saliency)
 
     def say(self, text: str) -> None:
         print(f"[nnUNetv2_adv_evaluate {time.time() - self.started:5.0f} s] {text}", flush=True)
@@ -187,9 +192,9 @@ class EvaluateCommand:
             out.append(Setting(text, parse_attack_spec(text)))
         if a.eps_sweep:
             base = a.sweep_attack
-            if any(key in ("eps", "eps_raw") for key, _ in parse_attack_spec(base).options):
-                raise CLIError(f"--sweep_attack {base!r}: leave eps out, --eps_sweep sets it")
             base_spec = parse_attack_spec(base)
+            if any(key in ("eps", "eps_raw") for key, _ in base_spec.options):
+                raise CLIError(f"--sweep_attack {base!r}: leave eps out, --eps_sweep sets it")
             nlcen_rule = base_spec.name == "ifgsm-targeted" and "steps" not in dict(base_spec.options)
             for eps in a.eps_sweep:
                 text = f"{base}{',' if ':' in base else ':'}eps={eps:g}"
@@ -252,6 +257,7 @@ class EvaluateCommand:
                 raise CLIError("--transfer_from needs at least two models")
         self.check_output()
         dataset_json = json.loads((models[0].folder / "dataset.json").read_text())
+        self.file_ending = dataset_json["file_ending"]
         plans = json.loads((models[0].folder / "plans.json").read_text())
         rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
         cases = self.cases(dataset_json, rw)
@@ -280,7 +286,7 @@ class EvaluateCommand:
 
         from nnunet_adv import robustness_report as report
 
-        context = report.ReportContext(root=self.root, command=shlex.join(["nnUNetv2_adv_evaluate", *self.argv]),
+        context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=shlex.join(["nnUNetv2_adv_evaluate", *self.argv]),
                                        dataset=plans["dataset_name"], models=models, settings=settings,
                                        evaluations=evaluations, summaries=summaries, labels=labels,
                                        tta=not a.disable_tta, eot=a.eot_mirroring, device=self.device,
@@ -298,10 +304,10 @@ class EvaluateCommand:
 
     # ------------------------------------------------------------------------------ steps
     def adversarial_folder(self, model: Model, setting: Setting) -> Path:
-        return self.root / "adversarial" / model.name / setting.tag
+        return self.folder.adversarial(model.name, setting.tag)
 
     def prediction_folder(self, ev: Evaluation) -> Path:
-        return self.root / "predictions" / ev.model.name / ev.key
+        return self.folder.predictions(ev.model.name, ev.key)
 
     def images_of(self, ev: Evaluation, case: str, cases: Dict[str, dict]) -> List[str]:
         if ev.source is None:
@@ -333,8 +339,7 @@ class EvaluateCommand:
 
     def predict(self, ev: Evaluation, cases: Dict[str, dict]) -> None:
         out = self.prediction_folder(ev)
-        ending = json.loads((ev.model.folder / "dataset.json").read_text())["file_ending"]
-        missing = [c for c in cases if not (out / f"{c}{ending}").is_file()]
+        missing = [c for c in cases if not (out / f"{c}{self.file_ending}").is_file()]
         if not missing:
             return
         self.say(f"predicting {len(missing)} case(s) of {ev.setting.label}"
@@ -348,7 +353,7 @@ class EvaluateCommand:
         self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
 
     def predictor(self, model: Model):
-        cache = self.__dict__.setdefault("_predictors", {})
+        cache = self._predictors
         if model.name not in cache:
             import torch
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -358,9 +363,8 @@ class EvaluateCommand:
                                         perform_everything_on_device=device.type != "cpu", device=device,
                                         verbose=False, verbose_preprocessing=False,
                                         allow_tqdm=not self.args.disable_progress_bar)
-            folds = [f if f == "all" else int(f) for f in self.args.f]
             with _quiet():
-                predictor.initialize_from_trained_model_folder(str(model.folder), use_folds=folds,
+                predictor.initialize_from_trained_model_folder(str(model.folder), use_folds=self.folds,
                                                                checkpoint_name=self.args.chk)
             cache[model.name] = predictor
         return cache[model.name]
@@ -369,10 +373,10 @@ class EvaluateCommand:
         """nnU-Net-style summary of one evaluation (cached in metrics/MODEL/KEY.json)."""
         from nnunet_adv.robustness_metrics import case_metrics, jsonable_summary, summarize
 
-        cache = self.root / "metrics" / ev.model.name / f"{ev.key}.json"
+        cache = self.folder.metrics(ev.model.name, ev.key)
         if cache.is_file():
             return json.loads(cache.read_text())
-        ending = dataset_json["file_ending"]
+        ending = self.file_ending
         pred = self.prediction_folder(ev)
         clean = self.prediction_folder(Evaluation(ev.model, Setting("clean"), None))
         ignore = dataset_json["labels"].get("ignore")
@@ -407,38 +411,35 @@ class EvaluateCommand:
         return None if any(v is None for v in values) else float(np.mean(values))
 
     def saliency(self, models: List[Model], cases: Dict[str, dict], context) -> str:
+        """saliency.png for the first --num_examples cases (maps cached in saliency/MODEL/CASE.npz)."""
         from nnunet_adv import robustness_report as report
-        from nnunet_adv.saliency import saliency_slices
 
         chosen = list(cases)[:max(1, self.args.num_examples)]
-        folder = self.root / "saliency"
-        maps = {}
-        image_slices = None
-        for model in models:
-            slices = []
-            for case in chosen:
-                cache = folder / model.name / f"{case}.npz"
-                if not cache.is_file():
-                    import torch
+        slices = {m.name: [self.saliency_slices(m, case, cases[case]) for case in chosen] for m in models}
+        maps = {name: [saliency for _, saliency in pairs] for name, pairs in slices.items()}
+        first = slices[models[0].name]  # the image panel: the first model's preprocessed grid
+        return report.write_saliency(context, [(case, image) for case, (image, _) in zip(chosen, first)], maps)
 
-                    from nnunet_adv.trained_model import load_trained_model
+    def saliency_slices(self, model: Model, case: str, files: dict):
+        """(image, saliency) central slices of one case, computed once and cached."""
+        cache = self.folder.saliency(model.name, case)
+        if not cache.is_file():
+            import torch
 
-                    loaded = self.__dict__.setdefault("_loaded", {})
-                    if model.name not in loaded:
-                        folds = [f if f == "all" else int(f) for f in self.args.f]
-                        with _quiet():
-                            loaded[model.name] = load_trained_model(model.folder, folds, self.args.chk,
-                                                                    device=torch.device(self.device))
-                    image, sal = saliency_slices(loaded[model.name], cases[case]["images"], cases[case]["label"],
-                                                 torch.device(self.device))
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez(cache, image=image, saliency=sal)
-                    self.done_work.append(f"saliency {case} of {model.name}")
-                data = np.load(cache)
-                slices.append((case, data["image"], data["saliency"]))
-            maps[model.name] = [s[2] for s in slices]
-            image_slices = image_slices or [(s[0], s[1]) for s in slices]
-        return report.write_saliency(context, image_slices, maps)
+            from nnunet_adv.saliency import saliency_slices
+            from nnunet_adv.trained_model import load_trained_model
+
+            if model.name not in self._attack_models:
+                with _quiet():
+                    self._attack_models[model.name] = load_trained_model(model.folder, self.folds, self.args.chk,
+                                                                         device=torch.device(self.device))
+            image, saliency = saliency_slices(self._attack_models[model.name], files["images"], files["label"],
+                                              torch.device(self.device))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, image=image, saliency=saliency)
+            self.done_work.append(f"saliency {case} of {model.name}")
+        data = np.load(cache)
+        return data["image"], data["saliency"]
 
 
 def _count_kinds(work: List[str]) -> str:
