@@ -213,6 +213,7 @@ BAD = {
     "unknown attack": lambda tree, tmp: ({"--attacks": ["pgdx"]}, "unknown attack 'pgdx'"),
     "transfer source": lambda tree, tmp: ({"--transfer_from": ["nnUNetTrainerNope"]},
                                           "--transfer_from nnUNetTrainerNope"),
+    "tile batch size": lambda tree, tmp: ({"--tile_batch_size": ["0"]}, "--tile_batch_size must be >= 1"),
 }
 
 

@@ -246,6 +246,8 @@ class EvaluateCommand:
         a = self.args
         if a.num_examples < 0:
             raise CLIError("--num_examples must be >= 0")
+        if a.tile_batch_size < 1:
+            raise CLIError(f"--tile_batch_size must be >= 1, got {a.tile_batch_size}")
         models = self.models()
         settings = self.settings()
         source = None
