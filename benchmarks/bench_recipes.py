@@ -1,7 +1,7 @@
 """Benchmark of the published training recipes on the real-MRI demo dataset.
 
 What it does (everything on nnU-Net's own data pipeline, in this process):
-  1. builds the real-MRI demo dataset (nnunet_adv.demo_data: Colin27 T1 + AAL, 3 labels) and
+  1. builds the real-MRI demo dataset (nnunet_adv.demo.data: Colin27 T1 + AAL, 3 labels) and
      plans/preprocesses it with ``nnUNetv2_plan_and_preprocess`` (3d_fullres);
   2. pre-trains a clean model (nnU-Net's ``nnUNetTrainer``) and a clean BatchNorm model
      (``nnUNetTrainerBN``, the start of dual BN) for ``--pretrain-iters`` iterations;
@@ -10,7 +10,7 @@ What it does (everything on nnU-Net's own data pipeline, in this process):
      schedule (``--epochs`` x ``--iters-per-epoch`` iterations, nnU-Net's poly learning rate),
      with the recipes' published attack settings (PGD-AT 10 steps, VAFT 20 VAFA steps, ...),
      timing every ``train_step`` call;
-  4. attacks every model on the held-out test cases (whole volumes, nnunet_adv.volume_eval:
+  4. attacks every model on the held-out test cases (whole volumes, nnunet_adv.volume.dice:
      differentiable sliding window, no mirroring): clean, PGD-10 at 4/255 of the intensity
      window, VAFA-3D q_max 20, 20 steps, block 32;
   5. prints one table: mean foreground Dice per setting, median seconds per training iteration
@@ -18,7 +18,7 @@ What it does (everything on nnU-Net's own data pipeline, in this process):
 
 Trained models are ordinary nnU-Net model folders (``<workdir>/nnUNet_results``): the bench
 classes only change the schedule and carry the recipe's own name, so nnU-Net's predictor
-and ``nnunet_adv.trained_model.load_trained_model`` rebuild each network through the recipe's
+and ``nnunet_adv.volume.trained_model.load_trained_model`` rebuild each network through the recipe's
 ``build_network_architecture``.
 
 Usage (docs/recipes.md reports this command and its output):
@@ -76,7 +76,7 @@ def setup_environment(workdir: Path) -> dict:
 
 
 def prepare_dataset(args, env) -> Path:
-    from nnunet_adv.demo_data import build_demo_dataset
+    from nnunet_adv.demo.data import build_demo_dataset
 
     raw = Path(env["nnUNet_raw"])
     existing = sorted(raw.glob(f"Dataset{DATASET_ID:03d}_*"))
@@ -148,18 +148,18 @@ def evaluate(model_folder: Path, dataset: Path, log: Path) -> dict:
     import numpy as np
     import torch
 
-    from nnunet_adv.budgeted_attack import AttackRecipe
-    from nnunet_adv.trained_model import load_trained_model
-    from nnunet_adv.volume_eval import evaluate_under_attacks
+    from nnunet_adv.attack_config import AttackConfig
+    from nnunet_adv.volume.trained_model import load_trained_model
+    from nnunet_adv.volume.dice import evaluate_under_attacks
 
     torch.manual_seed(0)
     labels = sorted((dataset / "labelsTs").glob("*.nii.gz"))
     cases = [([str(dataset / "imagesTs" / lab.name.replace(".nii.gz", "_0000.nii.gz"))], str(lab)) for lab in labels]
     settings = {
         "clean": None,
-        "PGD-10 4/255": AttackRecipe("pgd", {"steps": 10, "random_start": True, "seed": 0}, eps_frac=4 / 255,
+        "PGD-10 4/255": AttackConfig("pgd", {"steps": 10, "random_start": True, "seed": 0}, eps_frac=4 / 255,
                                      alpha_over_eps=2.5 / 10),
-        "VAFA q20": AttackRecipe("vafa-3d", {"q_max": 20.0, "steps": 20, "use_ssim_loss": True,
+        "VAFA q20": AttackConfig("vafa-3d", {"q_max": 20.0, "steps": 20, "use_ssim_loss": True,
                                              "block_size": (32, 32, 32)}),
     }
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):

@@ -1,4 +1,4 @@
-"""Benchmark of the whole-volume attack engine (nnunet_adv.sliding_window).
+"""Benchmark of the whole-volume attack engine (nnunet_adv.volume.sliding_window).
 
 Measures, with a small nnU-Net PlainConvUNet in eval mode:
   (a) peak memory of one attack step (forward + CE loss + backward to the volume) on a volume V
@@ -141,7 +141,7 @@ def nnunet_predictor(net, patch, device):
 # workers (one fresh process each)
 # ----------------------------------------------------------------------------------------------
 def worker(args) -> dict:
-    from nnunet_adv.sliding_window import SlidingWindowModel
+    from nnunet_adv.volume.sliding_window import SlidingWindowModel
     device = torch.device(args.device)
     net = build_network(device)
     volume, target = make_case(args.shape, device)

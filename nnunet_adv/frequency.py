@@ -121,22 +121,21 @@ def dctn(x: Tensor, ndim: int, backend: str = "matrix") -> Tensor:
     Equals ``scipy.fft.dctn(x, axes=last ndim axes, norm='ortho')``. Same shape and dtype
     as ``x``. ``backend``: ``'matrix'`` (default, DCT-matrix products) or ``'torch_dct'``.
     """
-    _check_backend(backend)
-    if not 1 <= ndim <= x.dim():
-        raise ValueError(f"ndim must be in [1, {x.dim()}] for a tensor of shape {tuple(x.shape)}, got {ndim}")
-    if backend == "torch_dct":
-        return _dct_last_dims_torch_dct(x, ndim, inverse=False)
-    return _dct_last_dims_matrix(x, ndim, inverse=False)
+    return _dct_last_dims(x, ndim, backend, inverse=False)
 
 
 def idctn(x: Tensor, ndim: int, backend: str = "matrix") -> Tensor:
     """Inverse of :func:`dctn` (orthonormal DCT-III over the last ``ndim`` dims)."""
+    return _dct_last_dims(x, ndim, backend, inverse=True)
+
+
+def _dct_last_dims(x: Tensor, ndim: int, backend: str, inverse: bool) -> Tensor:
     _check_backend(backend)
     if not 1 <= ndim <= x.dim():
         raise ValueError(f"ndim must be in [1, {x.dim()}] for a tensor of shape {tuple(x.shape)}, got {ndim}")
     if backend == "torch_dct":
-        return _dct_last_dims_torch_dct(x, ndim, inverse=True)
-    return _dct_last_dims_matrix(x, ndim, inverse=True)
+        return _dct_last_dims_torch_dct(x, ndim, inverse=inverse)
+    return _dct_last_dims_matrix(x, ndim, inverse=inverse)
 
 
 # ----------------------------------------------------------------------------- blocks

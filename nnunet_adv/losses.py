@@ -7,19 +7,15 @@ cross-entropy or DCT loses the small differences that adversarial steps live on.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .frequency import dctn
+from .outputs import full_res
 
 Tensor = torch.Tensor
-
-
-def _full_res(x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-    """Deep-supervision outputs are lists, full resolution first."""
-    return x[0] if isinstance(x, (list, tuple)) else x
 
 
 def as_label_map(labels: Tensor, spatial_shape: Sequence[int]) -> Tensor:
@@ -36,10 +32,10 @@ def as_label_map(labels: Tensor, spatial_shape: Sequence[int]) -> Tensor:
 
 
 def _prep(logits: Tensor, labels: Tensor):
-    logits = _full_res(logits)
+    logits = full_res(logits)
     if logits.dim() not in (4, 5):
         raise ValueError(f"logits must be (B, K, *spatial) with 2 or 3 spatial dims, got {tuple(logits.shape)}")
-    y = as_label_map(_full_res(labels), logits.shape[2:])
+    y = as_label_map(full_res(labels), logits.shape[2:])
     if y.shape[0] != logits.shape[0]:
         raise ValueError(f"batch size of labels ({y.shape[0]}) != batch size of logits ({logits.shape[0]})")
     return logits.float(), y
@@ -185,7 +181,7 @@ def frequency_consistency(logits_clean, logits_adv) -> Tensor:
     Returns:
         Scalar fp32, differentiable w.r.t. both inputs; computed with autocast disabled.
     """
-    z, za = _full_res(logits_clean), _full_res(logits_adv)
+    z, za = full_res(logits_clean), full_res(logits_adv)
     if z.shape != za.shape:
         raise ValueError(f"clean and adversarial logits differ in shape: {tuple(z.shape)} vs {tuple(za.shape)}")
     if z.dim() not in (4, 5):

@@ -356,7 +356,7 @@ def lpips_available() -> bool:
             return False
         import lpips  # noqa: F401
         return True
-    except Exception:
+    except (ImportError, OSError):  # not installed, unreadable hub folder, a broken install
         return False
 
 
@@ -373,29 +373,31 @@ def lpips_distance(clean: np.ndarray, adv: np.ndarray, data_range: float):
 
     Returns:
         float >= 0 (0 for identical images), or None when :func:`lpips_available` is False or the
-        network rejects the input (e.g. slices too small for AlexNet's pooling): never raises.
+        network rejects the input (a RuntimeError, e.g. slices too small for AlexNet's pooling).
+    Raises:
+        ValueError: the two images differ in shape.
     """
     global _LPIPS_NET
     if not lpips_available() or data_range <= 0:
         return None
+    import lpips
+    import torch
+
+    x, y = np.squeeze(_np(clean)).astype(np.float32), np.squeeze(_np(adv)).astype(np.float32)
+    _check_shapes(x, y)
+    if x.ndim == 2:
+        x, y = x[None], y[None]
+    lo = float(x.min())
+
+    def to_lpips(a):  # (N, Y, X) -> (N, 3, Y, X) in [-1, 1]
+        t = torch.from_numpy(2.0 * (a - lo) / float(data_range) - 1.0)
+        return t[:, None].expand(-1, 3, -1, -1).contiguous()
+
+    if _LPIPS_NET is None:
+        _LPIPS_NET = lpips.LPIPS(net="alex", verbose=False).eval()
     try:
-        import lpips
-        import torch
-
-        if _LPIPS_NET is None:
-            _LPIPS_NET = lpips.LPIPS(net="alex", verbose=False).eval()
-        x, y = np.squeeze(_np(clean)).astype(np.float32), np.squeeze(_np(adv)).astype(np.float32)
-        _check_shapes(x, y)
-        if x.ndim == 2:
-            x, y = x[None], y[None]
-        lo = float(x.min())
-
-        def to_lpips(a):  # (N, Y, X) -> (N, 3, Y, X) in [-1, 1]
-            t = torch.from_numpy(2.0 * (a - lo) / float(data_range) - 1.0)
-            return t[:, None].expand(-1, 3, -1, -1).contiguous()
-
         with torch.no_grad():
             d = _LPIPS_NET(to_lpips(x), to_lpips(y))
-        return float(d.mean())
-    except Exception:
+    except RuntimeError:  # the network rejects the input (too small for its pooling)
         return None
+    return float(d.mean())

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .frequency import KRON_MAX  # one threshold for every fused separable operator (DCT, SSIM filter)
+
 Tensor = torch.Tensor
 
 
@@ -24,9 +26,6 @@ def gaussian_window(win_size: int = 3, win_sigma: float = 1.5, dtype=torch.float
     return (g / g.sum()).to(dtype=dtype, device=device)
 
 
-#: Largest filtered volume (voxels) for which the per-axis filter matrices are fused into one
-#: Kronecker matrix (VAFA's 8^3 blocks: a 216 x 512 matrix).
-KRON_MAX = 512
 _KRON_CACHE: dict = {}
 
 

@@ -16,10 +16,26 @@ RGBTo01Normalization        1                                            [0, 1]
 ==========================  ===========================================  ===========================
 
 A budget is given either as a fraction of the window (``eps_frac``, the papers'
-convention: ``4/255``) or in raw intensity units (``eps_raw``, e.g. HU), which become
-``eps_raw / std`` for CT, ``eps_raw / image_std`` for z-scored channels (the raw image's
-standard deviation must then be supplied: it is not recoverable from a patch),
-``eps_raw`` for NoNormalization and ``eps_raw / 255`` for RGB.
+convention: ``4/255``; the commands and attack strings write the numerator, ``eps=4``) or in
+raw intensity units (``eps_raw``, e.g. HU). One network unit is this many raw units
+(:meth:`ThreatModel.raw_unit`, used for budgets and by the exporter alike):
+
+==========================  ===================================  ==============================
+scheme                      raw units per network unit           raw box (whole-volume export)
+==========================  ===================================  ==============================
+CTNormalization             the dataset's foreground std         [p0.5, p99.5] of the dataset
+ZScoreNormalization         the image's std (inside nnU-Net's    [min, max] of the image inside
+                            mask where use_mask_for_norm)        nnU-Net's crop
+NoNormalization             1                                    [min, max] of the crop
+RescaleTo01Normalization    max - min of the image               [min, max] of the crop
+RGBTo01Normalization        255                                  [0, 255]
+==========================  ===================================  ==============================
+
+The image's std (z-score) and range (RescaleTo01) are per image: a patch cannot recover them,
+so ``eps_raw`` on such channels needs them supplied (whole-volume attacks know them).
+Step sizes and noise levels are given the same way as eps (a fraction of the window) or as a
+multiple of eps (``alpha_over_eps``, e.g. PGD-AT's ``2.5 / steps``): :meth:`ThreatModel.attack_budget`
+converts all of them for one batch.
 
 Z-scored data are never clamped to [0, 1] (a published benchmark did that and its
 attacks destroyed the images whatever eps was): their box is the clean patch's range.
@@ -29,9 +45,11 @@ This module needs no nnU-Net import: it reads plain plans dictionaries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from nnunet_adv.errors import UserError
 
 # Schemes whose window comes from the clean patch itself (per sample, per channel).
 _PATCH_RANGE_SCHEMES = {"ZScoreNormalization", "NoNormalization"}
@@ -39,9 +57,12 @@ _UNIT_RANGE_SCHEMES = {"RescaleTo01Normalization", "RGBTo01Normalization"}
 _CT_SCHEMES = {"CTNormalization"}
 KNOWN_SCHEMES = _PATCH_RANGE_SCHEMES | _UNIT_RANGE_SCHEMES | _CT_SCHEMES
 _CT_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+# Schemes whose raw unit is a property of each image (its std, its range).
+_PER_IMAGE_UNIT_SCHEMES = {"ZScoreNormalization", "RescaleTo01Normalization"}
+_EPS = 1e-8  # nnU-Net's normalisers divide by max(std, 1e-8)
 
 
-class ThreatModelError(ValueError):
+class ThreatModelError(UserError):
     """A budget or a dataset that the threat model cannot handle (one-line message)."""
 
 
@@ -132,8 +153,9 @@ class ThreatModel:
             eps_frac: fraction of each channel's intensity window (``4/255``); a float or
                 one value per channel. Exactly one of eps_frac / eps_raw must be given.
             eps_raw: budget in raw image units (HU for CT); a float or one per channel.
-            raw_std: (B, C) standard deviation each z-scored raw image was divided by;
-                required only for eps_raw on ZScoreNormalization channels.
+            raw_std: (B, C) raw units per network unit of each image (:meth:`raw_unit`: the std
+                nnU-Net divided a z-scored image by, the range of a RescaleTo01 image); required
+                only for eps_raw on those channels.
         Returns:
             A :class:`Budget` with tensors of shape (B, C, 1, ..., 1) on x's device.
         """
@@ -173,20 +195,65 @@ class ThreatModel:
 
     def _raw_unit(self, c, scheme, raw_std, b, device) -> torch.Tensor:
         """How many raw intensity units one network unit is, per sample: shape (B,)."""
-        if scheme in _CT_SCHEMES:
-            return torch.full((b,), self._ct_stats[c]["std"], device=device)
-        if scheme == "RGBTo01Normalization":
-            return torch.full((b,), 255.0, device=device)
-        if scheme == "NoNormalization":
-            return torch.ones(b, device=device)
-        if scheme == "ZScoreNormalization":
+        if scheme in _PER_IMAGE_UNIT_SCHEMES:
             if raw_std is None:
                 raise ThreatModelError(
-                    f"channel {c} is z-score normalised per image: eps_raw needs the raw image's std "
+                    f"channel {c} is normalised per image ({scheme}): eps_raw needs the raw image's "
+                    f"{'std' if scheme == 'ZScoreNormalization' else 'range'} "
                     f"(whole-volume attacks know it; patch-based training does not: use eps_frac)")
             return torch.as_tensor(raw_std, dtype=torch.float32, device=device).reshape(b, -1)[:, c]
-        raise ThreatModelError(f"channel {c}: eps_raw is not defined for {scheme} "
-                               f"(its raw range is per image); use eps_frac")
+        return torch.full((b,), self.raw_unit(c), device=device)
+
+    def raw_unit(self, c: int, image_std: Optional[float] = None, image_range: Optional[float] = None) -> float:
+        """Raw intensity units per network unit of channel ``c`` (the module docstring's table).
+
+        Args:
+            image_std: the std nnU-Net divided this image by (ZScoreNormalization only).
+            image_range: ``max - min`` of the image (RescaleTo01Normalization only).
+        """
+        scheme = self.schemes[c]
+        if scheme in _CT_SCHEMES:
+            return max(self._ct_stats[c]["std"], _EPS)
+        if scheme == "RGBTo01Normalization":
+            return 255.0
+        if scheme == "NoNormalization":
+            return 1.0
+        value = image_std if scheme == "ZScoreNormalization" else image_range
+        if value is None:
+            raise ThreatModelError(f"channel {c}: {scheme} is per image; its raw scale needs the image")
+        return max(float(value), _EPS)
+
+    def raw_box(self, c: int, image_min: float, image_max: float) -> Tuple[float, float]:
+        """Projection box of channel ``c`` in raw units for one image (the module docstring's table)."""
+        scheme = self.schemes[c]
+        if scheme in _CT_SCHEMES:
+            return self._ct_stats[c]["percentile_00_5"], self._ct_stats[c]["percentile_99_5"]
+        if scheme == "RGBTo01Normalization":
+            return 0.0, 255.0
+        return float(image_min), float(image_max)
+
+    def attack_budget(self, x: torch.Tensor, eps_frac=None, eps_raw=None, raw_std=None,
+                      alpha_frac: Optional[float] = None, alpha_over_eps: Optional[float] = None,
+                      std_frac: Optional[float] = None, std_over_eps: Optional[float] = None) -> dict:
+        """Every budget-derived attack option for the batch ``x`` (B, C, *spatial), in network units.
+
+        eps from ``eps_frac`` or ``eps_raw`` (neither: a zero-radius budget, only the box is used,
+        e.g. VAFA); the step ``alpha`` from ``alpha_frac`` (fraction of the window) or
+        ``alpha_over_eps``; the noise ``std`` likewise. Returns a dict with ``eps``, ``lower``,
+        ``upper``, ``window`` and, where asked for, ``alpha`` and ``std``: tensors (B, C, 1, ..., 1).
+        """
+        if eps_frac is None and eps_raw is None:
+            eps_frac = 0.0
+        budget = self.budget(x, eps_frac=eps_frac, eps_raw=eps_raw, raw_std=raw_std)
+        out = {"eps": budget.eps, "lower": budget.lower, "upper": budget.upper, "window": budget.window}
+        for key, frac, over_eps in (("alpha", alpha_frac, alpha_over_eps), ("std", std_frac, std_over_eps)):
+            if frac is not None and over_eps is not None:
+                raise ThreatModelError(f"give at most one of {key}_frac and {key}_over_eps")
+            if frac is not None:
+                out[key] = budget.window * float(frac)
+            elif over_eps is not None:
+                out[key] = budget.scaled(float(over_eps))
+        return out
 
 
 def _resolve_configuration(configs: Mapping, name: str) -> dict:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nnunet_adv.demo_data import build_demo_dataset
+from nnunet_adv.demo.data import build_demo_dataset
 
 DATASET_ID = 901
 DATASET_NAME = "Dataset901_AdvTestMRI"

@@ -292,7 +292,7 @@ def test_evaluate_lpips_per_channel_from_image_files(fake_lpips, tmp_path):
     import SimpleITK as sitk
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from nnunet_adv.cli.evaluate import EvaluateCommand
+    from nnunet_adv.evaluation.pipeline import image_lpips
 
     rng = np.random.default_rng(1)
     clean = [rng.uniform(0, 50, (3, 8, 8)), rng.uniform(0, 200, (3, 8, 8))]
@@ -304,6 +304,6 @@ def test_evaluate_lpips_per_channel_from_image_files(fake_lpips, tmp_path):
             path = tmp_path / f"{kind}_{c:04d}.nii.gz"
             sitk.WriteImage(sitk.GetImageFromArray(v.astype(np.float32)), str(path))
             files[kind].append(str(path))
-    value = EvaluateCommand.lpips(files["clean"], files["adv"], SimpleITKIO())
+    value = image_lpips(files["clean"], files["adv"], SimpleITKIO())
     range0 = float(clean[0].astype(np.float32).max() - clean[0].astype(np.float32).min())
     assert value == pytest.approx((2 * 5 / range0 + 0.0) / 2, rel=1e-4)

@@ -3,6 +3,7 @@
 Installed as the package ``nnunet_adv.trainers``; nnU-Net reaches them through the
 shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer), so every class exists once.
 """
+from nnunet_adv.training import integration
 from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
 from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
 from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT
@@ -25,6 +26,9 @@ from .short import (
     nnUNetTrainerVAFA_TestShort,
     nnUNetTrainerVAFT_TestShort,
 )
+
+# nnU-Net's -pretrained_weights mapping and one-line trainer errors (see nnunet_adv.training.integration)
+integration.install()
 
 __all__ = [
     "nnUNetTrainerAdversarial",

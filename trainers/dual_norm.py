@@ -18,7 +18,7 @@ branch (the deployed model). To predict or attack through the adversarial branch
 
     from nnunet_adv.modules import ADV, set_norm_route, norm_route
     set_norm_route(predictor.network, ADV)           # nnUNetPredictor, after initialize_from_trained_model_folder
-    with norm_route(model.networks[0], ADV): ...     # nnunet_adv.trained_model.load_trained_model
+    with norm_route(model.networks[0], ADV): ...     # nnunet_adv.volume.trained_model.load_trained_model
 
 ``nnUNetTrainerDualBN`` is the paper's setting (BatchNorm, as nnU-Net's ``nnUNetTrainerBN``,
 momentum 0.01); ``nnUNetTrainerDualNorm`` keeps nnU-Net's InstanceNorm, whose branches then

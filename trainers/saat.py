@@ -36,8 +36,7 @@ buffer is not saved (a continued run restarts it at zero).
 """
 from __future__ import annotations
 
-import os
-from typing import List, Union
+from typing import List
 
 import numpy as np
 import torch
@@ -191,21 +190,10 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         return m_next
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (all its keys) plus ``"saat_state"``."""
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint["saat_state"] = self.saat.state_dict()
-            torch.save(checkpoint, filename)
+    def extra_checkpoint_state(self) -> dict:
+        return {"saat_state": self.saat.state_dict()}
 
-    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        if isinstance(filename_or_checkpoint, os.PathLike):
-            filename_or_checkpoint = os.fspath(filename_or_checkpoint)
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
         state = checkpoint.get("saat_state")
         if state is None:
             self.print_to_log_file("SAAT: the checkpoint has no SAAT state (not written by an SAAT trainer); "

@@ -34,9 +34,10 @@ from typing import Dict, List, Type
 from .apgd import APGDCE
 from .base import Attack
 from .cospgd import CosPGD
-from .ensemble import Ensemble, _canonical
+from .ensemble import Ensemble
 from .fgsm import FGSM
 from .noise import GaussianNoise
+from .options import canonical_name
 from .pgd import BIM, PGD
 from .segpgd import SegPGD
 from .targeted import TargetedIFGSM, nlcen_iterations
@@ -53,29 +54,30 @@ def available_attacks() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build_attack(name: str, **options) -> Attack:
-    """Build the attack ``name`` with ``options`` (``ValueError`` for unknown names/options).
-
-    Names are case-insensitive and ``_`` may stand for ``-`` (``"VAFA_3D"`` == ``"vafa-3d"``).
-    """
+def attack_class(name: str) -> Type[Attack]:
+    """The class of attack ``name``; names are case-insensitive and ``_`` may stand for ``-``
+    (``"VAFA_3D"`` == ``"vafa-3d"``). ``ValueError`` for unknown names."""
     if not isinstance(name, str):
         raise ValueError(f"attack name must be a string, got {name!r}; valid: {available_attacks()}")
-    cls = _REGISTRY.get(_canonical(name))
+    cls = _REGISTRY.get(canonical_name(name))
     if cls is None:
         raise ValueError(f"unknown attack {name!r}; valid attacks: {available_attacks()}")
-    return cls(**options)
+    return cls
+
+
+def build_attack(name: str, **options) -> Attack:
+    """Build the attack ``name`` with ``options`` (``ValueError`` for unknown names/options)."""
+    return attack_class(name)(**options)
 
 
 def attack_defaults(name: str) -> dict:
     """The published defaults (and every accepted option) of attack ``name``."""
-    cls = _REGISTRY.get(_canonical(name)) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"unknown attack {name!r}; valid attacks: {available_attacks()}")
-    return dict(cls.defaults)
+    return dict(attack_class(name).defaults)
 
 
 __all__ = [
     "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE",
-    "VAFA3D", "VAFA2D", "Ensemble", "build_attack", "available_attacks", "attack_defaults",
+    "VAFA3D", "VAFA2D", "Ensemble", "build_attack", "available_attacks", "attack_defaults", "attack_class",
+    "canonical_name",
     "nlcen_iterations",
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttackContext, LpAttack, per_sample_view
+from .base import AttackContext
+from .lp import LpAttack
+from .selection import PerSampleBest, per_sample_view
 
 
 class APGDCE(LpAttack):
@@ -52,16 +54,10 @@ class APGDCE(LpAttack):
 
     def perturb(self, ctx: AttackContext):
         n_iter = int(self.options["steps"])
-        best_x = best_val = None
+        best = PerSampleBest("max")
         for _ in range(int(self.options["restarts"])):
-            x, val = self._run(ctx, n_iter)
-            if best_x is None:
-                best_x, best_val = x, val
-            else:
-                better = val > best_val
-                best_x = torch.where(per_sample_view(better, x.dim()), x, best_x)
-                best_val = torch.where(better, val, best_val)
-        return best_x
+            best.update(*self._run(ctx, n_iter))
+        return best.x
 
     def _run(self, ctx: AttackContext, n_iter: int):
         rho = float(self.options["rho"])

@@ -45,47 +45,17 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..losses import as_label_map
+from ..outputs import detach_output, full_res, slice_batch
+from .options import (AMP_DEFAULT_SCALE, COMMON_DEFAULTS, TARGET_DEFAULTS, broadcast_param, check_int,  # noqa: F401
+                      check_param)
+from .targets import LabelsLike, full_res_labels, resolve_target
 
 Tensor = torch.Tensor
-LabelsLike = Union[Tensor, Sequence[Tensor]]
-
-#: Options every attack accepts.
-COMMON_DEFAULTS: Dict[str, Any] = {
-    "loss": None,            # callable (model_output, labels) -> scalar; None: CE, full res, voxel mean
-    "seed": None,            # int: private torch.Generator seed; None: drawn from torch's global RNG
-    "lower": None,           # lower bound of the box (tensor units); None: unbounded
-    "upper": None,           # upper bound of the box; None: unbounded
-    "amp_loss_scale": None,  # None: 2**16 under CUDA autocast fp16, else 1
-}
-#: Options of attacks that can be targeted.
-TARGET_DEFAULTS: Dict[str, Any] = {"targeted": False, "target": None}
-
-#: Default loss scale under CUDA autocast fp16 (GradScaler's initial scale).
-AMP_DEFAULT_SCALE = 2.0 ** 16
-
-
-def full_res(output: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-    """First (full-resolution) element of a deep-supervision list, or the tensor itself."""
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-def detach_output(output):
-    if isinstance(output, (list, tuple)):
-        return type(output)(o.detach() for o in output)
-    return output.detach()
-
-
-def slice_batch(obj, b: int):
-    """Sample ``b`` (keeping the batch dim) of a tensor or a list/tuple of tensors."""
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(o[b:b + 1] for o in obj)
-    return obj[b:b + 1]
 
 
 def _normal_tensor(t: Tensor) -> Tensor:
@@ -100,76 +70,6 @@ def _normal_labels(labels):
             return type(labels)(_normal_tensor(t) if torch.is_tensor(t) else t for t in labels)
         return labels
     return _normal_tensor(labels) if torch.is_tensor(labels) else labels
-
-
-# ----------------------------------------------------------------------------- option checks
-def check_param(name: str, value, *, allow_none: bool = False, nonneg: bool = True) -> None:
-    """A float, a sequence of floats or a tensor, finite (and >= 0 if ``nonneg``)."""
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"{name} must be given (a float, a sequence of per-channel floats or a tensor)")
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a float, a sequence of per-channel floats or a tensor, got a bool")
-    if isinstance(value, numbers.Real):
-        vals = torch.tensor([float(value)])
-    elif torch.is_tensor(value):
-        vals = value.detach().float().flatten().cpu()
-    elif isinstance(value, (list, tuple)) or hasattr(value, "__array__"):
-        try:
-            vals = torch.as_tensor(value, dtype=torch.float64).flatten()
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a float, a sequence of per-channel floats or a tensor, "
-                             f"got {value!r}") from None
-        if vals.numel() == 0:
-            raise ValueError(f"{name} is an empty sequence")
-    else:
-        raise ValueError(f"{name} must be a float, a sequence of per-channel floats or a tensor, "
-                         f"got {type(value).__name__}")
-    if not torch.isfinite(vals).all():
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if nonneg and (vals < 0).any():
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def broadcast_param(name: str, value, images: Tensor) -> Optional[Tensor]:
-    """float / C-sequence / tensor -> fp32 tensor on ``images.device`` broadcastable to ``images``."""
-    if value is None:
-        return None
-    c, nsp = images.shape[1], images.dim() - 2
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        t = torch.tensor(float(value), dtype=torch.float32, device=images.device)
-    elif torch.is_tensor(value):
-        t = value.detach().to(device=images.device, dtype=torch.float32)
-    else:
-        t = torch.as_tensor(value, dtype=torch.float32).flatten().to(images.device)
-        if t.numel() != c:
-            raise ValueError(f"{name} has {t.numel()} per-channel values but images have {c} channel(s)")
-        t = t.view(1, c, *([1] * nsp))
-    try:
-        shape = torch.broadcast_shapes(t.shape, images.shape)
-    except RuntimeError:
-        shape = None
-    if shape != images.shape:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to images of shape "
-                         f"{tuple(images.shape)} (use a float, C values, or e.g. (B, C, 1, ..., 1))")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t
-
-
-def dims_except_batch(x: Tensor):
-    return tuple(range(1, x.dim()))
-
-
-def per_sample_view(v: Tensor, ndim: int) -> Tensor:
-    """``(B,)`` -> ``(B, 1, ..., 1)`` with ``ndim`` dims in total."""
-    return v.view(-1, *([1] * (ndim - 1)))
 
 
 # ----------------------------------------------------------------------------- context
@@ -291,7 +191,7 @@ class Attack:
             raise ValueError(f"images are empty: shape {tuple(images.shape)}")
         if not bool(torch.isfinite(images).all()):
             raise ValueError("images contain NaN or Inf values")
-        y = self._full_res_labels(labels, images)
+        y = full_res_labels(labels, images)
         self.check_input(images)
         with torch.inference_mode(False), torch.enable_grad():
             x0 = _normal_tensor(images.detach()).float().clone()
@@ -304,31 +204,6 @@ class Attack:
 
     def perturb(self, ctx: AttackContext) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    @staticmethod
-    def _full_res_labels(labels: LabelsLike, images: Tensor) -> Tensor:
-        first = labels
-        if isinstance(labels, (list, tuple)):
-            if len(labels) == 0:
-                raise ValueError("labels is an empty list")
-            first = labels[0]
-        if not torch.is_tensor(first):
-            raise ValueError(f"labels must be a tensor or a list of tensors, got {type(first).__name__}")
-        if first.dim() == images.dim() and first.shape[1] > 1 and first.shape[2:] == images.shape[2:]:
-            # nnU-Net region targets (B, R, *S), one binary channel per region: a label map
-            # never has more than one channel. Checked against the model in forward().
-            y = first.float()
-            if y.shape[0] != images.shape[0]:
-                raise ValueError(f"labels shape mismatch: batch size {y.shape[0]} != images batch size "
-                                 f"{images.shape[0]}")
-            return y
-        try:
-            y = as_label_map(first, images.shape[2:])
-        except ValueError as e:
-            raise ValueError(f"labels shape mismatch: {e} (images {tuple(images.shape)})") from None
-        if y.shape[0] != images.shape[0]:
-            raise ValueError(f"labels shape mismatch: batch size {y.shape[0]} != images batch size {images.shape[0]}")
-        return y
 
     # ------------------------------------------------------------------ context
     def is_targeted(self) -> bool:
@@ -408,37 +283,8 @@ class Attack:
 
     def _resolve_target(self, ctx: AttackContext) -> None:
         """Target map per the ``target`` option (NLCEN rule when None)."""
-        spec = self.options.get("target")
-        k, y = ctx.num_classes, ctx.y
-        struct = None
-        if spec is None:
-            # NLCEN protocol (He et al., AAAI 2019, after Kurakin et al.): binary -> swap fg/bg;
-            # multi-class -> all background.
-            t = (1 - y) if k == 2 else torch.zeros_like(y)
-        elif isinstance(spec, numbers.Integral):
-            if not 0 <= int(spec) < k:
-                raise ValueError(f"target class {spec} out of range for a {k}-class model")
-            t = torch.full_like(y, int(spec))
-        elif torch.is_tensor(spec) or isinstance(spec, (list, tuple)):
-            first = spec[0] if isinstance(spec, (list, tuple)) else spec
-            try:
-                t = as_label_map(first.to(y.device), ctx.spatial)
-            except (ValueError, AttributeError) as e:
-                raise ValueError(f"target shape mismatch: {e}") from None
-            if t.shape[0] != y.shape[0]:
-                raise ValueError(f"target batch size {t.shape[0]} != images batch size {y.shape[0]}")
-            if isinstance(spec, (list, tuple)):
-                struct = type(spec)(s.to(y.device) for s in spec)
-        else:  # callable
-            t = spec(y, k)
-            try:
-                t = as_label_map(t, ctx.spatial)
-            except ValueError as e:
-                raise ValueError(f"target callable returned a bad map: {e}") from None
-        if int(t.min()) < 0 or int(t.max()) >= k:
-            raise ValueError(f"target classes must be in [0, {k - 1}]")
-        ctx._target_full = t
-        ctx._target_struct = struct if struct is not None else _like_labels(t, ctx.labels)
+        ctx._target_full, ctx._target_struct = resolve_target(self.options.get("target"), ctx.y, ctx.num_classes,
+                                                              ctx.spatial, ctx.labels)
 
     def voxel_labels(self, ctx: AttackContext) -> Tensor:
         """Full-res map ``(B, *S)`` that voxel-wise computations use (target if targeted);
@@ -546,25 +392,6 @@ class Attack:
         return lo, hi
 
 
-def _like_labels(t_full: Tensor, labels):
-    """Put a full-res target ``(B, *S)`` into the structure and layout of ``labels``:
-    same dims (channel or not) and dtype; deep-supervision scales by nearest resampling."""
-    def one(ref: Tensor) -> Tensor:
-        nsp = t_full.dim() - 1
-        has_channel = ref.dim() == nsp + 2
-        size = tuple(ref.shape[2:]) if has_channel else tuple(ref.shape[1:])
-        t = t_full
-        if tuple(t.shape[1:]) != size:
-            t = F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0].round().long()
-        if has_channel:
-            t = t[:, None]
-        return t.to(dtype=ref.dtype)
-
-    if isinstance(labels, (list, tuple)):
-        return type(labels)(one(r) for r in labels)
-    return one(labels)
-
-
 def _cuda_fp16_autocast(x: Tensor) -> bool:
     if x.device.type != "cuda":
         return False
@@ -572,76 +399,3 @@ def _cuda_fp16_autocast(x: Tensor) -> bool:
         return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
     except (TypeError, AttributeError):  # older torch
         return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() == torch.float16
-
-
-# ============================================================================= Lp attacks
-LP_DEFAULTS: Dict[str, Any] = {"eps": 4 / 255, "norm": "linf"}
-
-
-class LpAttack(Attack):
-    """Shared L-inf / L2 machinery: budget tensors, projection, step direction, random start.
-
-    ``norm='linf'``: ``|x_adv - x| <= eps`` voxel-wise (eps per channel/sample allowed).
-    ``norm='l2'``: ``||x_adv - x||_2 <= eps`` per sample over all channels and voxels;
-    ``eps``/``alpha`` must then be the same for all channels of a sample (a float or a
-    ``(B, 1, ..., 1)``-like tensor).
-    """
-
-    defaults = {**COMMON_DEFAULTS, **TARGET_DEFAULTS, **LP_DEFAULTS}
-
-    def prepare(self, ctx: AttackContext) -> None:
-        ctx.norm = self.options["norm"]
-        ctx.eps = self._budget(ctx, "eps", self.options["eps"])
-        ctx.alpha = self._budget(ctx, "alpha", self.options["alpha"]) if "alpha" in self.options else None
-
-    def _budget(self, ctx: AttackContext, name: str, value) -> Tensor:
-        t = broadcast_param(name, value, ctx.x0)
-        if bool((t < 0).any()):
-            raise ValueError(f"{name} must be >= 0")
-        if ctx.norm == "l2":
-            t = self._per_sample(name, t, ctx)
-        return t
-
-    @staticmethod
-    def _per_sample(name: str, t: Tensor, ctx: AttackContext) -> Tensor:
-        if t.dim() == 0:
-            return t
-        dims = tuple(range(1, t.dim()))
-        if not bool((t.amax(dim=dims) == t.amin(dim=dims)).all()):
-            raise ValueError(f"with norm='l2', {name} must be one value per sample (the L2 ball is over all "
-                             f"channels and voxels), got per-channel/voxel values of shape {tuple(t.shape)}")
-        return t.amax(dim=dims, keepdim=True)
-
-    def l2_norm(self, v: Tensor) -> Tensor:
-        return per_sample_view(v.flatten(1).norm(dim=1), v.dim())
-
-    def direction(self, ctx: AttackContext, g: Tensor) -> Tensor:
-        """Steepest-ascent direction of unit size: ``sign(g)`` (L-inf) or ``g/||g||_2`` (L2)."""
-        if ctx.norm == "linf":
-            return g.sign()
-        return g / self.l2_norm(g).clamp_min(1e-12)
-
-    def project(self, ctx: AttackContext, x: Tensor, eps: Optional[Tensor] = None) -> Tensor:
-        """Projection onto the eps-ball around the clean image, then onto the box."""
-        eps = ctx.eps if eps is None else eps
-        d = x - ctx.x0
-        if ctx.norm == "linf":
-            d = torch.maximum(torch.minimum(d, eps), -eps)
-        else:
-            n = self.l2_norm(d)
-            d = d * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
-        return self.clamp_box(ctx, ctx.x0 + d)
-
-    def random_init(self, ctx: AttackContext) -> Tensor:
-        """Uniform sample of the eps-ball (L-inf: per voxel; L2: uniform in the ball), boxed."""
-        x0, g = ctx.x0, ctx.generator
-        if ctx.norm == "linf":
-            u = torch.rand(x0.shape, generator=g, device=x0.device, dtype=x0.dtype) * 2 - 1
-            d = u * ctx.eps
-        else:
-            v = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-            v = v / self.l2_norm(v).clamp_min(1e-12)
-            n = x0[0].numel()
-            r = torch.rand((x0.shape[0],), generator=g, device=x0.device, dtype=x0.dtype) ** (1.0 / n)
-            d = v * per_sample_view(r, x0.dim()) * ctx.eps
-        return self.project(ctx, x0 + d)

@@ -3,7 +3,8 @@ pixel-wise prediction tasks", ICML 2024): PGD with a cosine-weighted per-voxel l
 from __future__ import annotations
 
 from ..losses import cospgd_loss
-from .base import AttackContext, full_res
+from ..outputs import full_res
+from .base import AttackContext
 from .pgd import PGD
 
 

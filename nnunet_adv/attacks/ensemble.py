@@ -7,7 +7,10 @@ from typing import Any, Dict, List
 import torch
 
 from ..losses import dice_per_sample, region_dice_per_sample
-from .base import Attack, AttackContext, full_res, per_sample_view
+from ..outputs import full_res
+from .base import Attack, AttackContext
+from .options import canonical_name
+from .selection import PerSampleBest
 
 
 class Ensemble(Attack):
@@ -52,7 +55,7 @@ class Ensemble(Attack):
             else:
                 raise ValueError(f"ensemble member must be a name, a (name, options) pair or an Attack, "
                                  f"got {item!r}")
-            cls = _REGISTRY.get(_canonical(name))
+            cls = _REGISTRY.get(canonical_name(name))
             if cls is None or cls is Ensemble:
                 valid = sorted(n for n, c in _REGISTRY.items() if c is not Ensemble)
                 raise ValueError(f"unknown ensemble member {name!r}; valid: {valid}")
@@ -69,10 +72,9 @@ class Ensemble(Attack):
         return f"Ensemble({self.members!r})"
 
     def perturb(self, ctx: AttackContext):
-        best_x = best_dice = None
-        images = ctx.x0
+        best = PerSampleBest("min")  # lowest Dice wins; ties keep the earlier member
         for member in self.members:
-            x = member(ctx.model, images, ctx.labels).float()
+            x = member(ctx.model, ctx.x0, ctx.labels).float()
             with torch.no_grad():
                 # self.forward (not ctx.model): its first call checks the labels against the
                 # model and, for region targets, splits off nnU-Net's ignore channel
@@ -81,14 +83,5 @@ class Ensemble(Attack):
                     dice = region_dice_per_sample(logits > 0, ctx.y, ctx.region_mask)
                 else:
                     dice = dice_per_sample(logits.argmax(1), ctx.y, int(logits.shape[1]))
-            if best_x is None:
-                best_x, best_dice = x, dice
-            else:
-                better = dice < best_dice
-                best_x = torch.where(per_sample_view(better, x.dim()), x, best_x)
-                best_dice = torch.where(better, dice, best_dice)
-        return best_x
-
-
-def _canonical(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
+            best.update(x, dice)
+        return best.x

@@ -4,7 +4,8 @@ As evaluated in VAFA (Hanif et al., MICCAI 2023; ref. code ``attacks/fgsm.py``).
 """
 from __future__ import annotations
 
-from .base import AttackContext, LpAttack
+from .base import AttackContext
+from .lp import LpAttack
 
 
 class FGSM(LpAttack):

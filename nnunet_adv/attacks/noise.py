@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import COMMON_DEFAULTS, Attack, AttackContext, broadcast_param
+from .base import Attack, AttackContext
+from .options import COMMON_DEFAULTS, broadcast_param
 
 
 class GaussianNoise(Attack):

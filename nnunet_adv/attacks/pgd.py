@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttackContext, LpAttack
+from .base import AttackContext
+from .lp import LpAttack
+from .selection import PerSampleBest
 
 
 class PGD(LpAttack):
@@ -34,7 +36,7 @@ class PGD(LpAttack):
     def perturb(self, ctx: AttackContext):
         steps = int(self.options["steps"])
         restarts = int(self.options.get("restarts", 1))
-        best_x = best_val = None
+        best = PerSampleBest("max")
         for _ in range(restarts):
             x = self.random_init(ctx) if self.options.get("random_start", False) else ctx.x0
             for t in range(1, steps + 1):
@@ -43,14 +45,8 @@ class PGD(LpAttack):
             if restarts == 1:
                 return x
             with torch.no_grad():
-                val = self.per_sample_objective(ctx, self.forward(ctx, x))
-            if best_x is None:
-                best_x, best_val = x, val
-            else:
-                better = val > best_val
-                best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x, best_x)
-                best_val = torch.where(better, val, best_val)
-        return best_x
+                best.update(x, self.per_sample_objective(ctx, self.forward(ctx, x)))
+        return best.x
 
 
 class BIM(PGD):

@@ -3,7 +3,8 @@ Evaluating and Boosting Segmentation Robustness", ECCV 2022): PGD with a per-ste
 from __future__ import annotations
 
 from ..losses import segpgd_loss
-from .base import AttackContext, full_res
+from ..outputs import full_res
+from .base import AttackContext
 from .pgd import PGD
 
 

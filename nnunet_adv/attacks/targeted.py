@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 
-from .base import COMMON_DEFAULTS, AttackContext
+from .base import AttackContext
+from .options import COMMON_DEFAULTS
 from .pgd import BIM
 
 

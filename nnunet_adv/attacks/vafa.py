@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from ..frequency import BACKENDS, dctn, from_blocks, idctn, normalize_block_size, soft_round, to_blocks
 from ..ssim import block_ssim
-from .base import COMMON_DEFAULTS, TARGET_DEFAULTS, Attack, AttackContext, full_res, per_sample_view
+from ..outputs import full_res
+from .base import Attack, AttackContext
+from .options import COMMON_DEFAULTS, TARGET_DEFAULTS
+from .selection import per_sample_view
 
 
 class VAFA3D(Attack):

@@ -14,28 +14,16 @@ import argparse
 import json
 import os
 import sys
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
-from nnunet_adv import demo_data
+from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main
+from nnunet_adv.demo import data as demo_data
 
 PROG = "nnUNetv2_adv_make_demo_dataset"
-EXIT_BAD_INPUT = 2  # argparse's own status for usage errors
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage + error on two lines; we promise exactly one line."""
-
-    def error(self, message: str) -> NoReturn:
-        _fail(message)
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog=PROG,
         description="Write a small real-MRI nnU-Net v2 dataset (Colin27 T1 + AAL hippocampus/"
                     "amygdala crops from Debian's mricron-data; synthetic fallback).")
@@ -64,23 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     raw_root = args.output or os.environ.get("nnUNet_raw")
     if not raw_root:
-        _fail("no raw folder: pass -o RAW_FOLDER or set $nnUNet_raw")
+        raise CLIError("no raw folder: pass -o RAW_FOLDER or set $nnUNet_raw")
     if len(args.crop_size) not in (1, 3):
-        _fail(f"--crop_size takes 1 or 3 values, got {len(args.crop_size)}")
+        raise CLIError(f"--crop_size takes 1 or 3 values, got {len(args.crop_size)}")
     crop = args.crop_size[0] if len(args.crop_size) == 1 else args.crop_size
     try:
         folder = demo_data.build_demo_dataset(
             raw_root, dataset_id=args.dataset_id, name=args.name, num_train=args.num_train,
             num_test=args.num_test, crop_size=crop, seed=args.seed, source=args.source,
             template_folder=args.template_dir, progress=True)
-    except demo_data.DemoDataError as err:
-        _fail(str(err))
+    except demo_data.DemoDataError:
+        raise
     except OSError as err:  # e.g. raw folder not writable
-        _fail(f"could not write the dataset: {err}")
+        raise CLIError(f"could not write the dataset: {err}") from None
     except KeyboardInterrupt:  # the partial folder is already removed by build_demo_dataset
         print(f"{PROG}: interrupted; no dataset written", file=sys.stderr)
         return 130
@@ -88,6 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"wrote {folder} ({args.num_train} training + {args.num_test} test cases, "
           f"source: {source})")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli_main(lambda: run(build_parser().parse_args(argv)), prefix=f"{PROG}: error")
 
 
 if __name__ == "__main__":

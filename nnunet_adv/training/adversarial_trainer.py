@@ -24,8 +24,10 @@ nnU-Net's pseudo-Dice (training log and progress.png).
 from __future__ import annotations
 
 import copy
+import io
+import os
 from contextlib import nullcontext
-from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,16 +38,25 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_adv.budgeted_attack import AttackRecipe, build_budgeted_attack
+from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.attacks import attack_defaults
+from nnunet_adv.errors import UserError
 from nnunet_adv.threat_model import ThreatModel, ThreatModelError
-from nnunet_adv.training.network import network_mode, split_batch, unwrap_network
+from nnunet_adv.outputs import split_batch
+from nnunet_adv.training.network import network_mode, unwrap_network
 from nnunet_adv.training.progress import AdversarialLocalLogger
 
-class RecipeError(SystemExit):
-    """An invalid trainer setting. A SystemExit so that ``nnUNetv2_train`` prints one line."""
+class RecipeError(UserError):
+    """An invalid trainer setting (``nnUNetv2_train`` prints it as one line, see
+    :mod:`nnunet_adv.training.integration`)."""
 
     def __init__(self, trainer: str, message: str):
         super().__init__(f"nnunet_adv: {trainer}: {message}")
+
+
+#: nnU-Net trainer attributes a ``training_schedule`` may set
+SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every",
+                 "initial_lr", "weight_decay", "oversample_foreground_percent", "probabilistic_oversampling")
 
 
 class nnUNetTrainerAdversarial(nnUNetTrainer):
@@ -81,17 +92,12 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for key, value in (self.training_schedule or {}).items():
-            setattr(self, key, value)
+        self._apply_schedule()
         self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
         try:
             self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager)
         except ThreatModelError as e:
             raise RecipeError(type(self).__name__, str(e)) from None
-        if self.network_changes:
-            # -pretrained_weights from a clean checkpoint: map plain norms / keep new modules at init
-            from nnunet_adv.training import pretrained
-            pretrained.install()
         self.configure_attack()
         self._check_recipe()
 
@@ -122,6 +128,23 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         return network
 
     # ------------------------------------------------------------------ configuration
+    def _apply_schedule(self) -> None:
+        """Set ``training_schedule``'s nnU-Net attributes; an unknown key or a wrong type is a
+        one-line error (a typo would otherwise silently train nnU-Net's default schedule)."""
+        schedule = self.training_schedule or {}
+        if not isinstance(schedule, dict):
+            raise RecipeError(type(self).__name__, f"training_schedule must be a dict, got {type(schedule).__name__}")
+        for key, value in schedule.items():
+            if key not in SCHEDULE_KEYS:
+                raise RecipeError(type(self).__name__, f"training_schedule key {key!r} is not a schedule setting; "
+                                                       f"valid keys: {', '.join(SCHEDULE_KEYS)}")
+            current = getattr(self, key)
+            if isinstance(current, bool) != isinstance(value, bool) or \
+                    not isinstance(value, (int, float)) or (isinstance(current, int) and not isinstance(value, int)):
+                raise RecipeError(type(self).__name__, f"training_schedule[{key!r}] must be a number of the type of "
+                                                       f"nnU-Net's default ({type(current).__name__}), got {value!r}")
+            setattr(self, key, value)
+
     @property
     def trains_adversarially(self) -> bool:
         return self.adversarial_loss_weight > 0
@@ -157,14 +180,22 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         here as instance attributes are recorded in debug.json like class attributes."""
 
     @property
-    def attack_recipe(self) -> AttackRecipe:
-        return AttackRecipe(self.attack_name, dict(self.attack_kwargs), self.eps_frac, self.eps_raw,
-                            self.alpha_over_eps, self.std_over_eps)
+    def attack_config(self) -> AttackConfig:
+        """The recipe's attack (class attributes) as the one configuration type; budget attributes
+        go to it where the attack takes them (every trainer has an eps; VAFA has none)."""
+        takes = attack_defaults(self.attack_name)
+        if self.attack_name == "ensemble":  # the members take what they accept
+            takes = {"eps": None, "alpha": None, "std": None}
+        budget = {k: v for k, v in (("alpha_over_eps", self.alpha_over_eps), ("std_over_eps", self.std_over_eps))
+                  if k.split("_")[0] in takes}
+        if "eps" in takes or any(v is not None for v in budget.values()):  # eps is also the unit of alpha/std
+            budget.update(eps_frac=self.eps_frac, eps_raw=self.eps_raw)
+        return AttackConfig(self.attack_name, dict(self.attack_kwargs), **budget)
 
     def _build_attack(self, data: torch.Tensor, overrides: dict):
         """The attack for one batch: fixed options + budget in network units for ``data``."""
         loss = self.loss if self.attack_uses_training_loss else None
-        return build_budgeted_attack(self.attack_recipe, self.threat_model, data, loss=loss, **overrides)
+        return self.attack_config.build(self.threat_model, data, loss=loss, **overrides)
 
     # ------------------------------------------------------------------ the attack
     def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None,
@@ -278,6 +309,37 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         parts = {k[5:]: float(np.mean(v)) for k, v in terms.items() if k.startswith("loss_")}
         if parts:
             self.print_to_log_file("train loss terms", {k: round(v, 4) for k, v in parts.items()})
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> Dict[str, object]:
+        """Hook: recipe state saved next to nnU-Net's keys in every checkpoint (e.g. SAAT's
+        schedule) and handed back by :meth:`load_extra_checkpoint_state` on ``--c``."""
+        return {}
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        """Hook: restore what :meth:`extra_checkpoint_state` saved (``checkpoint`` is the whole dict)."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (every key its trainer writes) plus :meth:`extra_checkpoint_state`,
+        written once, to a temporary file renamed into place (a crash never leaves half a file)."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        buffer = io.BytesIO()
+        super().save_checkpoint(buffer)  # nnU-Net's own dict; torch.save accepts a file object
+        checkpoint = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=False)
+        checkpoint.update(self.extra_checkpoint_state())
+        tmp = f"{os.fspath(filename)}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if isinstance(filename_or_checkpoint, os.PathLike):
+            filename_or_checkpoint = os.fspath(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8 reads only file names here
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        self.load_extra_checkpoint_state(checkpoint)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict) -> dict:

@@ -1,7 +1,6 @@
 """Small helpers for handling nnU-Net's (possibly wrapped) networks during attacks."""
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 
@@ -26,20 +25,3 @@ def network_mode(network: nn.Module, train: bool):
         yield network
     finally:
         network.train(was_training)
-
-
-def full_resolution(output):
-    """The full-resolution output of a network that may return a deep-supervision list."""
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-def split_batch(output, sizes):
-    """Split a (possibly deep-supervision list) output along the batch dimension.
-
-    Used when clean and adversarial inputs go through the network in one concatenated
-    forward pass (one DDP forward per step, required for a single backward).
-    """
-    if isinstance(output, (list, tuple)):
-        parts = [torch.split(o, sizes) for o in output]
-        return [list(p) for p in zip(*parts)]
-    return list(torch.split(output, sizes))

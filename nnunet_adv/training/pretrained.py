@@ -17,8 +17,8 @@ segmentation layers not transferred, strict ``load_state_dict``) and adds two ma
 
 Networks without those modules go to nnU-Net's own function unchanged.
 ``nnUNetv2_train`` calls the name ``load_pretrained_weights`` of ``nnunetv2.run.run_training``;
-:func:`install` points that name at ours (trainers with network changes call it in their
-constructor, which runs before nnU-Net loads pretrained weights).
+:func:`install` points that name at ours. It is called once, in one visible place:
+:func:`nnunet_adv.training.integration.install`, when :mod:`nnunet_adv.trainers` is imported.
 """
 from __future__ import annotations
 
@@ -28,11 +28,17 @@ from typing import Dict, Set
 import torch
 from torch import nn
 
+from nnunet_adv.errors import UserError
 from nnunet_adv.modules.dual_norm import DualNorm
 from nnunet_adv.modules.nlce import NLCE
 from nnunet_adv.training.network import unwrap_network
 
 _SKIP_IN_PRETRAINED = (".seg_layers.",)
+
+
+class PretrainedWeightsError(UserError, AssertionError):
+    """A checkpoint that does not fit the network. Also an ``AssertionError``: nnU-Net's own
+    ``load_pretrained_weights`` signals the same problems with ``assert``, and callers catch that."""
 _DUAL_KEY = re.compile(r"^(?P<prefix>.*)norms\.(?P<branch>\d+)\.(?P<name>[^.]+)$")
 
 
@@ -54,8 +60,8 @@ def map_pretrained_state_dict(network: nn.Module, pretrained: Dict[str, torch.Te
     Applies nnU-Net's rules plus the two mappings of the module docstring.
 
     Raises:
-        AssertionError: (as nnU-Net) a key of the network is neither in ``pretrained`` nor
-            covered by a mapping, or a shape differs.
+        PretrainedWeightsError: a key of the network is neither in ``pretrained`` nor covered by a
+            mapping, or a shape differs (nnU-Net's messages).
     """
     mod = unwrap_network(network)
     model_dict = mod.state_dict()
@@ -73,11 +79,12 @@ def map_pretrained_state_dict(network: nn.Module, pretrained: Dict[str, torch.Te
             elif nlce_prefixes and key.startswith(nlce_prefixes):
                 continue                                    # new NLCE module: keep its identity init
             else:
-                raise AssertionError(f"Key {key} is missing in the pretrained model weights. The pretrained weights "
-                                     f"do not seem to be compatible with your network.")
-        assert pretrained[source].shape == value.shape, \
-            f"The shape of the parameters of key {key} is not the same. Pretrained model: " \
-            f"{tuple(pretrained[source].shape)}; your network: {tuple(value.shape)}."
+                raise PretrainedWeightsError(f"Key {key} is missing in the pretrained model weights. The pretrained "
+                                             f"weights do not seem to be compatible with your network.")
+        if pretrained[source].shape != value.shape:
+            raise PretrainedWeightsError(f"The shape of the parameters of key {key} is not the same. Pretrained "
+                                         f"model: {tuple(pretrained[source].shape)}; your network: "
+                                         f"{tuple(value.shape)}.")
         merged[key] = pretrained[source]
     return merged
 

@@ -41,6 +41,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from nnunet_adv.errors import UserError
+
 # --------------------------------------------------------------------------- constants
 
 #: Environment variable that overrides the folder holding ch2.nii.gz / aal.nii.gz.
@@ -90,7 +92,7 @@ _SPLIT_CODE = {"train": 0, "test": 1}
 # --------------------------------------------------------------------------- errors
 
 
-class DemoDataError(Exception):
+class DemoDataError(UserError):
     """Base class of this module's errors; the message is always one line."""
 
 
@@ -159,7 +161,7 @@ def load_templates(folder: Union[str, os.PathLike, None] = None) -> Templates:
         TemplatesMissingError: a template file is absent.
         DemoDataError: the two volumes are not on the same grid, or a structure is absent.
     """
-    import nibabel as nib  # local: keeps `import nnunet_adv.demo_data` cheap
+    import nibabel as nib  # local: keeps `import nnunet_adv.demo.data` cheap
 
     root = template_dir(folder)
     missing = missing_template_files(root)
@@ -531,12 +533,12 @@ def _write_dataset_json(folder: Path, name: str, num_train: int, num_test: int,
         reference = "Holmes et al. 1998 (Colin27); Tzourio-Mazoyer et al. 2002 (AAL)"
     else:
         description = "Synthetic 3D blobs (classes 1 and 2) in noisy background."
-        reference = "nnunet_adv.demo_data (synthetic)"
+        reference = "nnunet_adv.demo.data (synthetic)"
     generate_dataset_json(
         str(folder), channel_names=CHANNEL_NAMES, labels=LABELS, num_training_cases=num_train,
         file_ending=FILE_ENDING, dataset_name=name, description=description,
         reference=reference, license="see the licenses of mricron-data / Colin27 / AAL",
-        converted_by="nnunet_adv.demo_data", numTest=num_test,
+        converted_by="nnunet_adv.demo.data", numTest=num_test,
         nnunet_adv_source=source, nnunet_adv_seed=seed)
 
 

@@ -5,7 +5,7 @@ import pytest
 from matplotlib.image import imread
 from matplotlib.text import Text
 
-from nnunet_adv import report_figures as rf
+from nnunet_adv.evaluation import figures as rf
 
 RNG = np.random.default_rng(0)
 SHAPE = (16, 20)

@@ -52,13 +52,16 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from nnunet_adv.errors import UserError
+from nnunet_adv.threat_model import ThreatModel
+
 __all__ = ["ExportError", "RawIntensityMaps", "raw_intensity_maps", "perturbation_to_raw", "apply_raw_budget",
-           "write_image_like", "supported_writer", "perturbation_norms"]
+           "write_image_like", "supported_writer", "perturbation_norms", "transpose_forward", "spacings",
+           "labels_to_network"]
 
-_EPS = 1e-8  # nnU-Net's normalisers divide by max(std, 1e-8) (float32 target dtype)
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """Something about a case or a dataset that the exporter cannot handle (one-line message)."""
 
 
@@ -86,7 +89,8 @@ class RawIntensityMaps:
     crop_voxels: int
 
 
-def _transpose_forward(data: np.ndarray, plans_manager) -> np.ndarray:
+def transpose_forward(data: np.ndarray, plans_manager) -> np.ndarray:
+    """(C, *S) reader layout -> nnU-Net's transposed layout (``plans['transpose_forward']``)."""
     return data.transpose([0, *[i + 1 for i in plans_manager.transpose_forward]])
 
 
@@ -105,51 +109,52 @@ def raw_intensity_maps(raw: np.ndarray, plans_manager, configuration_manager) ->
     """
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
+    threat_model = ThreatModel.from_managers(plans_manager, configuration_manager)
     schemes = list(configuration_manager.normalization_schemes)
     if len(schemes) != raw.shape[0]:
         raise ExportError(f"the image has {raw.shape[0]} channel(s) but the configuration normalises "
                           f"{len(schemes)}")
     use_mask = list(configuration_manager.use_mask_for_norm)
-    data = _transpose_forward(raw.astype(np.float32), plans_manager)
+    data = transpose_forward(raw.astype(np.float32), plans_manager)
     cropped, seg, bbox = crop_to_nonzero(data, None)
     mask = seg[0] >= 0
-    props = plans_manager.foreground_intensity_properties_per_channel
     c_count = len(schemes)
     scales, lower, upper = (np.empty(c_count, dtype=np.float64) for _ in range(3))
     keep = None
     for c, scheme in enumerate(schemes):
         image = cropped[c]
         lo, hi = float(image.min()), float(image.max())
-        if scheme == "ZScoreNormalization":
-            if use_mask[c]:
-                std = image[mask].std()
-                keep = mask
-            else:
-                std = image.std()
-            scale = max(float(std), _EPS)
-        elif scheme == "CTNormalization":
-            p = props[str(c)]
-            scale = max(float(p["std"]), _EPS)
-            lo, hi = float(p["percentile_00_5"]), float(p["percentile_99_5"])
-        elif scheme == "NoNormalization":
-            scale = 1.0
-        elif scheme == "RescaleTo01Normalization":
-            scale = max(hi - lo, _EPS)
-        elif scheme == "RGBTo01Normalization":
-            scale, lo, hi = 255.0, 0.0, 255.0
-        else:
-            raise ExportError(f"channel {c}: normalization scheme {scheme!r} is not supported by the exporter")
-        scales[c], lower[c], upper[c] = scale, lo, hi
+        std = None
+        if scheme == "ZScoreNormalization":  # the std ZScoreNormalization divided by
+            std = image[mask].std() if use_mask[c] else image.std()
+            keep = mask if use_mask[c] else keep
+        scales[c] = threat_model.raw_unit(c, image_std=std, image_range=hi - lo)
+        lower[c], upper[c] = threat_model.raw_box(c, lo, hi)
     return RawIntensityMaps(schemes, scales, lower, upper, keep, bbox, int(np.prod(cropped.shape[1:])))
 
 
-def _spacings(properties: dict, plans_manager, configuration_manager):
+def spacings(properties: dict, plans_manager, configuration_manager):
     """(original spacing, target spacing) on the transposed grid, as run_case_npy computes them."""
     original = [properties["spacing"][i] for i in plans_manager.transpose_forward]
     target = list(configuration_manager.spacing)
     if len(target) < len(original):  # 2D configurations keep the out-of-plane spacing
         target = [original[0]] + target
     return original, target
+
+
+def labels_to_network(seg: np.ndarray, properties: dict, plans_manager, configuration_manager,
+                      net_shape) -> np.ndarray:
+    """A raw segmentation ``(1, *S)`` (reader layout) on nnU-Net's network grid: transposed, cropped
+    to the case's bbox and resampled with the configuration's ``resampling_fn_seg``, as
+    ``run_case_npy`` does. Returns ``(*S_net)`` int64 class indices."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
+
+    seg = transpose_forward(seg, plans_manager)
+    seg = seg[(slice(None), *bounding_box_to_slice(properties["bbox_used_for_cropping"]))]
+    if tuple(seg.shape[1:]) != tuple(net_shape):
+        original, target = spacings(properties, plans_manager, configuration_manager)
+        seg = configuration_manager.resampling_fn_seg(seg, net_shape, original, target)
+    return np.asarray(seg[0]).astype(np.int64)
 
 
 def perturbation_to_raw(delta: np.ndarray, properties: dict, plans_manager, configuration_manager,
@@ -171,7 +176,7 @@ def perturbation_to_raw(delta: np.ndarray, properties: dict, plans_manager, conf
     d = delta * maps.scales.astype(np.float32).reshape(c_count, *([1] * (delta.ndim - 1)))
     shape_cropped = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
     if tuple(d.shape[1:]) != shape_cropped:
-        original, target = _spacings(properties, plans_manager, configuration_manager)
+        original, target = spacings(properties, plans_manager, configuration_manager)
         d = configuration_manager.resampling_fn_data(d, shape_cropped, target, original)
         d = np.asarray(d, dtype=np.float32)
     if maps.keep_mask is not None:
@@ -333,9 +338,3 @@ def _write_nibabel(arr: np.ndarray, src: str, dst: str, properties: dict, reorie
 def tmp_folder(output_folder) -> Path:
     """Where images are written before being renamed into ``output_folder`` (same file system)."""
     return Path(output_folder) / ".nnunet_adv_partial"
-
-
-def replace_into(written: Sequence[Path], final: Sequence[Path]) -> None:
-    """Rename finished files into place (atomic per file on one file system)."""
-    for src, dst in zip(written, final):
-        os.replace(src, dst)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_adv.report_figures import curve_figure_size, examples_figure_size, saliency_figure_size
+from nnunet_adv.evaluation.figures import curve_figure_size, examples_figure_size, saliency_figure_size
 from nnunet_tree import DATASET_ID
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Tests of the demo dataset builder (nnunet_adv.demo_data) and its CLI.
+"""Tests of the demo dataset builder (nnunet_adv.demo.data) and its CLI.
 
 Real-MRI tests need Debian's mricron-data (ch2.nii.gz + aal.nii.gz); they are skipped with a
 reason where it is missing. Everything here runs on the CPU in a few seconds.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nnunet_adv import demo_data
-from nnunet_adv.demo_data import (DatasetExistsError, DemoDataConfigError,
+from nnunet_adv.demo import data as demo_data
+from nnunet_adv.demo.data import (DatasetExistsError, DemoDataConfigError,
                                   TemplatesMissingError, build_demo_dataset)
 
 requires_mricron = pytest.mark.skipif(

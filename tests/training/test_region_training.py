@@ -24,7 +24,7 @@ from test_recipes import _make_trainer, _plans
 from trainer_batch import make_batch
 
 from nnunet_adv.attacks import build_attack
-from nnunet_adv.budgeted_attack import build_budgeted_attack
+
 from nnunet_adv.losses import region_dice_per_sample
 from nnunet_adv.trainers import (
     nnUNetTrainerDualNorm_TestShort,
@@ -237,7 +237,7 @@ def test_attack_without_the_training_loss_uses_bce_on_regions(nnunet_tree, monke
         trainer.train_step(batch)
     x_adv = trainer.craft_adversarial(x, target)
     _check_lp_budget(trainer, x, x_adv, trainer.eps_frac)
-    explicit = build_budgeted_attack(trainer.attack_recipe, trainer.threat_model, x, loss=_region_bce)
+    explicit = trainer.attack_config.build(trainer.threat_model, x, loss=_region_bce)
     net = unwrap_network(trainer.network)
     with network_mode(net, False):
         assert torch.allclose(explicit(net, x, target), x_adv, atol=1e-6)

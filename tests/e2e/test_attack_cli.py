@@ -170,7 +170,7 @@ def test_continue_prediction_skips_finished_cases(attacked, tmp_path):
 def test_tile_batch_size_reaches_the_engine(attacked, tmp_path, monkeypatch):
     """--tile_batch_size is handed to the sliding window and recorded (the gradient's independence of
     it is tested in test_sliding_window.py); a bad value is a one-line error."""
-    import nnunet_adv.volume_attack as volume_attack
+    import nnunet_adv.volume.engine as volume_attack
     from nnunet_adv.cli.attack import main
 
     seen = []

@@ -2,7 +2,7 @@
 
 The saliency of voxel v is |dL/dx_v| (maximum over input channels), with L the cross-entropy of
 the whole-volume, Gaussian-stitched logits against the reference labels, taken through the exact
-sliding-window gradient of :class:`nnunet_adv.sliding_window.SlidingWindowModel`, in nnU-Net's
+sliding-window gradient of :class:`nnunet_adv.volume.sliding_window.SlidingWindowModel`, in nnU-Net's
 preprocessed network space (resampled, normalised; the same space the attacks work in).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nnunet_adv.report_figures import central_slice
-from nnunet_adv.sliding_window import SlidingWindowModel
+from nnunet_adv.evaluation.figures import central_slice
+from nnunet_adv.volume.sliding_window import SlidingWindowModel
 
 _IGNORE = -100
 

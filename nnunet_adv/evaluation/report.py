@@ -1,6 +1,6 @@
 """The files of an ``nnUNetv2_adv_evaluate`` report: summary.json, metrics.csv, report.md, figures.
 
-Inputs are the per-evaluation summaries of :mod:`nnunet_adv.robustness_metrics` (nnU-Net's
+Inputs are the per-evaluation summaries of :mod:`nnunet_adv.evaluation.case_metrics` (nnU-Net's
 summary layout, label keys as strings). "Mean foreground Dice" everywhere is nnU-Net's
 ``foreground_mean['Dice']`` (mean over classes of the per-class mean over cases), the number
 ``nnUNetv2_evaluate_folder`` reports; HD95 in millimetres likewise.
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nnunet_adv.metrics import lpips_available, robust_fraction
+from nnunet_adv.files import atomic_write_text
 
 ROG_FACTOR = 0.5  # a case is robust if its Dice > 0.5 x the model's mean clean Dice (ROG)
 
@@ -85,12 +86,6 @@ class ReportContext:
         return float(np.mean(finite)) if finite else float("nan")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------- files
 def write_summary_json(ctx: ReportContext) -> None:
     """``summary.json``: run information and, per evaluation, nnU-Net's summary with ``model``,
@@ -115,7 +110,7 @@ def write_summary_json(ctx: ReportContext) -> None:
                                     "null when unavailable",
                            "robust_fraction": f"cases with foreground Dice > {ROG_FACTOR} x mean clean Dice (ROG)"},
            "results": results}
-    _atomic_write(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
+    atomic_write_text(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
 
 
 def _json_default(value):
@@ -130,22 +125,20 @@ CSV_COLUMNS = ["model", "attack", "eps", "crafted_on", "case", "class", "dice", 
 
 def write_metrics_csv(ctx: ReportContext) -> None:
     """``metrics.csv``: one row per model x attack x eps x case x class."""
-    path = ctx.root / "metrics.csv"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for ev in ctx.evaluations:
-            s = ctx.summary(ev.model.name, ev.key)
-            for case, entry in zip(ctx.cases, s["metric_per_case"]):
-                for label, m in entry["metrics"].items():
-                    writer.writerow([ev.model.name, ev.setting.label, _cell(ev.setting.eps),
-                                     "" if ev.source is None else ev.source.name, case, label,
-                                     _cell(m["Dice"]), _cell(m["IoU"]), _cell(m["HD95"]), m["TP"], m["FP"], m["FN"],
-                                     m["n_ref"], m["n_pred"], _cell(entry.get("ASR")), _cell(entry.get("SSIM")),
-                                     _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw")),
-                                     _cell(entry.get("LPIPS"))])
-    os.replace(tmp, path)
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(CSV_COLUMNS)
+    for ev in ctx.evaluations:
+        s = ctx.summary(ev.model.name, ev.key)
+        for case, entry in zip(ctx.cases, s["metric_per_case"]):
+            for label, m in entry["metrics"].items():
+                writer.writerow([ev.model.name, ev.setting.label, _cell(ev.setting.eps),
+                                 "" if ev.source is None else ev.source.name, case, label,
+                                 _cell(m["Dice"]), _cell(m["IoU"]), _cell(m["HD95"]), m["TP"], m["FP"], m["FN"],
+                                 m["n_ref"], m["n_pred"], _cell(entry.get("ASR")), _cell(entry.get("SSIM")),
+                                 _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw")),
+                                 _cell(entry.get("LPIPS"))])
+    atomic_write_text(ctx.root / "metrics.csv", f.getvalue())
 
 
 def _cell(value) -> str:
@@ -156,7 +149,7 @@ def _cell(value) -> str:
 
 def write_figures(ctx: ReportContext, cases: Dict[str, dict], reader_writer, num_examples: int) -> List[str]:
     """robustness_curve.png (with a sweep) and examples.png (with an attack); their file names."""
-    from nnunet_adv.report_figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve
+    from nnunet_adv.evaluation.figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve
 
     written = []
     sweep = [s for s in ctx.settings if s.sweep]
@@ -167,9 +160,9 @@ def write_figures(ctx: ReportContext, cases: Dict[str, dict], reader_writer, num
                   for m in ctx.models}
         plot_robustness_curve(curves, ctx.root / "robustness_curve.png",
                               x_label="eps (x/255 of the intensity window)",
-                              title=f"{sweep[0].spec.name} sweep, {ctx.dataset}")
+                              title=f"{sweep[0].attack.name} sweep, {ctx.dataset}")
         written.append("robustness_curve.png")
-    attacked = [s for s in ctx.settings if s.spec is not None]
+    attacked = [s for s in ctx.settings if s.attack is not None]
     if attacked and num_examples > 0:
         setting = next((s for s in attacked if not s.sweep), attacked[-1])
         def image(path):  # central slice of channel 0
@@ -200,7 +193,7 @@ def _max_label(labels) -> int:
 
 
 def write_saliency(ctx: ReportContext, image_slices, maps) -> str:
-    from nnunet_adv.report_figures import plot_saliency
+    from nnunet_adv.evaluation.figures import plot_saliency
 
     plot_saliency(image_slices, maps, ctx.root / "saliency.png")
     return "saliency.png"
@@ -232,7 +225,7 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
                      for m in ctx.models])
     lines += ["", "Dice is nnU-Net's `foreground_mean` (the number `nnUNetv2_evaluate_folder` gives for the same "
                   "predictions); HD95 of a class missing from one map counts as the image diagonal.", ""]
-    attacked = [s for s in ctx.settings if s.spec is not None]
+    attacked = [s for s in ctx.settings if s.attack is not None]
     if attacked:
         lines += ["## Attack effect", ""]
         with_lpips = lpips_available()  # slice-wise LPIPS, only where the package and its weights are installed
@@ -251,7 +244,7 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
         lines += ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
                       f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: {_lpips_note()}.", ""]
     if sweep:
-        lines += [f"## eps sweep ({sweep[0].spec.name}): mean foreground Dice / Jaccard", ""]
+        lines += [f"## eps sweep ({sweep[0].attack.name}): mean foreground Dice / Jaccard", ""]
         lines += _table(["model", "clean"] + [f"eps {s.eps:g}" for s in sweep],
                         [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} / {_f(ctx.fg(m.name, s.tag, 'IoU'))}"
                                      for s in [ctx.settings[0]] + sweep] for m in ctx.models])
@@ -266,7 +259,7 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
     for name in figures:
         lines += [f"![{name}]({name})", ""]
     text = "\n".join(lines)
-    _atomic_write(ctx.root / "report.md", text)
+    atomic_write_text(ctx.root / "report.md", text)
     return text
 
 

@@ -5,7 +5,7 @@ Per case (:meth:`VolumeAttack.run_case`)::
     read (the dataset's reader/writer) -> preprocess (nnU-Net's own run_case_npy, as
     nnUNetPredictor does) -> attack in network space through SlidingWindowModel (tile step
     0.5, Gaussian; mirroring only with eot_mirroring) -> perturbation back to the raw geometry
-    and onto the raw budget (nnunet_adv.export) -> write (input geometry, float32) -> read the
+    and onto the raw budget (nnunet_adv.volume.export) -> write (input geometry, float32) -> read the
     written image back and preprocess it again (what nnUNetv2_predict will see) for the record.
 
 Budgets are given in the reference code's units: ``eps``, ``alpha`` and ``std`` are x/255 of
@@ -21,164 +21,30 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_adv.attacks import attack_defaults, available_attacks, build_attack
-from nnunet_adv.export import (apply_raw_budget, perturbation_norms, perturbation_to_raw, raw_intensity_maps,
-                               supported_writer, write_image_like)
+from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.attacks import build_attack
+from nnunet_adv.errors import UserError
 from nnunet_adv.metrics import dice_per_class, psnr, ssim
-from nnunet_adv.sliding_window import SlidingWindowModel
 from nnunet_adv.threat_model import ThreatModel
-from nnunet_adv.trained_model import TrainedModel
+from nnunet_adv.volume.export import (apply_raw_budget, labels_to_network, perturbation_norms, perturbation_to_raw,
+                                      raw_intensity_maps, supported_writer, write_image_like)
+from nnunet_adv.volume.sliding_window import SlidingWindowModel
+from nnunet_adv.volume.trained_model import TrainedModel
 
-__all__ = ["AttackConfig", "CaseError", "VolumeAttack", "attack_names"]
-
-# options given in x/255 of the intensity window (converted per case); not passed through
-_WINDOW_UNIT_OPTIONS = ("eps", "alpha", "std")
-# options the engine computes per case
-_COMPUTED = ("lower", "upper", "loss", "amp_loss_scale")
+__all__ = ["CaseError", "VolumeAttack"]
 
 
-class CaseError(ValueError):
+class CaseError(UserError):
     """A problem with one case (bad file, NaN, shape mismatch): the case fails, others go on."""
-
-
-def attack_names() -> List[str]:
-    """Attacks usable on whole volumes from the command line (``ensemble`` needs attack objects)."""
-    return [a for a in available_attacks() if a != "ensemble"]
-
-
-@dataclass
-class AttackConfig:
-    """An attack in user units.
-
-    Attributes:
-        name: attack name (:func:`attack_names`).
-        options: other attack options (steps, q_max, block_size, random_start, ...), passed unchanged.
-        eps: L-inf/L2 radius in x/255 of the intensity window (the reference code's units), or None.
-        eps_raw: radius in raw intensity units, or None. At most one of eps / eps_raw; neither:
-            the attack's default eps (4/255 -> eps = 4) for attacks with an eps.
-        alpha: step size in x/255 of the window, or None (the attack's default, same units).
-        std: Gaussian-noise std in x/255 of the window (``gn``), or None (default).
-        seed: the attack's private generator seed.
-        eot_mirroring: attack the mirroring average over the model's allowed mirror axes.
-    """
-
-    name: str
-    options: dict = field(default_factory=dict)
-    eps: Optional[float] = None
-    eps_raw: Optional[float] = None
-    alpha: Optional[float] = None
-    std: Optional[float] = None
-    seed: Optional[int] = 0
-    eot_mirroring: bool = False
-
-    def __post_init__(self):
-        if self.name not in attack_names():
-            canonical = self.name.lower().replace("_", "-") if isinstance(self.name, str) else self.name
-            if canonical not in attack_names():
-                raise ValueError(f"unknown attack {self.name!r}; valid attacks: {', '.join(attack_names())}")
-            self.name = canonical
-        self.defaults = attack_defaults(self.name)
-        accepted = set(self.defaults)
-        bad = sorted(k for k in self.options if k not in accepted or k in _WINDOW_UNIT_OPTIONS + _COMPUTED)
-        for key, value in (("eps", self.eps), ("eps_raw", self.eps_raw), ("alpha", self.alpha), ("std", self.std)):
-            if value is not None and (key.split("_")[0] not in accepted):
-                bad.append(key)
-        if self.seed is not None and "seed" not in accepted:
-            self.seed = None
-        if bad:
-            raise ValueError(f"option(s) {', '.join(bad)} not accepted by attack '{self.name}'; "
-                             f"valid options: {', '.join(self.user_option_names())}")
-        if self.eps is not None and self.eps_raw is not None:
-            raise ValueError("give at most one of eps (x/255 of the intensity window) and eps_raw (raw units)")
-        for key in ("eps", "eps_raw", "alpha", "std"):
-            v = getattr(self, key)
-            if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
-        if self.uses("eps") and self.eps is None and self.eps_raw is None:
-            self.eps = float(self.defaults["eps"]) * 255.0
-        if self.uses("alpha") and self.alpha is None:
-            self.alpha = float(self.defaults["alpha"]) * 255.0
-        if self.uses("std") and self.std is None:
-            self.std = float(self.defaults["std"]) * 255.0
-        # validate everything else now (bad values fail before any model is loaded)
-        build_attack(self.name, **self._placeholder_options())
-
-    def uses(self, key: str) -> bool:
-        return key in self.defaults
-
-    def user_option_names(self) -> List[str]:
-        """Options a user may set for this attack (names as in the attack library)."""
-        names = [k for k in self.defaults if k not in _COMPUTED and k not in _WINDOW_UNIT_OPTIONS]
-        names += [k for k in _WINDOW_UNIT_OPTIONS if k in self.defaults]
-        if "eps" in self.defaults:
-            names.append("eps_raw")
-        return sorted(names)
-
-    def _placeholder_options(self) -> dict:
-        o = dict(self.options)
-        for key in _WINDOW_UNIT_OPTIONS:
-            if self.uses(key):
-                o[key] = 0.01
-        if self.seed is not None:
-            o["seed"] = self.seed
-        return o
-
-    def resolved_options(self) -> dict:
-        """Every option of the attack with its value after defaults (eps/alpha/std in user units;
-        options computed per case are marked so)."""
-        out = {}
-        for key, default in self.defaults.items():
-            if key in ("lower", "upper"):
-                out[key] = "per case: the threat model's box (network units)"
-            elif key == "loss":
-                out[key] = "cross-entropy on the full-resolution logits, voxel mean" if self.options.get(key) is None \
-                    else repr(self.options[key])
-            elif key == "eps":
-                out[key] = self.eps
-            elif key in ("alpha", "std"):
-                out[key] = getattr(self, key)
-            elif key == "seed":
-                out[key] = self.seed
-            else:
-                out[key] = _jsonable(self.options.get(key, default))
-        if self.uses("eps"):
-            out["eps_raw"] = self.eps_raw
-        return out
-
-    def units(self) -> dict:
-        u = {}
-        if self.uses("eps"):
-            u["eps"] = "x/255 of each channel's intensity window (the reference code's units)"
-            u["eps_raw"] = "raw image intensity units (e.g. HU)"
-        for key in ("alpha", "std"):
-            if self.uses(key):
-                u[key] = "x/255 of each channel's intensity window"
-        return u
-
-
-def _jsonable(v):
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if torch.is_tensor(v):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return repr(v)
 
 
 class _Monitored(nn.Module):
@@ -204,35 +70,39 @@ class VolumeAttack:
     """Attack raw cases of a trained model and write the adversarial images.
 
     Args:
-        model: :func:`nnunet_adv.trained_model.load_trained_model`'s result.
-        config: the attack.
+        model: :func:`nnunet_adv.volume.trained_model.load_trained_model`'s result.
+        attack: the attack (:class:`nnunet_adv.attack_config.AttackConfig`).
         device: where volumes and networks live.
+        eot_mirroring: attack the mirroring average over the model's allowed mirror axes
+            (nnU-Net's test-time mirroring) instead of the plain network.
         progress: show a per-step tqdm bar.
         log: callable for one-line messages.
         tile_batch_size: sliding-window tiles per network call (same gradient; memory grows with it;
             on a CPU 4 is several times faster per tile than 1, see docs/whole_volume.md).
     """
 
-    def __init__(self, model: TrainedModel, config: AttackConfig, device: torch.device = torch.device("cpu"),
-                 progress: bool = True, log: Callable[[str], None] = print, tile_batch_size: int = 1):
-        self.model, self.config, self.device, self.progress, self.log = model, config, device, progress, log
+    def __init__(self, model: TrainedModel, attack: AttackConfig, device: torch.device = torch.device("cpu"),
+                 eot_mirroring: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+                 tile_batch_size: int = 1):
+        self.model, self.attack, self.device, self.progress, self.log = model, attack, device, progress, log
         p = model.predictor
-        self.plans_manager, self.cfg, self.dataset_json = p.plans_manager, p.configuration_manager, p.dataset_json
+        self.plans_manager, self.configuration, self.dataset_json = p.plans_manager, p.configuration_manager, \
+            p.dataset_json
         self.label_manager = p.label_manager
         if self.label_manager.has_regions:
-            raise ValueError("region-based models (regions_class_order) are not supported: the attacks' loss is "
-                             "cross-entropy over label classes")
+            raise UserError("region-based models (regions_class_order) are not supported: the attacks' loss is "
+                            "cross-entropy over label classes")
         self.rw_class = self.plans_manager.image_reader_writer_class
         supported_writer(self.rw_class)
-        self.threat_model = ThreatModel.from_managers(self.plans_manager, self.cfg)
+        self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration)
         self.num_channels = self.threat_model.num_channels
-        mirror = model.mirror_axes if config.eot_mirroring else None
+        mirror = model.mirror_axes if eot_mirroring else None
         self.window = SlidingWindowModel(model.networks, model.patch_size, tile_step_size=0.5, use_gaussian=True,
                                          mirror_axes=mirror, tile_batch_size=tile_batch_size)
-        self.preprocessor = self.cfg.preprocessor_class(verbose=False)
+        self.preprocessor = self.configuration.preprocessor_class(verbose=False)
         self.classes = list(self.label_manager.foreground_labels)
         self.use_mask = any(s == "ZScoreNormalization" and m for s, m in
-                            zip(self.cfg.normalization_schemes, self.cfg.use_mask_for_norm))
+                            zip(self.configuration.normalization_schemes, self.configuration.use_mask_for_norm))
 
     # ------------------------------------------------------------------------------ reading
     def read(self, image_files: Sequence[str]):
@@ -254,13 +124,11 @@ class VolumeAttack:
     def preprocess(self, raw: np.ndarray, props: dict):
         """nnU-Net's preprocessing of a raw case (the predictor's code path without a label file)."""
         data, seg, properties = self.preprocessor.run_case_npy(raw, None, copy.deepcopy(props), self.plans_manager,
-                                                               self.cfg, self.dataset_json)
+                                                               self.configuration, self.dataset_json)
         return data.astype(np.float32), seg, properties
 
-    def labels_to_network(self, label_file: str, raw_shape, properties: dict, net_shape) -> np.ndarray:
+    def read_labels(self, label_file: str, raw_shape, properties: dict, net_shape) -> np.ndarray:
         """The reference segmentation on the network grid: (*S_net) int64 class indices."""
-        from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
-
         try:
             seg, _ = self.rw_class().read_seg(str(label_file))
         except Exception as e:
@@ -276,16 +144,7 @@ class VolumeAttack:
         if not values <= allowed:
             raise CaseError(f"{Path(label_file).name}: label values {sorted(values - allowed)} are not labels of the "
                             f"dataset {sorted(allowed)}")
-        tf = self.plans_manager.transpose_forward
-        seg = seg.transpose([0, *[i + 1 for i in tf]])
-        seg = seg[(slice(None), *bounding_box_to_slice(properties["bbox_used_for_cropping"]))]
-        original = [properties["spacing"][i] for i in tf]
-        target = list(self.cfg.spacing)
-        if len(target) < len(original):
-            target = [original[0]] + target
-        if tuple(seg.shape[1:]) != tuple(net_shape):
-            seg = self.cfg.resampling_fn_seg(seg, net_shape, original, target)
-        return np.asarray(seg[0]).astype(np.int64)
+        return labels_to_network(seg, properties, self.plans_manager, self.configuration, net_shape)
 
     # ------------------------------------------------------------------------------ one case
     def run_case(self, image_files: Sequence[str], label_file: Optional[str], output_files: Sequence[str],
@@ -303,10 +162,9 @@ class VolumeAttack:
             phases[name] = round(now - clock[0], 3)
             clock[0] = now
 
-        cfg = self.config
         raw, props = self.read(image_files)
         data, seg_net, properties = self.preprocess(raw, props)
-        maps = raw_intensity_maps(raw, self.plans_manager, self.cfg)
+        maps = raw_intensity_maps(raw, self.plans_manager, self.configuration)
         x0 = torch.from_numpy(data)[None].to(self.device)
         mask = None
         if self.use_mask:
@@ -316,32 +174,18 @@ class VolumeAttack:
             clean_logits = self.window(x0)
         clean_pred = clean_logits.argmax(1)
         if label_file is not None:
-            target = torch.from_numpy(self.labels_to_network(label_file, raw.shape, properties, data.shape[1:]))[None]
+            target = torch.from_numpy(self.read_labels(label_file, raw.shape, properties, data.shape[1:]))[None]
             target = target.to(self.device)
             target_kind = "labels"
         else:
             target, target_kind = clean_pred.clone(), "clean prediction"
 
         raw_std = torch.as_tensor(maps.scales, dtype=torch.float32)[None]
-        if cfg.uses("eps"):
-            budget = self.threat_model.budget(x0, eps_frac=None if cfg.eps is None else cfg.eps / 255.0,
-                                              eps_raw=cfg.eps_raw, raw_std=raw_std)
-        else:
-            budget = self.threat_model.budget(x0, eps_frac=0.0)
-        options = dict(cfg.options)
-        options.update(lower=budget.lower, upper=budget.upper)
-        if cfg.uses("eps"):
-            options["eps"] = budget.eps
-        if cfg.uses("alpha"):
-            options["alpha"] = budget.window * (cfg.alpha / 255.0)
-        if cfg.uses("std"):
-            options["std"] = budget.window * (cfg.std / 255.0)
-        if cfg.seed is not None:
-            options["seed"] = cfg.seed
-        attack = build_attack(cfg.name, **options)
+        options = self.attack.network_options(self.threat_model, x0, raw_std=raw_std)
+        attack = build_attack(self.attack.name, **options)
         lap("read_preprocess_clean_prediction")
 
-        total = _expected_forwards(cfg)
+        total = _expected_forwards(self.attack)
         bar = _bar(total, Path(image_files[0]).name, self.progress)
         model = _Monitored(self.window, x0, mask, bar.update)
         try:
@@ -355,9 +199,8 @@ class VolumeAttack:
 
         # back to raw geometry, onto the raw budget, written with the input's geometry
         delta = (x_adv - x0)[0].float().cpu().numpy()
-        delta_raw = perturbation_to_raw(delta, properties, self.plans_manager, self.cfg, maps)
-        eps_net = budget.eps.reshape(-1).cpu().numpy().astype(np.float64) if cfg.uses("eps") else None
-        norm = str(options.get("norm", "linf")).lower() if cfg.uses("eps") else "linf"
+        delta_raw = perturbation_to_raw(delta, properties, self.plans_manager, self.configuration, maps)
+        eps_net, norm = self._network_budget(x0, raw_std, options)
         eps_raw = None if eps_net is None else eps_net * maps.scales
         adv = apply_raw_budget(raw, delta_raw, maps, eps_raw=eps_raw, norm=norm,
                                eps_net_l2=None if eps_net is None else float(eps_net.max()),
@@ -392,6 +235,19 @@ class VolumeAttack:
             "seconds_per_phase": phases,
         }
         return record
+
+    def _network_budget(self, x0: torch.Tensor, raw_std: torch.Tensor, options: dict):
+        """(eps per channel in network units or None, norm) that the exported image must respect:
+        the attack's own eps, or for an ensemble the budget its members share (None: box only)."""
+        cfg = self.attack
+        if cfg.name == "ensemble":
+            if cfg.eps_frac is None and cfg.eps_raw is None:
+                return None, "linf"
+            eps = self.threat_model.attack_budget(x0, eps_frac=cfg.eps_frac, eps_raw=cfg.eps_raw, raw_std=raw_std)["eps"]
+            return eps.reshape(-1).cpu().numpy().astype(np.float64), "linf"
+        if not cfg.uses("eps"):
+            return None, "linf"
+        return options["eps"].reshape(-1).cpu().numpy().astype(np.float64), str(options.get("norm", "linf")).lower()
 
     def _evaluate_written(self, files: Sequence[str], target: torch.Tensor) -> dict:
         raw, props = self.read(files)
@@ -431,8 +287,10 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.float(), target.long()))
 
 
-def _expected_forwards(cfg: AttackConfig) -> Optional[int]:
-    o = {**cfg.defaults, **cfg.options}
+def _expected_forwards(attack: AttackConfig) -> Optional[int]:
+    if attack.members:
+        return sum(_expected_forwards(m) for m in attack.members)
+    o = {**attack.defaults, **attack.options}
     if "steps" in o:
         return int(o["steps"]) * int(o.get("restarts", 1) or 1)
     return 1

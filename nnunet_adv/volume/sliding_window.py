@@ -51,6 +51,8 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from nnunet_adv.outputs import full_res
+
 __all__ = ["SlidingWindowModel", "mirror_combinations"]
 
 # nnU-Net's own constants in _internal_predict_sliding_window_return_logits.
@@ -80,14 +82,12 @@ def mirror_combinations(mirror_axes: Optional[Sequence[int]]) -> List[Tuple[int,
 
 
 def _full_resolution(output, first_only: bool) -> torch.Tensor:
-    """The full-resolution logits of a network output (deep supervision returns a list)."""
-    if isinstance(output, (list, tuple)):
-        if not first_only:
-            raise TypeError("network returned a list (deep supervision) but "
-                            "deep_supervision_first_only=False; disable deep supervision or "
-                            "set deep_supervision_first_only=True")
-        return output[0]
-    return output
+    """The full-resolution logits of a network output; a deep-supervision list only where allowed."""
+    if isinstance(output, (list, tuple)) and not first_only:
+        raise TypeError("network returned a list (deep supervision) but "
+                        "deep_supervision_first_only=False; disable deep supervision or "
+                        "set deep_supervision_first_only=True")
+    return full_res(output)
 
 
 def _predict_flipped(network: nn.Module, tiles: torch.Tensor, dims: Tuple[int, ...],

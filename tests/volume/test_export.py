@@ -1,4 +1,4 @@
-"""Export of adversarial perturbations to the raw geometry (nnunet_adv.export), on synthetic images.
+"""Export of adversarial perturbations to the raw geometry (nnunet_adv.volume.export), on synthetic images.
 
 Fast unit tests: synthetic NIfTI volumes, hand-made plans (non-trivial nonzero bounding box,
 anisotropic spacing that needs resampling with separate z, a non-identity transpose), and a tiny
@@ -20,7 +20,7 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO, SimpleITKIOWit
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_adv.export import (ExportError, apply_raw_budget, perturbation_to_raw, raw_intensity_maps,
+from nnunet_adv.volume.export import (ExportError, apply_raw_budget, perturbation_to_raw, raw_intensity_maps,
                                supported_writer, write_image_like)
 
 # ---------------------------------------------------------------------------------------------

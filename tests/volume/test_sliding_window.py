@@ -1,4 +1,4 @@
-"""Tests of nnunet_adv.sliding_window.SlidingWindowModel (CPU, tiny networks).
+"""Tests of nnunet_adv.volume.sliding_window.SlidingWindowModel (CPU, tiny networks).
 
 References used:
   * nnU-Net's own ``nnUNetPredictor`` (forward): constructed directly and given the few fields
@@ -26,7 +26,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
-from nnunet_adv.sliding_window import SlidingWindowModel
+from nnunet_adv.volume.sliding_window import SlidingWindowModel
 
 N_IN, N_CLASSES = 2, 3
 PATCH_3D, SHAPE_3D = (12, 16, 16), (20, 24, 28)

@@ -131,7 +131,7 @@ LP_ATTACKS = {"apgd-ce", "bim", "cospgd", "fgsm", "ifgsm-targeted", "pgd", "segp
 
 def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
     from nnunet_adv.attacks import available_attacks
-    from nnunet_adv.budgeted_attack import accepted_options
+    from nnunet_adv.attacks import attack_defaults
 
     assert set(FAST_OPTIONS) == set(available_attacks())
     trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
@@ -143,7 +143,7 @@ def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
             continue  # needs a 2D configuration: covered by test_attacks.py
         trainer.attack_name, trainer.attack_kwargs = name, options
         trainer.std_over_eps = 1.0 if name == "gn" else None
-        trainer.alpha_over_eps = 0.5 if "alpha" in accepted_options(name) else None
+        trainer.alpha_over_eps = 0.5 if "alpha" in attack_defaults(name) else None
         x_adv = trainer.craft_adversarial(x, target)
         assert x_adv.shape == x.shape and torch.isfinite(x_adv).all(), name
         assert not torch.equal(x_adv, x), name

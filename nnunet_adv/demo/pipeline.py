@@ -1,0 +1,139 @@
+"""The demo: the whole story on real MRI, from an empty folder to a robustness report.
+
+In a new folder: build the real-MRI demo dataset (:mod:`nnunet_adv.demo.data`), plan and
+preprocess it with ``nnUNetv2_plan_and_preprocess``, train a clean model and a PGD adversarially
+trained one (fine-tuned from the clean model, as the papers do) with ``nnUNetv2_train``, then
+attack both on the held-out test cases and write the robustness report with
+:class:`nnunet_adv.evaluation.pipeline.RobustnessEvaluation`. nnU-Net's steps run through
+nnU-Net's own commands (subprocesses, as a user runs them); the evaluation runs in process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from nnunet_adv.errors import UserError
+
+CONFIGURATION = "3d_fullres"
+
+# Attacks of the demo report, budgets as in the VAFA paper's voxel-attack baselines
+# (x/255 of each image's intensity window), and an FGSM eps sweep for the robustness curve
+# (one step per eps: NLCEN's targeted I-FGSM sweep would cost 3-10 steps per point on a CPU).
+DEMO_ATTACKS = ("gn:std=4", "pgd:eps=4,steps=10")
+DEMO_EPS_SWEEP = (2.0, 4.0, 8.0)
+DEMO_SWEEP_ATTACK = "fgsm"
+
+
+@dataclass
+class DemoRun:
+    """The demo's settings: ``output`` a new folder; ``device`` ``"cpu"`` (short schedule) or
+    ``"cuda"`` (longer one); the dataset id, train/test case counts and the seed of the dataset's
+    augmentations and of the attacks."""
+
+    output: Path
+    device: str = "cpu"
+    dataset_id: int = 900
+    num_train: int = 20
+    num_test: int = 4
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Every argument checked before anything is created (a refused run leaves nothing)."""
+        from nnunet_adv.demo.data import DEFAULT_NAME, _validate
+
+        if Path(self.output).exists():
+            raise UserError(f"{Path(self.output).resolve()} already exists; choose a new folder with -o "
+                            f"(nothing was changed)")
+        if not isinstance(self.num_test, int) or self.num_test < 1:
+            raise UserError(f"--num_test must be >= 1 (the report attacks the held-out test cases), got {self.num_test}")
+        parent = Path(self.output).resolve().parent
+        _validate(parent, self.dataset_id, DEFAULT_NAME, self.num_train, self.num_test, "auto")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"cannot create {Path(self.output).resolve()}: {parent} is not writable")
+
+
+class Demo:
+    def __init__(self, run: DemoRun, log: Callable[[str], None] = print):
+        self.run, self.log = run, log
+        self.root = Path(run.output).resolve()
+        self.raw, self.pre, self.results = (self.root / n for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+        suffix = "GPU" if run.device == "cuda" else "CPU"
+        self.clean_trainer = f"nnUNetTrainer_AdvDemo{suffix}"
+        self.robust_trainer = f"nnUNetTrainerPGDAT_AdvDemo{suffix}"
+        self.env = dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre),
+                        nnUNet_results=str(self.results), MPLBACKEND="agg")
+        if run.device == "cpu":  # fast settings for a small CPU machine (see README)
+            self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", nnUNet_compile="f")
+        self.started = time.time()
+
+    def step(self, text: str) -> None:
+        self.log(f"\n[nnunet_adv demo {time.time() - self.started:6.0f} s] {text}")
+
+    def nnunet(self, *args, extra_env=None) -> None:
+        """Run one of nnU-Net's commands as a user would (its output goes to the terminal)."""
+        cmd = [str(a) for a in args]
+        self.log("$ " + " ".join(cmd))
+        exe = Path(sys.executable).parent / cmd[0]
+        proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env=dict(self.env, **(extra_env or {})))
+        if proc.returncode != 0:
+            raise UserError(f"'{' '.join(cmd)}' failed with exit code {proc.returncode} (see its output above)")
+
+    def dataset_folder(self) -> Path:
+        return next(self.raw.glob(f"Dataset{self.run.dataset_id:03d}_*"))
+
+    def model_folder(self, trainer: str) -> Path:
+        return self.results / self.dataset_folder().name / f"{trainer}__nnUNetPlans__{CONFIGURATION}"
+
+    def execute(self) -> str:
+        """Run every step; returns the report's text."""
+        from nnunet_adv.demo.data import build_demo_dataset
+
+        self.run.validate()
+        for folder in (self.raw, self.pre, self.results):
+            folder.mkdir(parents=True)
+        d = self.run.dataset_id
+        self.step(f"building the real-MRI demo dataset in {self.raw}")
+        build_demo_dataset(self.raw, d, num_train=self.run.num_train, num_test=self.run.num_test,
+                           seed=self.run.seed, progress=True)
+        self.step("planning and preprocessing with nnU-Net")
+        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 there
+        self.nnunet("nnUNetv2_plan_and_preprocess", "-d", d, "-c", CONFIGURATION, "-np", 1, "-npfp", 1,
+                    extra_env={"nnUNet_n_proc_DA": "1"} if self.run.device == "cpu" else None)
+        self.step(f"training the clean model ({self.clean_trainer})")
+        self.nnunet("nnUNetv2_train", d, CONFIGURATION, 0, "-tr", self.clean_trainer, "-device", self.run.device)
+        clean_ckpt = self.model_folder(self.clean_trainer) / "fold_0" / "checkpoint_final.pth"
+        self.step(f"PGD adversarial training ({self.robust_trainer}), fine-tuned from the clean model")
+        self.nnunet("nnUNetv2_train", d, CONFIGURATION, 0, "-tr", self.robust_trainer, "-device", self.run.device,
+                    "-pretrained_weights", clean_ckpt)
+        self.step("attacking both models on the held-out test cases and writing the robustness report")
+        text = self.evaluate()
+        self.step(f"done; the report (report.md, summary.json, metrics.csv, figures) is in {self.root / 'report'}")
+        return text
+
+    def evaluate(self) -> str:
+        import json
+
+        from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+        from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
+        from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, sweep_settings
+
+        dataset = self.dataset_folder()
+        models = [Model(t, self.model_folder(t)) for t in (self.clean_trainer, self.robust_trainer)]
+        seed = self.run.seed
+        settings = [Setting("clean")] + attack_settings(DEMO_ATTACKS, seed) + \
+            sweep_settings(DEMO_SWEEP_ATTACK, DEMO_EPS_SWEEP, seed)
+        dataset_json = json.loads((models[0].folder / "dataset.json").read_text())
+        plans = json.loads((models[0].folder / "plans.json").read_text())
+        rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
+        cases = labelled_cases(dataset / "imagesTs", dataset / "labelsTs", dataset_json, rw)
+        run = EvaluationRun(models=models, settings=settings, images=dataset / "imagesTs", labels=dataset / "labelsTs",
+                            cases=cases, output=self.root / "report", dataset_json=dataset_json, plans=plans,
+                            folds=[0], device=self.run.device, tta=False, saliency=True, progress=False,
+                            command=f"nnUNetv2_adv_demo -o {self.root} -device {self.run.device} (evaluation step)")
+        return RobustnessEvaluation(run, log=self.log).execute()

@@ -1,0 +1,299 @@
+"""A robustness evaluation of trained nnU-Net models: the work behind ``nnUNetv2_adv_evaluate``.
+
+For every model: nnU-Net's prediction of the clean images; for every attack setting the
+whole-volume attack (:func:`nnunet_adv.volume.runner.run_attack`) crafted on that model (or, for
+transfer, on the source model); nnU-Net's own prediction of the adversarial images; metrics with
+nnU-Net's ``compute_metrics`` plus HD95, attack success rate and image similarity; then the
+report files (:mod:`nnunet_adv.evaluation.report`). Every intermediate result is kept in the
+report folder (:class:`nnunet_adv.evaluation.report.ReportFolder`), so a resumed evaluation
+recomputes nothing that exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from nnunet_adv.errors import UserError
+from nnunet_adv.evaluation import report
+from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of
+from nnunet_adv.evaluation.report import ReportFolder
+from nnunet_adv.files import atomic_write_json
+
+
+@dataclass
+class EvaluationRun:
+    """Everything one robustness evaluation needs.
+
+    Attributes:
+        models: the models (same dataset); settings: clean first, then attacks and sweep points;
+        images / labels: the test images (nnU-Net's naming) and their reference segmentations;
+        cases: case id -> ``{'images': [files], 'label': file}`` (:func:`labelled_cases`);
+        output: the report folder; dataset_json / plans: of the models; folds / checkpoint: of every model; device: ``"cpu"``, ...;
+        transfer_from: also evaluate the other models on this model's adversarial images;
+        eot_mirroring: attacks average nnU-Net's test-time mirroring; tile_batch_size: tiles per
+        network call in the attacks; tta: predict with test-time mirroring; saliency: draw
+        saliency maps; num_examples: cases in examples.png; progress: tqdm bars; command: the
+        command line recorded in the report.
+    """
+
+    models: List[Model]
+    settings: List[Setting]
+    images: Path
+    labels: Path
+    cases: Dict[str, dict]
+    output: Path
+    dataset_json: dict
+    plans: dict
+    folds: list = field(default_factory=lambda: [0])
+    checkpoint: str = "checkpoint_final.pth"
+    device: str = "cpu"
+    transfer_from: Optional[Model] = None
+    eot_mirroring: bool = False
+    tile_batch_size: int = 1
+    tta: bool = True
+    saliency: bool = False
+    num_examples: int = 2
+    progress: bool = True
+    command: str = ""
+
+
+def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer) -> Dict[str, dict]:
+    """case -> ``{'images': [files], 'label': file}``; every case needs a label holding only the
+    dataset's label values (:class:`UserError` otherwise)."""
+    from nnunet_adv.volume.folders import find_cases
+
+    ending = dataset_json["file_ending"]
+    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    found = find_cases(Path(images), ending, channels)
+    allowed = _label_values(dataset_json)
+    cases = {}
+    for case, info in found.items():
+        if info["problem"] is not None:
+            raise UserError(info["problem"])
+        label = Path(labels) / f"{case}{ending}"
+        if not label.is_file():
+            raise UserError(f"case {case}: no label file {label}")
+        values = np.unique(reader_writer.read_seg(str(label))[0])
+        unknown = sorted(set(values.tolist()) - allowed)
+        if unknown:
+            raise UserError(f"case {case}: label file {label} has value(s) {unknown} that dataset.json does not "
+                            f"define (labels: {sorted(allowed)})")
+        cases[case] = {"images": info["files"], "label": str(label)}
+    return cases
+
+
+class RobustnessEvaluation:
+    """Runs an :class:`EvaluationRun` step by step, reusing every result that exists."""
+
+    def __init__(self, run: EvaluationRun, log: Callable[[str], None] = print):
+        self.run, self.log = run, log
+        self.folder = ReportFolder(Path(run.output))
+        self.file_ending = run.dataset_json["file_ending"]
+        self.done_work: List[str] = []  # what this run computed: "attack ...", "prediction ...", ...
+        self._predictors: Dict[str, object] = {}  # model name -> initialised nnUNetPredictor
+        self._attack_models: Dict[str, object] = {}  # model name -> TrainedModel (saliency)
+
+    def execute(self) -> str:
+        """Compute what is missing and write the report; returns report.md's text."""
+        from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+        r = self.run
+        Path(r.output).mkdir(parents=True, exist_ok=True)
+        self.log(f"{len(r.models)} model(s), {len(r.settings)} setting(s), {len(r.cases)} case(s) on {r.device}; "
+                 f"report in {r.output}")
+        evaluations = evaluations_of(r.models, r.settings, r.transfer_from)
+        for setting in r.settings:  # attacks first: one attack run per (crafting model, setting)
+            if setting.attack is not None:
+                for model in r.models:
+                    self.attack(model, setting)
+        for ev in evaluations:
+            self.predict(ev)
+        labels = _labels_or_regions(r.dataset_json)
+        rw = recursive_find_reader_writer_by_name(r.plans["image_reader_writer"])()
+        summaries = {(ev.model.name, ev.key): self.metrics(ev, rw, labels) for ev in evaluations}
+
+        context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=r.command,
+                                       dataset=r.plans["dataset_name"], models=r.models, settings=r.settings,
+                                       evaluations=evaluations, summaries=summaries, labels=labels, tta=r.tta,
+                                       eot=r.eot_mirroring, device=r.device, folds=list(map(str, r.folds)),
+                                       checkpoint=r.checkpoint, cases=list(r.cases))
+        report.write_summary_json(context)
+        report.write_metrics_csv(context)
+        figures = report.write_figures(context, r.cases, rw, r.num_examples)
+        if r.saliency:
+            figures.append(self.saliency(context))
+        text = report.write_report_md(context, figures)
+        self.log("computed this run: " + (_count_kinds(self.done_work) if self.done_work else "nothing (all reused)"))
+        return text
+
+    # ------------------------------------------------------------------------------ steps
+    def images_of(self, ev: Evaluation, case: str) -> List[str]:
+        if ev.source is None:
+            return self.run.cases[case]["images"]
+        folder = self.folder.adversarial(ev.source.name, ev.setting.tag)
+        return [str(folder / Path(f).name) for f in self.run.cases[case]["images"]]
+
+    def attack(self, model: Model, setting: Setting) -> None:
+        from nnunet_adv.volume.runner import AttackRun, run_attack
+
+        r = self.run
+        out = self.folder.adversarial(model.name, setting.tag)
+        if out.is_dir() and all((out / Path(f).name).is_file() for c in r.cases.values() for f in c["images"]):
+            return
+        self.log(f"attacking with {setting.label} on {model.name}")
+        result = run_attack(AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds,
+                                      checkpoint=r.checkpoint, input_folder=Path(r.images), output_folder=out,
+                                      labels_folder=Path(r.labels), device=r.device,
+                                      eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size, resume=True,
+                                      progress=r.progress, command=r.command), log=self.log)
+        if result.failed:
+            raise UserError(f"attack {setting.label} on {model.name} failed for case(s) {', '.join(result.failed)} "
+                            f"(per-case reasons in {out / 'attack.json'}); fix it and re-run with --continue")
+        self.done_work.append(f"attack {setting.label} on {model.name}")
+
+    def predict(self, ev: Evaluation) -> None:
+        out = self.folder.predictions(ev.model.name, ev.key)
+        missing = [c for c in self.run.cases if not (out / f"{c}{self.file_ending}").is_file()]
+        if not missing:
+            return
+        self.log(f"predicting {len(missing)} case(s) of {ev.setting.label}"
+                 + (f" crafted on {ev.source.name}" if ev.transfer else "") + f" with {ev.model.name}")
+        predictor = self.predictor(ev.model)
+        out.mkdir(parents=True, exist_ok=True)
+        with _quiet():
+            predictor.predict_from_files_sequential([self.images_of(ev, c) for c in missing],
+                                                    [str(out / c) for c in missing], save_probabilities=False,
+                                                    overwrite=True)
+        self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
+
+    def predictor(self, model: Model):
+        """nnU-Net's predictor of ``model`` (cached)."""
+        if model.name not in self._predictors:
+            import torch
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+            device = torch.device(self.run.device)
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.run.tta,
+                                        perform_everything_on_device=device.type != "cpu", device=device,
+                                        verbose=False, verbose_preprocessing=False, allow_tqdm=self.run.progress)
+            with _quiet():
+                predictor.initialize_from_trained_model_folder(str(model.folder), use_folds=self.run.folds,
+                                                               checkpoint_name=self.run.checkpoint)
+            self._predictors[model.name] = predictor
+        return self._predictors[model.name]
+
+    def metrics(self, ev: Evaluation, rw, labels) -> dict:
+        """nnU-Net-style summary of one evaluation (cached in metrics/MODEL/KEY.json)."""
+        from nnunet_adv.evaluation.case_metrics import case_metrics, jsonable_summary, summarize
+
+        cache = self.folder.metrics(ev.model.name, ev.key)
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        cases, ending = self.run.cases, self.file_ending
+        pred = self.folder.predictions(ev.model.name, ev.key)
+        clean = self.folder.predictions(ev.model.name, "clean")
+        ignore = self.run.dataset_json["labels"].get("ignore")
+        per_case = [case_metrics(cases[c]["label"], str(pred / f"{c}{ending}"), rw, labels, ignore,
+                                 None if ev.source is None else str(clean / f"{c}{ending}"))
+                    for c in cases]
+        summary = jsonable_summary(summarize(per_case, labels))
+        if ev.source is not None:
+            attack_json = self.folder.adversarial(ev.source.name, ev.setting.tag) / "attack.json"
+            records = json.loads(attack_json.read_text())["cases"]
+            for case, entry in zip(cases, summary["metric_per_case"]):
+                rec = records.get(case, {})
+                entry["SSIM"] = _channel_mean(rec.get("ssim"))
+                entry["PSNR"] = _channel_mean(rec.get("psnr"))
+                entry["Linf_raw"] = _channel_mean(rec.get("linf_raw"), np.max)
+                entry["LPIPS"] = image_lpips(cases[case]["images"], self.images_of(ev, case), rw)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, summary)
+        self.done_work.append(f"metrics {ev.key} of {ev.model.name}")
+        return summary
+
+    def saliency(self, context) -> str:
+        """saliency.png for the first ``num_examples`` cases (maps cached in saliency/MODEL/CASE.npz)."""
+        r = self.run
+        chosen = list(r.cases)[:max(1, r.num_examples)]
+        slices = {m.name: [self.saliency_slices(m, case) for case in chosen] for m in r.models}
+        maps = {name: [saliency for _, saliency in pairs] for name, pairs in slices.items()}
+        first = slices[r.models[0].name]  # the image panel: the first model's preprocessed grid
+        return report.write_saliency(context, [(case, image) for case, (image, _) in zip(chosen, first)], maps)
+
+    def saliency_slices(self, model: Model, case: str):
+        """(image, saliency) central slices of one case, computed once and cached."""
+        cache = self.folder.saliency(model.name, case)
+        if not cache.is_file():
+            import torch
+
+            from nnunet_adv.evaluation.saliency import saliency_slices
+            from nnunet_adv.volume.trained_model import load_trained_model
+
+            device = torch.device(self.run.device)
+            if model.name not in self._attack_models:
+                with _quiet():
+                    self._attack_models[model.name] = load_trained_model(model.folder, self.run.folds,
+                                                                         self.run.checkpoint, device=device)
+            files = self.run.cases[case]
+            image, saliency = saliency_slices(self._attack_models[model.name], files["images"], files["label"], device)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, image=image, saliency=saliency)
+            self.done_work.append(f"saliency {case} of {model.name}")
+        data = np.load(cache)
+        return data["image"], data["saliency"]
+
+
+def image_lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Optional[float]:
+    """Mean over channels of the slice-wise LPIPS of adversarial vs clean, None if unavailable."""
+    from nnunet_adv.metrics import lpips_available, lpips_distance
+
+    if not lpips_available():
+        return None
+    clean, adv = rw.read_images(clean_files)[0], rw.read_images(adversarial_files)[0]
+    values = [lpips_distance(c, a, float(c.max() - c.min())) for c, a in zip(clean, adv)]
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _count_kinds(work: List[str]) -> str:
+    """'3 attack, 6 prediction, 6 metrics' from the done_work entries (first word = kind)."""
+    kinds: Dict[str, int] = {}
+    for item in work:
+        kinds[item.split()[0]] = kinds.get(item.split()[0], 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+
+
+@contextlib.contextmanager
+def _quiet():
+    """nnU-Net's predictor prints its trainer search and per-case device notes; the evaluation logs
+    its own one line per step instead (errors still reach stderr)."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def _channel_mean(values, reduce=np.mean) -> Optional[float]:
+    """Mean (or ``reduce``) over channels of a per-channel list from attack.json ('inf' kept as inf)."""
+    if not values:
+        return None
+    numbers = [float(v) for v in values if v is not None]
+    return float(reduce(numbers)) if numbers else None
+
+
+def _labels_or_regions(dataset_json: dict) -> list:
+    """What nnUNetv2_evaluate_folder evaluates: foreground regions or foreground labels."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    return list(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
+
+
+def _label_values(dataset_json: dict) -> set:
+    values = set()
+    for v in dataset_json["labels"].values():
+        values.update(v if isinstance(v, (list, tuple)) else [v])
+    return {int(v) for v in values}

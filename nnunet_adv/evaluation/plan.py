@@ -1,0 +1,99 @@
+"""What a robustness evaluation computes: models, settings and their evaluations.
+
+A *setting* is one column of the report: the clean images, one attack, or one eps of the sweep.
+An *evaluation* is one model predicting the images of one setting, crafted on itself (white box)
+or on another model (transfer). Each has a folder-safe key that names its cached results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.attacks.targeted import nlcen_iterations
+from nnunet_adv.errors import UserError
+
+
+@dataclass
+class Model:
+    """A trained nnU-Net model folder and its name in the report."""
+
+    name: str
+    folder: Path
+
+
+@dataclass
+class Setting:
+    """One column of the report: clean (``attack`` None), an attack, or one eps of the sweep."""
+
+    label: str
+    attack: Optional[AttackConfig] = None
+    sweep: bool = False
+
+    @property
+    def tag(self) -> str:
+        return "clean" if self.attack is None else self.attack.tag
+
+    @property
+    def eps(self) -> Optional[float]:
+        """eps in x/255 of the window (0 for clean, None for attacks without an eps)."""
+        return 0.0 if self.attack is None else self.attack.eps
+
+
+@dataclass
+class Evaluation:
+    """Predictions of ``model`` on the images of ``setting`` crafted on ``source``."""
+
+    model: Model
+    setting: Setting
+    source: Optional[Model]  # None: clean images
+
+    @property
+    def transfer(self) -> bool:
+        return self.source is not None and self.source.name != self.model.name
+
+    @property
+    def key(self) -> str:
+        return self.setting.tag + (f"__from_{self.source.name}" if self.transfer else "")
+
+
+def attack_settings(texts: Sequence[str], seed: int) -> List[Setting]:
+    """Settings of attack strings (:meth:`AttackConfig.parse`); ``seed`` where a string sets none."""
+    return [Setting(text, _seeded(AttackConfig.parse(text), seed)) for text in texts]
+
+
+def sweep_settings(base: str, eps_values: Sequence[float], seed: int) -> List[Setting]:
+    """One setting per eps (x/255) of ``base`` (an attack string without eps). NLCEN's targeted
+    I-FGSM without ``steps`` takes NLCEN's ``min(eps + 4, ceil(1.25 eps))`` iterations."""
+    base_config = AttackConfig.parse(base)
+    if any(item.split("=")[0].strip() in ("eps", "eps_raw") for item in base.partition(":")[2].split(",")):
+        raise UserError(f"--sweep_attack {base!r}: leave eps out, --eps_sweep sets it")
+    if not base_config.uses("eps"):
+        raise UserError(f"--sweep_attack {base!r}: the attack has no eps to sweep")
+    nlcen_rule = base_config.name == "ifgsm-targeted" and "steps" not in base_config.options
+    out = []
+    for eps in eps_values:
+        text = f"{base}{',' if ':' in base else ':'}eps={eps:g}"
+        if nlcen_rule:  # NLCEN's protocol: alpha 1/255, iterations from eps
+            text += f",steps={nlcen_iterations(eps)}"
+        out.append(Setting(text, _seeded(AttackConfig.parse(text), seed), sweep=True))
+    return out
+
+
+def _seeded(config: AttackConfig, seed: int) -> AttackConfig:
+    if config.seed is None and config.uses("seed"):
+        return replace(config, seed=seed)
+    return config
+
+
+def evaluations_of(models: Sequence[Model], settings: Sequence[Setting],
+                   transfer_from: Optional[Model] = None) -> List[Evaluation]:
+    """White-box evaluations of every model and setting, then (with ``transfer_from``) every other
+    model on the images crafted on the source."""
+    out = [Evaluation(m, s, None if s.attack is None else m) for m in models for s in settings]
+    if transfer_from is not None:
+        for s in settings:
+            if s.attack is not None:
+                out += [Evaluation(m, s, transfer_from) for m in models if m.name != transfer_from.name]
+    return out

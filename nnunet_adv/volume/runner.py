@@ -1,0 +1,216 @@
+"""Attack a folder of images with one trained model: the batch behind ``nnUNetv2_adv_attack``.
+
+For every case of the input folder (nnU-Net's naming): the whole-volume attack of
+:class:`nnunet_adv.volume.engine.VolumeAttack`, the adversarial image written with the input's
+name and geometry (into a hidden partial folder, then renamed into place), and a record in
+``attack.json`` (the command, the model, every attack option, per case norms, similarities,
+losses and timings). One bad case fails alone; the others go on. With ``resume`` cases whose
+images exist are skipped.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.errors import UserError
+from nnunet_adv.files import atomic_write_json
+from nnunet_adv.volume.engine import CaseError, VolumeAttack
+from nnunet_adv.volume.folders import check_folders, find_cases
+from nnunet_adv.volume.trained_model import load_trained_model
+
+ATTACK_JSON = "attack.json"
+PARTIAL_FOLDER = ".nnunet_adv_partial"  # images are written here, then renamed into place (one file system)
+
+
+@dataclass
+class AttackRun:
+    """One whole-volume attack of a folder of images.
+
+    Attributes:
+        attack: the attack; model_folder / folds / checkpoint: the trained model (folds resolved,
+        see :func:`nnunet_adv.volume.folders.resolve_folds`); input_folder / output_folder /
+        labels_folder: nnU-Net's image naming, output never inside the input; labels None:
+        attack the model's own clean prediction. device: ``"cpu"``, ``"cuda"``, ...;
+        eot_mirroring: attack nnU-Net's test-time mirroring average; tile_batch_size: tiles
+        per network call; resume: skip cases whose images exist; command / argv: recorded.
+    """
+
+    attack: AttackConfig
+    model_folder: Path
+    folds: list
+    checkpoint: str
+    input_folder: Path
+    output_folder: Path
+    labels_folder: Optional[Path] = None
+    device: str = "cpu"
+    eot_mirroring: bool = False
+    tile_batch_size: int = 1
+    resume: bool = False
+    progress: bool = True
+    command: str = ""
+    argv: List[str] = field(default_factory=list)
+
+
+@dataclass
+class AttackResult:
+    report: dict                  # what attack.json holds
+    failed: List[str]             # cases that failed (reasons in the report)
+    new: List[str]                # cases attacked by this run
+
+
+def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResult:
+    """Attack every case of ``run.input_folder``; see the module docstring."""
+    import torch
+    from tqdm import tqdm
+
+    started = time.time()
+    if run.tile_batch_size < 1:
+        raise UserError(f"--tile_batch_size must be >= 1, got {run.tile_batch_size}")
+    dataset_json = json.loads((Path(run.model_folder) / "dataset.json").read_text())
+    file_ending = dataset_json["file_ending"]
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    output_folder = Path(run.output_folder)
+    check_folders(Path(run.input_folder), output_folder, run.labels_folder)
+    cases = find_cases(Path(run.input_folder), file_ending, num_channels)
+
+    done = {c for c, info in cases.items() if run.resume and info["problem"] is None
+            and all((output_folder / n).is_file() for n in info["names"])}
+    model = engine = None
+    if len(done) < len(cases):
+        log(f"model {run.model_folder} folds {run.folds} ({run.checkpoint}) on {run.device}")
+        try:
+            model = load_trained_model(run.model_folder, run.folds, run.checkpoint, device=torch.device(run.device))
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        except Exception as e:
+            raise UserError(f"cannot load the model from {run.model_folder}: {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from None
+        engine = VolumeAttack(model, run.attack, torch.device(run.device), eot_mirroring=run.eot_mirroring,
+                              progress=run.progress, log=log, tile_batch_size=run.tile_batch_size)
+        if run.labels_folder is None:
+            log("no labels (-l): the attack targets the model's own clean prediction")
+    else:
+        log(f"--continue_prediction: all {len(cases)} case(s) are done in {output_folder}; nothing to attack")
+
+    output_folder.mkdir(parents=True, exist_ok=True)
+    partial = output_folder / PARTIAL_FOLDER
+    shutil.rmtree(partial, ignore_errors=True)
+    previous = _previous_records(output_folder) if run.resume else {}
+    report = _report_header(run, model)
+    records: Dict[str, dict] = report["cases"]
+
+    bar = tqdm(cases.items(), desc=f"{run.attack.name} on {len(cases)} case(s)", unit="case", disable=not run.progress)
+    new = []
+    for case, info in bar:
+        bar.set_postfix_str(case)
+        outputs = [output_folder / n for n in info["names"]]
+        if case in done:
+            rec = dict(previous.get(case, {}))
+            rec.update(status=rec.get("status", "ok"), skipped=True)
+            records[case] = rec
+            atomic_write_json(output_folder / ATTACK_JSON, report, indent=2, default=str)
+            continue
+        case_started = time.perf_counter()
+        try:
+            if info["problem"] is not None:
+                raise CaseError(info["problem"])
+            label_file = None
+            if run.labels_folder is not None:
+                label_file = Path(run.labels_folder) / f"{case}{file_ending}"
+                if not label_file.is_file():
+                    raise CaseError(f"no label file {label_file} for case {case}")
+            partial.mkdir(exist_ok=True)
+            tmp_files = [partial / n for n in info["names"]]
+            rec = engine.run_case(info["files"], None if label_file is None else str(label_file), outputs, tmp_files)
+            for src, dst in zip(tmp_files, outputs):
+                os.replace(src, dst)
+            records[case] = rec
+            new.append(case)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one bad case must not stop the others
+            reason = one_line(e)
+            records[case] = {"status": "failed", "reason": reason,
+                             "seconds": round(time.perf_counter() - case_started, 3)}
+            tqdm.write(f"error: case {case} failed: {reason}", file=sys.stderr)
+        atomic_write_json(output_folder / ATTACK_JSON, report, indent=2, default=str)
+    bar.close()
+    shutil.rmtree(partial, ignore_errors=True)
+
+    failed = sorted(c for c, r in records.items() if r.get("status") != "ok")
+    skipped = sorted(c for c, r in records.items() if r.get("skipped"))
+    report["summary"] = {"cases": len(records), "ok": len(records) - len(failed), "failed": len(failed),
+                         "skipped": len(skipped), "failed_cases": failed, "skipped_cases": skipped,
+                         "seconds": round(time.time() - started, 1)}
+    report["finished"] = _now()
+    atomic_write_json(output_folder / ATTACK_JSON, report, indent=2, default=str)
+    return AttackResult(report=report, failed=failed, new=new)
+
+
+def _report_header(run: AttackRun, model) -> dict:
+    folder = Path(run.model_folder).resolve()
+    parts = folder.name.split("__")
+    trainer, plans, configuration = parts if len(parts) == 3 else (None, None, None)
+    info = {"folder": str(folder), "folds": run.folds, "checkpoint": run.checkpoint,
+            "trainer": trainer, "plans": plans, "configuration": configuration, "dataset": folder.parent.name}
+    if model is not None:
+        p = model.predictor
+        info.update(trainer=model.trainer_name, plans=p.plans_manager.plans_name,
+                    dataset=p.plans_manager.dataset_name, patch_size=list(model.patch_size),
+                    mirror_axes=None if model.mirror_axes is None else list(model.mirror_axes))
+    attacked_axes = None
+    if run.eot_mirroring and model is not None and model.mirror_axes:
+        attacked_axes = list(model.mirror_axes)
+    cfg = run.attack
+    return {
+        "command": run.command,
+        "argv": list(run.argv),
+        "started": _now(),
+        "model": info,
+        "attack": {"name": cfg.name, "label": cfg.label, "options": cfg.resolved_options(), "units": cfg.units(),
+                   "eot_mirroring": run.eot_mirroring, "mirror_axes_attacked": attacked_axes,
+                   "sliding_window": {"tile_step_size": 0.5, "gaussian": True, "tile_batch_size": run.tile_batch_size},
+                   "target": "labels" if run.labels_folder is not None else "clean prediction",
+                   "labels_folder": None if run.labels_folder is None else str(Path(run.labels_folder).resolve())},
+        "export": {"dtype": "float32",
+                   "rule": "adv = clip(raw + clip(d, -eps_raw, eps_raw), min(raw, lower), max(raw, upper)) per "
+                           "channel and voxel; d = the network-space perturbation times the normalisation scale, "
+                           "un-resampled (resampling_fn_data), un-cropped, un-transposed; eps_raw = eps_network * "
+                           "scale; [lower, upper] = CT: [p0.5, p99.5] of the dataset, others: the raw image's "
+                           "[min, max] inside nnU-Net's crop (RGB [0, 255]); L2: d scaled onto the network-unit "
+                           "L2 ball; attacks without eps (VAFA): box only"},
+        "device": run.device,
+        "cases": {},
+    }
+
+
+def _previous_records(output_folder: Path) -> dict:
+    f = output_folder / ATTACK_JSON
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text()).get("cases", {})
+    except (ValueError, OSError):
+        return {}
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: the message of a user error, ``Type: message`` otherwise."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    if isinstance(e, UserError):
+        return text[:500]
+    return f"{type(e).__name__}: {text[:500]}"

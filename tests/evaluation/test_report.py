@@ -1,0 +1,61 @@
+"""The report writer on hand-made summaries: summary.json, metrics.csv and report.md say what the
+summaries hold, in nnU-Net's layout, with the settings' labels and eps."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.evaluation import report
+from nnunet_adv.evaluation.plan import Model, Setting, evaluations_of
+
+
+def _summary(dice_per_case, asr=None):
+    cases = [{"metrics": {"1": {"Dice": d, "IoU": d / (2 - d), "HD95": 2.0, "TP": 1, "FP": 0, "FN": 0,
+                                "n_ref": 1, "n_pred": 1}},
+              "foreground_dice": d, "ASR": asr, "SSIM": None if asr is None else 0.9,
+              "PSNR": None if asr is None else 30.0, "Linf_raw": None, "LPIPS": None} for d in dice_per_case]
+    mean = sum(dice_per_case) / len(dice_per_case)
+    stats = {"Dice": mean, "IoU": mean / (2 - mean), "HD95": 2.0, "TP": 1, "FP": 0, "FN": 0, "n_ref": 1, "n_pred": 1}
+    return {"metric_per_case": cases, "mean": {"1": stats}, "foreground_mean": stats}
+
+
+@pytest.fixture()
+def context(tmp_path):
+    models = [Model("clean_model", tmp_path / "a"), Model("robust_model", tmp_path / "b")]
+    pgd = AttackConfig.parse("pgd:eps=4,steps=10")
+    settings = [Setting("clean"), Setting(pgd.label, pgd)]
+    evaluations = evaluations_of(models, settings)
+    dice = {("clean_model", "clean"): [0.8, 0.6], ("clean_model", pgd.tag): [0.2, 0.4],
+            ("robust_model", "clean"): [0.78, 0.6], ("robust_model", pgd.tag): [0.6, 0.5]}
+    summaries = {key: _summary(v, None if key[1] == "clean" else 0.1) for key, v in dice.items()}
+    return report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
+                                dataset="Dataset1_X", models=models, settings=settings, evaluations=evaluations,
+                                summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
+                                checkpoint="checkpoint_final.pth", cases=["c1", "c2"])
+
+
+def test_summary_json_and_metrics_csv(context):
+    report.write_summary_json(context)
+    report.write_metrics_csv(context)
+    doc = json.loads((context.root / "summary.json").read_text())
+    rows = {(r["model"], r["attack"]): r for r in doc["results"]}
+    assert rows[("clean_model", "pgd:eps=4,steps=10")]["eps"] == 4.0
+    assert rows[("clean_model", "pgd:eps=4,steps=10")]["foreground_mean"]["Dice"] == pytest.approx(0.3)
+    assert rows[("robust_model", "clean")]["eps"] == 0.0
+    # ROG: a case is robust while its Dice > 0.5 x the model's mean clean Dice (0.7 -> 0.35)
+    assert rows[("clean_model", "pgd:eps=4,steps=10")]["robust_fraction"] == pytest.approx(0.5)
+    with open(context.root / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 * 2 * 2  # models x settings x cases (one class)
+    first = next(r for r in table if r["model"] == "robust_model" and r["attack"] != "clean" and r["case"] == "c1")
+    assert float(first["dice"]) == pytest.approx(0.6) and float(first["eps"]) == 4.0 and first["asr"] == "0.1"
+
+
+def test_report_md_tables(context):
+    text = report.write_report_md(context, [])
+    assert (context.root / "report.md").read_text() == text
+    assert "| clean_model | 0.700 (2.0) | 0.300 (2.0) |" in text
+    assert "| robust_model | 0.690 (2.0) | 0.550 (2.0) |" in text
+    assert "| model | attack | Jaccard (IoU) | voxel ASR | robust fraction | SSIM | PSNR dB |" in text

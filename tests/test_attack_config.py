@@ -1,0 +1,91 @@
+"""The one attack configuration: attack strings ('pgd:eps=4,steps=20'), the attack command's flags
+and trainer attributes give the same AttackConfig; tags; bad strings are one-line UserErrors."""
+import pytest
+import torch
+
+from nnunet_adv.attack_config import AttackConfig, parse_bool
+from nnunet_adv.cli.attack import attack_config_from_args, build_parser
+from nnunet_adv.errors import UserError
+from nnunet_adv.threat_model import ThreatModel
+
+
+def _from_flags(argv):
+    return attack_config_from_args(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("text,argv", [
+    ("pgd:eps=4,steps=20", ["--attack_name", "pgd", "--eps", "4", "--steps", "20"]),
+    ("vafa-3d:q_max=20,steps=20,block_size=32",  # one block size = every axis
+     ["--attack_name", "vafa-3d", "--q_max", "20", "--steps", "20", "--block_size", "32", "32", "32"]),
+    ("vafa-2d:block_size=8", ["--attack_name", "vafa-2d", "--block_size", "8", "8"]),
+    ("vafa_3d:block_size=4x8x8,use_ssim_loss=false",
+     ["--attack_name", "vafa-3d", "--block_size", "4", "8", "8", "--use_ssim_loss", "false"]),
+    ("gn:std=4", ["--attack_name", "gn", "--std", "4"]),
+    ("pgd:random_start", ["--attack_name", "pgd", "--random_start"]),  # a flag alone is true
+    ("pgd:alpha=2.55,eps_raw=30", ["--attack_name", "pgd", "--alpha", "2.55", "--eps_raw", "30"]),
+    ("ifgsm-targeted:eps=2,target=0", ["--attack_name", "ifgsm-targeted", "--eps", "2", "--attack_option", "target=0"]),
+    ("vafa-3d:temperature=(0.2,1e-20)",  # commas inside brackets belong to the value
+     ["--attack_name", "vafa-3d", "--attack_option", "temperature=(0.2,1e-20)"]),
+    ("fgsm", ["--attack_name", "fgsm"]),
+])
+def test_a_string_is_the_same_attack_as_its_flags(text, argv):
+    parsed, flagged = AttackConfig.parse(text), _from_flags(argv + ["--seed", "0"])
+    parsed_seeded = AttackConfig(parsed.name, parsed.options, eps_frac=parsed.eps_frac, eps_raw=parsed.eps_raw,
+                                 alpha_frac=parsed.alpha_frac, std_frac=parsed.std_frac,
+                                 seed=0 if flagged.seed is not None else None)
+    for key in ("name", "options", "eps_frac", "eps_raw", "alpha_frac", "std_frac", "seed"):
+        assert getattr(parsed_seeded, key) == getattr(flagged, key), key
+    assert parsed.resolved_options() == {**flagged.resolved_options(), **({"seed": None} if flagged.uses("seed") else {})}
+
+
+def test_eps_and_tag():
+    config = AttackConfig.parse("pgd:eps=0.5,steps=20")
+    assert config.eps == 0.5 and config.tag == "pgd_eps-0.5_steps-20"
+    assert AttackConfig.parse("vafa-3d:q_max=20").eps is None
+    assert AttackConfig.parse("vafa-3d:temperature=(0.2,1e-20)").tag == "vafa-3d_temperature-_0.2_1e-20"
+
+
+def test_units_x255_of_the_window_and_defaults():
+    """eps=4 in a string is the papers' 4/255 of the window; a budget left out is the attack's
+    published default read in the same units (alpha 0.01 on [0, 1] images = 0.01 of the window)."""
+    pgd = AttackConfig.parse("pgd:eps=8")
+    assert pgd.eps_frac == 8 / 255 and pgd.alpha_frac == 0.01
+    assert AttackConfig("pgd").eps_frac == 4 / 255
+    x = torch.linspace(-1.0, 3.0, 64).reshape(1, 1, 4, 4, 4)  # z-scored: window = patch range = 4
+    options = pgd.network_options(ThreatModel(["ZScoreNormalization"]), x)
+    assert float(options["eps"].flatten()[0]) == pytest.approx(8 / 255 * 4.0)
+    assert float(options["alpha"].flatten()[0]) == pytest.approx(0.01 * 4.0)
+    assert float(options["lower"].flatten()[0]) == -1.0 and float(options["upper"].flatten()[0]) == 3.0
+
+
+def test_trainer_attributes_are_the_same_type():
+    """A recipe (eps_frac, alpha_over_eps) and its string build the same attack tensors."""
+    recipe = AttackConfig("pgd", {"steps": 10}, eps_frac=4 / 255, alpha_over_eps=0.25)
+    x = torch.randn(2, 1, 4, 4, 4)
+    options = recipe.network_options(ThreatModel(["ZScoreNormalization"]), x)
+    assert torch.allclose(options["alpha"], options["eps"] * 0.25)
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("1", True), ("yes", True), ("False", False),
+                                            ("0", False), ("no", False), (True, True)])
+def test_booleans_accept_the_usual_spellings(value, expected):
+    assert parse_bool(value) is expected
+    assert AttackConfig.parse(f"vafa-3d:use_ssim_loss={value}").options["use_ssim_loss"] is expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("nope:eps=4", "unknown attack 'nope'"),
+    ("pgd:eps=4,stepz=3", "option 'stepz' does not apply to attack 'pgd'"),
+    ("pgd:eps", "eps needs a value"),
+    ("pgd:steps=x", "steps must be an integer >= 1, got 'x'"),
+    ("pgd:eps=4,,steps=2", "cannot parse ''"),
+    ("pgd:eps=", "cannot parse 'eps='"),
+    ("vafa-3d:eps=4", "eps does not apply to attack 'vafa-3d'"),
+    ("vafa-3d:block_size=8x8", "block_size"),
+    ("pgd:use_ssim_loss=true", "does not apply to attack 'pgd'"),
+    ("vafa-3d:use_ssim_loss=maybe", "expected true or false"),
+])
+def test_bad_strings_name_the_string_and_the_problem(text, message):
+    with pytest.raises(UserError) as e:
+        AttackConfig.parse(text)
+    assert str(e.value).startswith(f"attack {text!r}: ") and message in str(e.value)
