@@ -42,25 +42,3 @@ def _startup_hook() -> None:
         register()
     except Exception:  # pragma: no cover - defensive, start-up must not fail
         pass
-
-
-def main(argv=None) -> int:
-    """``nnUNetv2_adv_ext_trainer``: print the explicit ``export`` line (the fallback)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Print the shell line that makes nnU-Net find the nnunet_adv trainers. "
-        "Only needed where the start-up hook is disabled (python -S, an environment without site-packages hooks)."
-    )
-    parser.add_argument("--folder", action="store_true", help="print only the folder")
-    args = parser.parse_args(argv)
-    folder = trainer_folder()
-    if args.folder:
-        print(folder)
-    else:
-        print(f'export {ENV_VAR}="${{{ENV_VAR}:+${{{ENV_VAR}}}{os.pathsep}}}{folder}"')
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
