@@ -86,6 +86,9 @@ class AttackConfig:
         alpha_frac / alpha_over_eps: step size as a fraction of the window / a multiple of eps.
         std_frac / std_over_eps: Gaussian-noise std likewise (``gn``).
         seed: the attack's private generator seed (None: drawn from torch's global RNG).
+        window_raw: ``(lower, upper)`` in raw units (HU) replacing the threat model's CT window
+            for this attack (budget fraction and box alike), e.g. the VAFA reference code's
+            fixed ``(-175, 250)``; CT-normalised channels only. None: the threat model's window.
         members: ``ensemble`` only: the member configurations (each budgeted like this one
             where it leaves its own budget out).
         text: the attack string the user wrote, if any (the report's label).
@@ -100,6 +103,7 @@ class AttackConfig:
     std_frac: Optional[float] = None
     std_over_eps: Optional[float] = None
     seed: Optional[int] = None
+    window_raw: Optional[Tuple[float, float]] = None
     members: Tuple["AttackConfig", ...] = ()
     text: Optional[str] = None
 
@@ -126,6 +130,14 @@ class AttackConfig:
                 raise UserError(f"give at most one of {a} and {b}")
         for key in ("eps_frac", "eps_raw", "alpha_frac", "alpha_over_eps", "std_frac", "std_over_eps"):
             _check_budget_value(key, getattr(self, key))
+        if self.window_raw is not None:
+            try:
+                lo, hi = (float(v) for v in self.window_raw)
+            except (TypeError, ValueError):
+                raise UserError(f"window_raw must be (lower, upper) in raw units, got {self.window_raw!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise UserError(f"window_raw must be two finite numbers, lower < upper, got {self.window_raw!r}")
+            self.window_raw = (lo, hi)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
                                       or self.seed < 0):
             raise UserError(f"seed must be an integer >= 0, got {self.seed!r}")
@@ -200,6 +212,8 @@ class AttackConfig:
                 parts.append(f"{key}={_x255(v)}")
         if self.eps_raw is not None:
             parts.append(f"eps_raw={_fmt_value(self.eps_raw)}")
+        if self.window_raw is not None:
+            parts.append(f"window_raw=({self.window_raw[0]:g},{self.window_raw[1]:g})")
         parts += [f"{k}={_fmt_value(v)}" for k, v in self.options.items()]
         return self.name + (":" + ",".join(parts) if parts else "")
 
@@ -244,6 +258,7 @@ class AttackConfig:
                 out[key] = _jsonable(self.options.get(key, default))
         if self.uses("eps"):
             out["eps_raw"] = _jsonable(self.eps_raw)
+        out["window_raw"] = None if self.window_raw is None else list(self.window_raw)
         if self.members:
             out["members"] = [m.label for m in self.members]
         return out
@@ -257,6 +272,14 @@ class AttackConfig:
             if self.uses(key):
                 u[key] = WINDOW_UNITS if getattr(self, f"{key}_over_eps") is None else "a multiple of eps"
         return u
+
+    def check_for(self, plans: dict, configuration: str) -> None:
+        """What can be checked before a model is loaded: the configuration's threat model accepts
+        this attack's raw window (:class:`UserError` otherwise)."""
+        if self.window_raw is not None:
+            ThreatModel.from_plans(plans, configuration).with_raw_window(*self.window_raw)
+        for member in self.members:
+            member.check_for(plans, configuration)
 
     # ------------------------------------------------------------------ building
     def _placeholder_options(self) -> dict:
@@ -286,6 +309,8 @@ class AttackConfig:
             options["attacks"] = [self._member(m).build(threat_model, data, loss=loss, raw_std=raw_std)
                                   for m in self.members]
             return options
+        if self.window_raw is not None:
+            threat_model = threat_model.with_raw_window(*self.window_raw)
         budget = threat_model.attack_budget(data, eps_frac=self.eps_frac, eps_raw=self.eps_raw, raw_std=raw_std,
                                             alpha_frac=self.alpha_frac, alpha_over_eps=self.alpha_over_eps,
                                             std_frac=self.std_frac, std_over_eps=self.std_over_eps)
@@ -352,6 +377,12 @@ class AttackConfig:
                 fields["eps_raw"] = _number(key, value)
             elif key == "seed":
                 fields["seed"] = int(_number(key, value))
+            elif key == "window_raw":
+                parsed = _option_value(name, key, value, None)
+                if not (isinstance(parsed, (tuple, list)) and len(parsed) == 2):
+                    raise UserError(f"window_raw must be (LOWER,UPPER) in raw units, e.g. window_raw=(-175,250); "
+                                    f"got {value!r}")
+                fields["window_raw"] = tuple(parsed)
             elif key not in defaults or key in COMPUTED_KEYS:
                 raise UserError(f"option {key!r} does not apply to attack '{name}'; valid options: "
                                 f"{', '.join(_string_keys(name))}")
@@ -365,7 +396,7 @@ def _string_keys(name: str) -> List[str]:
     keys = [k for k in d if k not in COMPUTED_KEYS]
     if "eps" in d:
         keys.append("eps_raw")
-    return sorted(keys)
+    return sorted(keys + ["window_raw"])
 
 
 def _number(key: str, value: Optional[str]) -> float:
@@ -389,14 +420,16 @@ def _option_value(name: str, key: str, value: Optional[str], default):
             raise UserError(f"{key}: {e}") from None
     if value is None:
         raise UserError(f"{key} needs a value ({key}=VALUE)")
-    if key == "block_size":
+    if key in ("block_size", "rescale_tile"):
+        if key == "rescale_tile" and value.strip().lower() == "none":
+            return None
         sizes = value.lower().split("x")
         try:
             ints = tuple(int(s) for s in sizes)
         except ValueError:
-            raise UserError(f"block_size must be an integer or AxBxC, got {value!r}") from None
+            raise UserError(f"{key} must be an integer or AxBxC, got {value!r}") from None
         if len(ints) == 1:
-            return ints * (3 if name.endswith("3d") else 2)
+            return ints * (2 if key == "block_size" and "2d" in name else 3)
         return ints
     try:
         return ast.literal_eval(value)

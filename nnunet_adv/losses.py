@@ -47,6 +47,36 @@ def cross_entropy_map(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def monai_dice_ce(logits: Tensor, labels: Tensor, smooth_nr: float = 0.0, smooth_dr: float = 1e-6,
+                  squared_pred: bool = True, include_background: bool = True) -> Tensor:
+    """The loss of the VAFA reference code: MONAI ``DiceCELoss(to_onehot_y=True, softmax=True,
+    squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)`` (MONAI 0.7 defaults otherwise:
+    background included, mean reduction, weights 1 and 1).
+
+    ``dice_bk = 1 - (2 sum_i p_ik g_ik + smooth_nr) / (sum_i p_ik^2 + sum_i g_ik^2 + smooth_dr)``
+    per sample b and class k (p = softmax, g = one-hot; squared denominators), averaged over b and
+    k, plus the cross-entropy averaged over voxels. With ``smooth_nr = 0`` a class absent from a
+    sample contributes a constant 1 (no gradient), as in the reference.
+
+    Args:
+        logits: ``(B, K, *S)`` or a deep-supervision list (full resolution used).
+        labels: ``(B, [1,] *S)`` class indices (or a list, full resolution used).
+    Returns:
+        Scalar fp32.
+    """
+    logits, y = _prep(logits, labels)
+    k = logits.shape[1]
+    p = torch.softmax(logits, 1)
+    g = F.one_hot(y, k).movedim(-1, 1).to(p.dtype)
+    if not include_background:
+        p, g = p[:, 1:], g[:, 1:]
+    dims = tuple(range(2, p.dim()))
+    intersection = (p * g).sum(dims)
+    denominator = ((p * p).sum(dims) + (g * g).sum(dims)) if squared_pred else (p.sum(dims) + g.sum(dims))
+    dice = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
+    return dice.mean() + F.cross_entropy(logits, y)
+
+
 def segpgd_loss(logits: Tensor, labels: Tensor, t: int, T: int, targeted: bool = False) -> Tensor:
     """SegPGD loss (Gu et al., "SegPGD: An Effective and Efficient Adversarial Attack for
     Evaluating and Boosting Segmentation Robustness", ECCV 2022).

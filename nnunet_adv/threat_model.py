@@ -44,6 +44,7 @@ This module needs no nnU-Net import: it reads plain plans dictionaries.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -138,6 +139,22 @@ class ThreatModel:
         props = plans_manager.plans.get("foreground_intensity_properties_per_channel",
                                         plans_manager.plans.get("foreground_intensity_properties_by_modality"))
         return cls(configuration_manager.normalization_schemes, props)
+
+    def with_raw_window(self, lower: float, upper: float) -> "ThreatModel":
+        """The same threat model with every CT channel's window ``[p0.5, p99.5]`` replaced by the raw
+        window ``[lower, upper]`` (HU; e.g. the VAFA reference code's fixed ``[-175, 250]``), for
+        budgets and boxes alike. Only CT channels have a fixed raw-to-network map."""
+        if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+            raise ThreatModelError(f"window_raw must be two finite numbers, lower < upper, got ({lower}, {upper})")
+        other = [f"{c} ({s})" for c, s in enumerate(self.schemes) if s not in _CT_SCHEMES]
+        if other:
+            raise ThreatModelError(f"window_raw needs CT-normalised channels (a fixed raw-to-network map); "
+                                   f"channel(s) {', '.join(other)} are normalised per image")
+        copy = ThreatModel.__new__(ThreatModel)
+        copy.schemes = list(self.schemes)
+        copy._ct_stats = {c: {**stats, "percentile_00_5": float(lower), "percentile_99_5": float(upper)}
+                          for c, stats in self._ct_stats.items()}
+        return copy
 
     @property
     def num_channels(self) -> int:

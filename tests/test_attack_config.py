@@ -89,3 +89,31 @@ def test_bad_strings_name_the_string_and_the_problem(text, message):
     with pytest.raises(UserError) as e:
         AttackConfig.parse(text)
     assert str(e.value).startswith(f"attack {text!r}: ") and message in str(e.value)
+
+
+CT = ThreatModel(["CTNormalization"], {"0": {"mean": 100.0, "std": 50.0, "percentile_00_5": -500.0,
+                                             "percentile_99_5": 600.0}})
+
+
+def test_a_raw_window_replaces_the_ct_window_for_box_and_budget():
+    config = AttackConfig.parse("vafa-3d-ref:window_raw=(-175,250)")
+    assert config.window_raw == (-175.0, 250.0) and "window_raw=(-175,250)" in config.label
+    options = config.network_options(CT, torch.zeros(1, 1, 4, 4, 4))
+    assert float(options["lower"].flatten()[0]) == pytest.approx((-175 - 100) / 50)
+    assert float(options["upper"].flatten()[0]) == pytest.approx((250 - 100) / 50)
+    pgd = AttackConfig("pgd", eps_frac=4 / 255, window_raw=(-175, 250)).network_options(CT, torch.zeros(1, 1, 4, 4, 4))
+    assert float(pgd["eps"].flatten()[0]) == pytest.approx(4 / 255 * 425 / 50)
+    with pytest.raises(UserError, match="window_raw needs CT-normalised channels"):
+        config.network_options(ThreatModel(["ZScoreNormalization"]), torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(UserError, match="window_raw must be"):
+        AttackConfig.parse("vafa-3d-ref:window_raw=250")
+
+
+def test_ensemble_members_share_its_budget_unless_they_set_their_own():
+    config = AttackConfig("ensemble", {"attacks": ["pgd", ("fgsm", {}), AttackConfig.parse("bim:eps=2")]},
+                          eps_frac=8 / 255, seed=3)
+    x = torch.linspace(0, 1, 64).reshape(1, 1, 4, 4, 4)
+    attack = config.build(ThreatModel(["ZScoreNormalization"]), x)
+    eps = [float(m.options["eps"].flatten()[0]) for m in attack.members]
+    assert eps == pytest.approx([8 / 255, 8 / 255, 2 / 255])
+    assert [m.options["seed"] for m in attack.members] == [3, 3, 3]

@@ -9,7 +9,7 @@ from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDA
 from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT
 from .saat import nnUNetTrainerSAAT
 from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm
-from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_VAFT
+from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_MultiStage, nnUNetTrainerNLCE_VAFT
 from .short import (
     nnUNetTrainer_AdvDemoCPU,
     nnUNetTrainer_AdvDemoGPU,
@@ -49,6 +49,7 @@ __all__ = [
     "nnUNetTrainerDualBN",
     "nnUNetTrainerDualNorm",
     "nnUNetTrainerNLCE",
+    "nnUNetTrainerNLCE_MultiStage",
     "nnUNetTrainerNLCE_VAFT",
     "nnUNetTrainerVAFT_TestShort",
     "nnUNetTrainerVAFA_TestShort",

@@ -11,10 +11,17 @@ with:
 * ``nnUNetTrainerNLCE_VAFT``: the same network trained with VAFT (attack and loss terms of
   :class:`~nnunet_adv.trainers.vaft.nnUNetTrainerVAFT`, untouched).
 
-NLCEN puts an NLCE after each of conv2..conv5 of a ResNet-FPN on 256x256 images; non-local
-attention over N positions costs N^2, so on 3D nnU-Net patches the default is the two
-coarsest encoder stages, ``(-2, -1)`` (keys/values max-pooled by 2). Other stages or NLCE
-options: a subclass sets e.g. ``network_changes = (InsertNLCE(stages=(1, 2, 3), options=(("subsample", 4),)),)``.
+Placement: NLCEN puts an NLCE after each of conv2..conv5 of a ResNet-FPN on 256x256 images and,
+adding NLCE to other networks (U-Net among them), **one module between the last downsampling
+and the first upsampling layer**: ``nnUNetTrainerNLCE`` follows that rule (the bottleneck stage,
+keys not subsampled while the attention matrix has at most
+:data:`nnunet_adv.modules.nlce.ATTENTION_LIMIT` entries per sample; an nnU-Net bottleneck is
+far below it). ``nnUNetTrainerNLCE_MultiStage`` is this project's earlier choice, kept as a named
+option: the two coarsest stages with keys max-pooled by 2. Other stages or options: a subclass
+sets e.g. ``network_changes = (InsertNLCE(stages=(1, 2, 3), options=(("subsample", 4),)),)``.
+Remaining deviations from the paper (unverified against code: none was released): the gate is
+``2 sigmoid`` with an identity initialisation (paper: ``sigmoid``), codeword residuals are averaged
+over positions (EncNet sums), see :mod:`nnunet_adv.modules.nlce`.
 
 Every NLCE is the identity at initialisation, so fine-tuning from a clean checkpoint
 (``nnUNetv2_train ... -pretrained_weights clean.pth``) starts from the clean network's
@@ -28,13 +35,14 @@ from nnunet_adv.training.network_changes import InsertNLCE
 
 from .vaft import nnUNetTrainerVAFT
 
-NLCE_COARSE_STAGES = InsertNLCE(stages=(-2, -1))
+NLCE_BOTTLENECK = InsertNLCE(stages=(-1,), options=(("subsample", "auto"),))
+NLCE_COARSE_STAGES = InsertNLCE(stages=(-2, -1), options=(("subsample", 2),))
 
 
 class nnUNetTrainerNLCE(nnUNetTrainerAdversarial):
-    """Clean training of nnU-Net's network with NLCE after the two coarsest encoder stages."""
+    """Clean training of nnU-Net's network with one NLCE at the bottleneck (NLCEN's U-Net rule)."""
 
-    network_changes = (NLCE_COARSE_STAGES,)
+    network_changes = (NLCE_BOTTLENECK,)
     clean_loss_weight = 1.0
     adversarial_loss_weight = 0.0
     # used by robust validation only (no attack in the training step): PGD 4/255, 5 steps
@@ -43,6 +51,12 @@ class nnUNetTrainerNLCE(nnUNetTrainerAdversarial):
     eps_frac = 4 / 255
     alpha_over_eps = 2.5 / 5
     val_attack_overrides = {}
+
+
+class nnUNetTrainerNLCE_MultiStage(nnUNetTrainerNLCE):
+    """NLCE after the two coarsest encoder stages, keys max-pooled by 2 (not the paper's U-Net rule)."""
+
+    network_changes = (NLCE_COARSE_STAGES,)
 
 
 class nnUNetTrainerNLCE_VAFT(nnUNetTrainerVAFT):

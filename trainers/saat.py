@@ -139,7 +139,10 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         all_terms, totals, magnitudes = [], [], []
         for _ in range(int(m)):
             delta_leaf = delta.detach().requires_grad_(True)
-            x_in = torch.minimum(torch.maximum(data.float() + delta_leaf, budget.lower), budget.upper)
+            # the box contains the clean voxel (as every attack's): a voxel outside the CT window
+            # (nnU-Net's augmentation puts some there) is never pulled into it
+            x_in = torch.minimum(torch.maximum(data.float() + delta_leaf, torch.minimum(budget.lower, data.float())),
+                                 torch.maximum(budget.upper, data.float()))
             x_in.retain_grad()
             scale = self._loss_scale()
             terms, total = self._optimise(data, x_in, target)
@@ -181,7 +184,7 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         """Apply SAAT's rule after the current epoch and log m, magnitude and threshold."""
         epoch = self.current_epoch
         m_used = self.saat.m
-        m_next = self.saat.update(epoch, magnitude)
+        m_next = self.saat.update(epoch + 1, magnitude)  # the rule counts epochs from 1, as SEAT does
         self.logger.log("saat_m", m_used, epoch)
         self.logger.log("saat_grad_magnitude", magnitude, epoch)
         self.logger.log("saat_threshold", self.saat.threshold, epoch)

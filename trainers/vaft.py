@@ -48,6 +48,11 @@ def vafa_block_size(patch_size: Sequence[int], candidates: Sequence[int] = (32, 
 class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
     """VAFT: clean + VAFA-adversarial + frequency-consistency loss, all weights 1.
 
+    ``vafa_variant = "paper"`` (default) trains against the published VAFA; ``"ref"`` against VAFA
+    as the authors' code runs it (``vafa-3d-ref`` / ``vafa-2d-ref``: the per-slice rescale inside
+    96^3 tiles, clipped to the window; crafted with the trainer's own loss, as the reference's
+    VAFT crafts with its training loss). E.g. ``class MyVAFT(nnUNetTrainerVAFT): vafa_variant = "ref"``.
+
     Published defaults (VAFA paper, UNETR on Synapse): q_max 20 (10 for ACDC), 20 steps,
     SSIM term on, q_min 5 (ref. code; paper 1), block 32^3 (see the module docstring for
     patches that 32 does not divide). ``vafa-3d`` for 3D configurations, ``vafa-2d`` (h x h
@@ -56,6 +61,7 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
     """
 
     attack_name = "vafa-3d"            # vafa-2d is chosen for 2D configurations (configure_attack)
+    vafa_variant: str = "paper"        # "paper": the published algorithm; "ref": as the authors' code runs it
     attack_kwargs = {"q_max": 20.0, "q_min": 5.0, "steps": 20, "use_ssim_loss": True}
     vafa_block_candidates: Tuple[int, ...] = (32, 16, 8)
     alpha_over_eps = None              # VAFA has no Lp budget: eps/alpha are not used
@@ -70,9 +76,11 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
             raise RecipeError(type(self).__name__, f"frequency_consistency_weight must be >= 0 "
                                                    f"(got {self.frequency_consistency_weight})")
         patch = tuple(self.configuration_manager.patch_size)
-        if self.attack_name not in ("vafa-3d", "vafa-2d"):
+        if self.attack_name not in ("vafa-3d", "vafa-2d", "vafa-3d-ref", "vafa-2d-ref"):
             return  # a subclass chose another attack: leave it alone
-        self.attack_name = "vafa-3d" if len(patch) == 3 else "vafa-2d"
+        if self.vafa_variant not in ("paper", "ref"):
+            raise RecipeError(type(self).__name__, f"vafa_variant must be 'paper' or 'ref', got {self.vafa_variant!r}")
+        self.attack_name = ("vafa-3d" if len(patch) == 3 else "vafa-2d") + ("-ref" if self.vafa_variant == "ref" else "")
         if "block_size" not in self.attack_kwargs:
             side = vafa_block_size(patch, self.vafa_block_candidates)
             self.attack_kwargs = {**self.attack_kwargs, "block_size": (side,) * len(patch)}

@@ -21,9 +21,14 @@ name                what                                                        
 ``ifgsm-targeted``  targeted I-FGSM, NLCEN protocol (He et al. 2019)             targeted.py
 ``segpgd``          SegPGD (Gu et al. 2022)                                      segpgd.py
 ``cospgd``          CosPGD (Agnihotri et al. 2024)                               cospgd.py
-``apgd-ce``         APGD-CE, AutoAttack schedule (Croce & Hein 2020; ROG 2021)   apgd.py
+``apgd-ce``         APGD-CE, AutoAttack schedule, lowest-Dice iterate (ROG)     apgd.py
+``apgd-rog``        APGD-CE with ROG's evaluation settings (5 steps, 5 restarts) apgd.py
 ``vafa-3d``         VAFA, 3D DCT quantisation attack (Hanif et al. 2023)         vafa.py
 ``vafa-2d``         VAFA on 2D slices                                           vafa.py
+``vafa-3d-ref``     VAFA-3D as the authors' code runs it (per-slice rescale,    vafa.py
+                    DiceCE loss, clip to the window)
+``vafa-2d-ref``     VAFA-2D likewise                                            vafa.py
+``slice-rescale``   control: the authors' per-slice rescale alone, no attack    vafa.py
 ``ensemble``        per-sample worst case (lowest Dice) over attacks            ensemble.py
 ==================  ==========================================================  ============
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Type
 
-from .apgd import APGDCE
+from .apgd import APGDCE, APGDROG
 from .base import Attack
 from .cospgd import CosPGD
 from .ensemble import Ensemble
@@ -41,11 +46,12 @@ from .options import canonical_name
 from .pgd import BIM, PGD
 from .segpgd import SegPGD
 from .targeted import TargetedIFGSM, nlcen_iterations
-from .vafa import VAFA2D, VAFA3D
+from .vafa import VAFA2D, VAFA3D, VAFA2DRef, VAFA3DRef, SliceRescale
 
 _REGISTRY: Dict[str, Type[Attack]] = {
     cls.name: cls
-    for cls in (FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, VAFA3D, VAFA2D, Ensemble)
+    for cls in (FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, VAFA3D, VAFA2D,
+                VAFA3DRef, VAFA2DRef, SliceRescale, Ensemble)
 }
 
 
@@ -77,7 +83,7 @@ def attack_defaults(name: str) -> dict:
 
 __all__ = [
     "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE",
-    "VAFA3D", "VAFA2D", "Ensemble", "build_attack", "available_attacks", "attack_defaults", "attack_class",
+    "VAFA3D", "VAFA2D", "VAFA3DRef", "VAFA2DRef", "SliceRescale", "APGDROG", "Ensemble", "build_attack", "available_attacks", "attack_defaults", "attack_class",
     "canonical_name",
     "nlcen_iterations",
 ]

@@ -50,6 +50,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..losses import dice_per_sample, region_dice_per_sample
 from ..outputs import detach_output, full_res, slice_batch
 from .options import (AMP_DEFAULT_SCALE, COMMON_DEFAULTS, TARGET_DEFAULTS, broadcast_param, check_int,  # noqa: F401
                       check_param)
@@ -100,6 +101,8 @@ class Attack:
     """
 
     name: str = "attack"
+    #: one line for reports and ``--list_attacks``: what the attack is and where it comes from
+    summary: str = ""
     defaults: Dict[str, Any] = dict(COMMON_DEFAULTS)
     #: whether the attack is targeted regardless of the ``targeted`` option
     always_targeted: bool = False
@@ -337,6 +340,15 @@ class Attack:
             v = torch.stack([user(slice_batch(output, b), slice_batch(lab, b)).reshape(()).float()
                              for b in range(ctx.B)])
         return ctx.sign * v
+
+    @torch.no_grad()
+    def dice_per_sample(self, ctx: AttackContext, output) -> Tensor:
+        """``(B,)`` mean foreground Dice of the full-resolution prediction of ``output`` against the
+        voxel labels (the target if targeted): argmax for labels, ``> 0`` for sigmoid regions."""
+        logits = full_res(output)
+        if ctx.regions:
+            return region_dice_per_sample(logits > 0, ctx.y, ctx.region_mask)
+        return dice_per_sample(logits.argmax(1), self.voxel_labels(ctx), int(logits.shape[1]))
 
     # ------------------------------------------------------------------ gradients
     def grad_of(self, ctx: AttackContext, value: Tensor, wrt: Tensor) -> Tensor:

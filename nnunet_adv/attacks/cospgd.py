@@ -20,6 +20,7 @@ class CosPGD(PGD):
     """
 
     name = "cospgd"
+    summary = "CosPGD (Agnihotri et al. 2024)"
     defaults = {k: v for k, v in PGD.defaults.items() if k != "loss"}
     supports_regions = False  # a softmax-CE weighting of class labels: no sigmoid-region analogue
 

@@ -6,8 +6,6 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..losses import dice_per_sample, region_dice_per_sample
-from ..outputs import full_res
 from .base import Attack, AttackContext
 from .options import canonical_name
 from .selection import PerSampleBest
@@ -32,6 +30,7 @@ class Ensemble(Attack):
     """
 
     name = "ensemble"
+    summary = "per-case worst case (lowest Dice) over its member attacks"
     defaults = {"attacks": None}
 
     def __init__(self, attacks=None, **shared):
@@ -78,10 +77,5 @@ class Ensemble(Attack):
             with torch.no_grad():
                 # self.forward (not ctx.model): its first call checks the labels against the
                 # model and, for region targets, splits off nnU-Net's ignore channel
-                logits = full_res(self.forward(ctx, x))
-                if ctx.regions:  # sigmoid regions: mean Dice of the thresholded regions
-                    dice = region_dice_per_sample(logits > 0, ctx.y, ctx.region_mask)
-                else:
-                    dice = dice_per_sample(logits.argmax(1), ctx.y, int(logits.shape[1]))
-            best.update(x, dice)
+                best.update(x, self.dice_per_sample(ctx, self.forward(ctx, x)))
         return best.x

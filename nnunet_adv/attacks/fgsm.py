@@ -22,6 +22,7 @@ class FGSM(LpAttack):
     """
 
     name = "fgsm"
+    summary = "FGSM: one signed-gradient step (Goodfellow et al. 2015)"
 
     def perturb(self, ctx: AttackContext):
         g, _ = self.input_grad(ctx, ctx.x0)

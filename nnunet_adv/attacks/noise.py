@@ -18,6 +18,7 @@ class GaussianNoise(Attack):
     """
 
     name = "gn"
+    summary = "Gaussian noise, the VAFA paper's baseline"
     defaults = {**COMMON_DEFAULTS, "std": 4 / 255}
 
     def perturb(self, ctx: AttackContext):

@@ -31,6 +31,7 @@ class PGD(LpAttack):
     """
 
     name = "pgd"
+    summary = "PGD: random start, optional restarts (Madry et al. 2018)"
     defaults = {**LpAttack.defaults, "alpha": 0.01, "steps": 20, "random_start": True, "restarts": 1}
 
     def perturb(self, ctx: AttackContext):
@@ -57,4 +58,5 @@ class BIM(PGD):
     """
 
     name = "bim"
+    summary = "BIM / I-FGSM: iterated FGSM without random start (Kurakin et al. 2017)"
     defaults = {k: v for k, v in PGD.defaults.items() if k not in ("random_start", "restarts")}

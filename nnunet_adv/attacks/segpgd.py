@@ -22,6 +22,7 @@ class SegPGD(PGD):
     """
 
     name = "segpgd"
+    summary = "SegPGD (Gu et al. 2022)"
     defaults = {k: v for k, v in PGD.defaults.items() if k != "loss"}
     supports_regions = False  # a softmax-CE weighting of class labels: no sigmoid-region analogue
 

@@ -50,6 +50,7 @@ class TargetedIFGSM(BIM):
     """
 
     name = "ifgsm-targeted"
+    summary = "targeted I-FGSM towards the inverted mask (NLCEN protocol, He et al. 2019)"
     always_targeted = True
     defaults = {**COMMON_DEFAULTS, "target": None, "eps": 4 / 255, "alpha": 1 / 255,
                 "steps": nlcen_iterations(4), "norm": "linf", "nlcen_schedule": False}

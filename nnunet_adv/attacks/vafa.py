@@ -8,18 +8,94 @@ that makes JPEG-like compression of the image destroy what the network relies on
 """
 from __future__ import annotations
 
+import itertools
 import numbers
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..frequency import BACKENDS, dctn, from_blocks, idctn, normalize_block_size, soft_round, to_blocks
-from ..ssim import block_ssim
+from ..losses import monai_dice_ce
 from ..outputs import full_res
+from ..ssim import block_ssim
 from .base import Attack, AttackContext
 from .options import COMMON_DEFAULTS, TARGET_DEFAULTS
 from .selection import per_sample_view
+
+
+def tile_starts(size: int, tile: int) -> List[int]:
+    """Start indices of the reference code's tiles along one axis: MONAI's ``dense_patch_slices``
+    with ``scan_interval = tile`` (non-overlapping, the last tile moved back to end at the border);
+    an axis no longer than the tile is one tile."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, tile))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+def _minmax(x: torch.Tensor, dims) -> torch.Tensor:
+    mn = x.amin(dim=dims, keepdim=True)
+    mx = x.amax(dim=dims, keepdim=True)
+    # the reference divides by (max - min) unguarded (NaN for a constant slice); here such a slice is 0
+    return (x - mn) / torch.where(mx > mn, mx - mn, torch.ones_like(mx))
+
+
+def rescale_slices(x01: torch.Tensor, slice_axis: int = 0, tile: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+    """The VAFA reference code's per-slice min-max rescale (``attacks/vafa/vafa.py``: every axial
+    slice of the reconstruction mapped to [0, 1]), differentiable through the slice extrema.
+
+    Args:
+        x01: ``(B, C, H, W)`` (one slice per image) or ``(B, C, D, H, W)``.
+        slice_axis: spatial axis indexing the slices of a 3D image (nnU-Net's first axis: 0).
+        tile: 3D only: the reference attacks non-overlapping tiles (96^3) and rescales the
+            slices of each tile separately; tiles as :func:`tile_starts`, a later tile
+            overwriting the overlap of the moved-back last one (the reference's stitching).
+            None: whole slices.
+    Returns:
+        Same shape; every (tile) slice spans [0, 1] (a constant one is 0).
+    """
+    nsp = x01.dim() - 2
+    if nsp == 2:
+        return _minmax(x01, (2, 3))
+    s = slice_axis % 3
+    dims = tuple(2 + d for d in range(3) if d != s)
+    if tile is None:
+        return _minmax(x01, dims)
+    spatial = x01.shape[2:]
+    out = x01.clone()
+    ranges = [[(a, min(a + t, n)) for a in tile_starts(n, t)] for n, t in zip(spatial, tile)]
+    for box in itertools.product(*ranges):
+        idx = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in box)
+        out[idx] = _minmax(x01[idx], dims)
+    return out
+
+
+def unit_window(ctx: AttackContext, lo: torch.Tensor, hi: torch.Tensor, clip: bool):
+    """``(lo, hi, x01)``: the clean image mapped to [0, 1] with the window ``[lo, hi]``
+    (``(B, C, 1, ..., 1)``), widened to contain the clean image unless ``clip`` (then voxels
+    outside the window are clipped into it, as the reference's preprocessing does)."""
+    if not clip:
+        dims = tuple(range(2, ctx.x0.dim()))
+        lo = torch.minimum(lo, ctx.x0.amin(dim=dims, keepdim=True))
+        hi = torch.maximum(hi, ctx.x0.amax(dim=dims, keepdim=True))
+    return lo, hi, ((ctx.x0 - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def _check_tile(value) -> Optional[Tuple[int, int, int]]:
+    if value is None:
+        return None
+    values = (value,) * 3 if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = ()
+    if len(values) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                                   for v in values):
+        raise ValueError(f"rescale_tile must be None, an integer or 3 integers >= 1, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 class VAFA3D(Attack):
@@ -44,8 +120,13 @@ class VAFA3D(Attack):
     to take the target class.
 
     Units: the attack maps each image to [0, 1] with the intensity window ``lower``/``upper``
-    (tensor units; None: the clean sample's per-channel min/max), runs VAFA there and maps
-    the result back, so the output lies in the window.
+    (tensor units; None: the clean sample's per-channel min/max) *widened to contain the clean
+    image* (``[min(lower, min x), max(upper, max x)]`` per sample and channel, as the Lp attacks'
+    box contains the clean voxel), runs VAFA there and maps the result back into the box
+    ``[min(lower, x), max(upper, x)]``. So a clean voxel outside the window (CT air below p0.5,
+    augmented patches) is quantised like any other and never clipped. ``clip_to_window=True``
+    maps with the window itself and clips such voxels into it (what the reference code's
+    preprocessing does: ``ScaleIntensityRanged(clip=True)``; the ``-ref`` variants).
 
     Block sizes that do not divide the image: the [0, 1] image is padded at the far end of
     each blocked axis (``pad_mode``: 'replicate' (default) or 'reflect'), attacked, and the
@@ -57,7 +138,9 @@ class VAFA3D(Attack):
         reference experiments use 32); use_ssim_loss True; q_step 1.0; temperature
         (0.1, 1e-20); renormalize_slices False (the reference code rescales each axial slice
         of X' to [0, 1] before the forward pass; off by default because it changes the
-        intensities of every slice); slice_axis 0 (the axis indexing slices among the spatial
+        intensities of every slice: :class:`VAFA3DRef` turns it on); rescale_tile None (the
+        rescale's tile, :func:`rescale_slices`; None: whole slices); clip_to_window False;
+        slice_axis 0 (the axis indexing slices among the spatial
         axes; nnU-Net's first spatial axis is the out-of-plane one, MONAI's (H, W, D) layout
         of the reference code uses -1); early_stop True; pad_mode 'replicate'; dct_backend
         'matrix' ('torch_dct' = the reference's DCT); targeted / target, loss, seed (unused:
@@ -66,11 +149,13 @@ class VAFA3D(Attack):
     """
 
     name = "vafa-3d"
+    summary = "VAFA-3D as published (Hanif et al. 2023)"
     block_ndim = 3
     defaults = {**COMMON_DEFAULTS, **TARGET_DEFAULTS, "steps": 20, "q_max": 20.0, "q_min": 5.0,
                 "block_size": (8, 8, 8), "use_ssim_loss": True, "q_step": 1.0,
-                "temperature": (0.1, 1e-20), "renormalize_slices": False, "slice_axis": 0,
-                "early_stop": True, "pad_mode": "replicate", "dct_backend": "matrix"}
+                "temperature": (0.1, 1e-20), "renormalize_slices": False, "rescale_tile": None,
+                "clip_to_window": False, "slice_axis": 0, "early_stop": True, "pad_mode": "replicate",
+                "dct_backend": "matrix"}
 
     # ------------------------------------------------------------------ options
     def validate(self) -> None:
@@ -89,7 +174,8 @@ class VAFA3D(Attack):
             raise ValueError(f"temperature must be a pair (start, end), got {temp!r}") from None
         if not (0.0 < a1 <= a0 < 1.0):
             raise ValueError(f"temperature (start, end) must satisfy 0 < end <= start < 1, got {temp!r}")
-        for key in ("use_ssim_loss", "renormalize_slices", "early_stop"):
+        o["rescale_tile"] = _check_tile(o["rescale_tile"])
+        for key in ("use_ssim_loss", "renormalize_slices", "early_stop", "clip_to_window"):
             if not isinstance(o[key], bool):
                 raise ValueError(f"{key} must be True or False, got {o[key]!r}")
         if o["pad_mode"] not in ("replicate", "reflect"):
@@ -151,16 +237,13 @@ class VAFA3D(Attack):
         return w[idx]
 
     def _renormalize(self, x01: torch.Tensor) -> torch.Tensor:
-        """Reference-code option: min-max rescale every slice (along slice_axis) to [0, 1]."""
+        """Reference-code option: min-max rescale every slice (of every tile) to [0, 1]."""
         nsp = x01.dim() - 2
-        if nsp == 2:
-            dims = (2, 3)
-        else:
-            s = self._slice_axis(nsp)
-            dims = tuple(2 + d for d in range(3) if d != s)
-        mn = x01.amin(dim=dims, keepdim=True)
-        mx = x01.amax(dim=dims, keepdim=True)
-        return (x01 - mn) / torch.where(mx > mn, mx - mn, torch.ones_like(mx))
+        return rescale_slices(x01, self._slice_axis(nsp) if nsp == 3 else 0, self.options["rescale_tile"])
+
+    def vafa_window(self, ctx: AttackContext):
+        """``(lo, hi, x01)``: the [0, 1] map of the clean image (class docstring, Units)."""
+        return unit_window(ctx, *self.window(ctx), clip=self.options["clip_to_window"])
 
     # ------------------------------------------------------------------ transform
     def frequency_coefficients(self, x01: torch.Tensor):
@@ -196,9 +279,8 @@ class VAFA3D(Attack):
     def perturb(self, ctx: AttackContext):
         o = self.options
         bs, k = o["block_size"], len(o["block_size"])
-        lo, hi = self.window(ctx)
+        lo, hi, x01 = self.vafa_window(ctx)
         width = hi - lo
-        x01 = (ctx.x0 - lo) / width
         dev_type = ctx.x0.device.type
 
         # The transforms run in fp32 even under autocast: DCT coefficients of 255-scaled
@@ -261,6 +343,7 @@ class VAFA2D(VAFA3D):
     """
 
     name = "vafa-2d"
+    summary = "VAFA-2D as published (Hanif et al. 2023)"
     block_ndim = 2
     defaults = {**VAFA3D.defaults, "steps": 10, "block_size": (8, 8), "use_ssim_loss": False}
 
@@ -286,3 +369,79 @@ class VAFA2D(VAFA3D):
         if w.dim() == 4:
             return w
         return w.movedim(2, 2 + self._slice_axis(3))
+
+
+# ============================================================================= the authors' code
+#: What the reference code does beyond the paper's algorithm (``attacks/vafa/vafa.py`` and
+#: ``generate_adv_samples.py`` of asif-hanif/vafa): every axial slice of each 96^3 tile min-max
+#: rescaled to [0, 1] in every step and in the output, the image clipped to its window.
+REF_OPTIONS = {"renormalize_slices": True, "rescale_tile": (96, 96, 96), "clip_to_window": True}
+
+
+def _reference_loss(attack: VAFA3D, ctx: AttackContext, output) -> torch.Tensor:
+    """The reference code's attack loss, MONAI's DiceCE (:func:`nnunet_adv.losses.monai_dice_ce`),
+    unless a ``loss`` is given (a trainer passes its own training loss, as the reference's VAFT
+    crafts with its training loss)."""
+    if attack.options.get("loss") is not None:
+        return VAFA3D.base_loss(attack, ctx, output)
+    return monai_dice_ce(output, attack.voxel_labels(ctx))
+
+
+class VAFA3DRef(VAFA3D):
+    """VAFA-3D as the authors' code runs it (``vafa-3d-ref``): :class:`VAFA3D` plus the reference
+    code's per-slice min-max rescale inside each non-overlapping 96^3 tile (``rescale_tile``;
+    tiles as MONAI's ``dense_patch_slices``, the rescale in every step and in the output, gradients
+    through the slice extrema), MONAI's DiceCE loss (softmax, squared denominators, smooth_nr 0,
+    smooth_dr 1e-6, background included, CE mean) and the image clipped to its window
+    (``clip_to_window``; with ``window_raw=(-175,250)`` in the attack configuration, the
+    reference's fixed CT window). On a whole volume the tiles are the reference's tiles of the
+    volume, while the gradient still runs through nnU-Net's sliding-window prediction. A constant
+    slice becomes 0 (the reference divides by zero). Label targets only (no regions).
+    Options and other defaults: as :class:`VAFA3D`.
+    """
+
+    name = "vafa-3d-ref"
+    summary = "VAFA-3D as the authors' code runs it (per-slice rescale in 96^3 tiles, DiceCE loss, window clip)"
+    defaults = {**VAFA3D.defaults, **REF_OPTIONS}
+    supports_regions = False
+    base_loss = _reference_loss
+
+
+class VAFA2DRef(VAFA2D):
+    """VAFA-2D as the authors' code runs it (``vafa-2d-ref``): :class:`VAFA2D` with the
+    reference's per-slice rescale (a 2D image is one slice; a 3D volume's slices inside 96^3
+    tiles), MONAI's DiceCE loss and the clip to the window, as :class:`VAFA3DRef`."""
+
+    name = "vafa-2d-ref"
+    summary = "VAFA-2D as the authors' code runs it (per-slice rescale, DiceCE loss, window clip)"
+    defaults = {**VAFA2D.defaults, **REF_OPTIONS}
+    supports_regions = False
+    base_loss = _reference_loss
+
+
+class SliceRescale(Attack):
+    """Control for the authors' VAFA (``slice-rescale``): the reference code's per-slice (per
+    96^3 tile) min-max rescale applied to the clean image, no optimisation and no model call.
+    A report then shows how much of the ``vafa-3d-ref`` / ``vafa-2d-ref`` effect is the rescale.
+
+    Options: rescale_tile (96, 96, 96); slice_axis 0; clip_to_window True; lower / upper (the
+    window, as VAFA's). Shapes: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` -> same.
+    """
+
+    name = "slice-rescale"
+    summary = "control: the authors' per-slice rescale of VAFA alone, no attack"
+    defaults = {**COMMON_DEFAULTS, "rescale_tile": (96, 96, 96), "slice_axis": 0, "clip_to_window": True}
+
+    def validate(self) -> None:
+        o = self.options
+        o["rescale_tile"] = _check_tile(o["rescale_tile"])
+        if not isinstance(o["clip_to_window"], bool):
+            raise ValueError(f"clip_to_window must be True or False, got {o['clip_to_window']!r}")
+        if isinstance(o["slice_axis"], bool) or not isinstance(o["slice_axis"], numbers.Integral):
+            raise ValueError(f"slice_axis must be an integer, got {o['slice_axis']!r}")
+
+    def perturb(self, ctx: AttackContext):
+        lo, hi, x01 = unit_window(ctx, *self.window(ctx), clip=self.options["clip_to_window"])
+        with torch.no_grad():
+            rescaled = rescale_slices(x01, int(self.options["slice_axis"]), self.options["rescale_tile"])
+            return self.clamp_box(ctx, lo + rescaled * (hi - lo))

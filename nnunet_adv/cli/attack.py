@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kw in _ATTACK_FLAGS.items():
         kw = {"metavar": name.upper(), **kw} if "choices" not in kw else kw
         a.add_argument(f"--{name}", dest=f"attack_{name}", default=None, **kw)
+    a.add_argument("--window_raw", nargs=2, type=float, default=None, metavar=("LOWER", "UPPER"),
+                   help="CT only: the raw window (HU) that replaces the dataset's [p0.5, p99.5] for this attack's "
+                        "budget and box, e.g. the VAFA reference code's -175 250")
     a.add_argument("--attack_option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the attack library (e.g. temperature=(0.1,1e-20)); repeatable")
     a.add_argument("--seed", type=int, default=0, help="seed of the attack's random generator (default 0)")
@@ -159,7 +162,8 @@ def attack_config_from_args(a):
     try:
         return AttackConfig(name=name, options=options, eps_frac=frac(a.eps), eps_raw=a.eps_raw,
                             alpha_frac=frac(a.attack_alpha), std_frac=frac(a.attack_std),
-                            seed=a.seed if "seed" in accepted else None)
+                            seed=a.seed if "seed" in accepted else None,
+                            window_raw=None if a.window_raw is None else tuple(a.window_raw))
     except UserError as e:
         raise CLIError(f"attack '{name}': {e}") from None
 
@@ -174,9 +178,11 @@ def run(args, argv: List[str]) -> int:
 
     a = args
     if a.list_attacks:
+        from nnunet_adv.attacks import attack_class
+
         for name in attack_names():
             if name != "ensemble":
-                print(f"{name}: {', '.join(_valid_flags(name))}")
+                print(f"{name}: {attack_class(name).summary}\n    options: {', '.join(_valid_flags(name))}")
         return 0
     missing = [flag for flag, value in (("-i", a.i), ("-o", a.o)) if value is None]
     if missing:
@@ -186,6 +192,10 @@ def run(args, argv: List[str]) -> int:
     config = attack_config_from_args(a)
     folder = folders.model_folder(a.m, a.d, a.c, a.tr, a.p)
     folds = folders.resolve_folds(folder, a.f, a.chk)
+    try:
+        config.check_for(json.loads((folder / "plans.json").read_text()), folders.configuration_of(folder))
+    except UserError as e:
+        raise CLIError(f"attack '{config.name}': {e}") from None
     input_folder, output_folder = Path(a.i), Path(a.o)
     labels_folder = None if a.l is None else Path(a.l)
     if not input_folder.is_dir():

@@ -142,7 +142,8 @@ def say_with_clock(started: float):
 def run(a, argv: List[str]) -> int:
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
-    from nnunet_adv.volume.folders import check_folders
+    from nnunet_adv.errors import UserError
+    from nnunet_adv.volume.folders import check_folders, configuration_of
 
     say = say_with_clock(time.time())
     if a.num_examples < 0:
@@ -165,6 +166,12 @@ def run(a, argv: List[str]) -> int:
                        f"choose a new folder (nothing was changed)")
     dataset_json = json.loads((models[0].folder / "dataset.json").read_text())
     plans = json.loads((models[0].folder / "plans.json").read_text())
+    for setting in settings:
+        if setting.attack is not None:
+            try:
+                setting.attack.check_for(plans, configuration_of(models[0].folder))
+            except UserError as e:
+                raise CLIError(f"attack {setting.label!r}: {e}") from None
     rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
     cases = labelled_cases(Path(a.i), Path(a.l), dataset_json, rw)
     device = pick_device(a.device)

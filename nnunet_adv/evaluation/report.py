@@ -218,8 +218,13 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
              f"with nnU-Net's predictor, test-time mirroring {'on' if ctx.tta else 'off'}; attacks on whole volumes "
              f"in nnU-Net's network space{' with mirroring EOT' if ctx.eot else ''}, written as images and predicted "
              f"like any input; device {ctx.device}.", "",
-             f"Command: `{ctx.command}`", "",
-             "## Mean foreground Dice (HD95 in mm)", ""]
+             f"Command: `{ctx.command}`", ""]
+    names = list(dict.fromkeys(s.attack.name for s in ctx.settings if s.attack is not None))
+    if names:
+        from nnunet_adv.attacks import attack_class
+
+        lines += ["Attacks: " + "; ".join(f"`{n}` {attack_class(n).summary}" for n in names) + ".", ""]
+    lines += ["## Mean foreground Dice (HD95 in mm)", ""]
     lines += _table(["model"] + [s.label for s in main],
                     [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} ({_f(ctx.fg(m.name, s.tag, 'HD95'), 1)})" for s in main]
                      for m in ctx.models])

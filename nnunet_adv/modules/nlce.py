@@ -1,10 +1,13 @@
 """NLCE: non-local context encoder (He et al., AAAI 2019), for 1D/2D/3D feature maps.
 
 An NLCE is a non-local block (Wang et al., CVPR 2018, embedded Gaussian) followed by an
-EncNet-style context encoding (Zhang et al., CVPR 2018) that rescales channels. NLCEN puts
-one after each encoder stage; in 3D the non-local block costs N^2 for N voxels, so
-:func:`insert_nlce` defaults to the two coarsest encoder stages, and the block subsamples its
-keys/values by max-pooling.
+EncNet-style context encoding (Zhang et al., CVPR 2018) that rescales channels. NLCEN puts one
+after each of the encoder stages conv2..conv5 of its ResNet-FPN and, for other networks
+(U-Net among them), one module between the last downsampling and the first upsampling layer:
+:func:`insert_nlce` follows that rule by default (the bottleneck, the last encoder stage). The
+non-local block costs N^2 for N positions; by default (``subsample="auto"``) its keys/values are
+not subsampled while the N x N attention matrix has at most :data:`ATTENTION_LIMIT` entries per
+sample, and max-pooled by the smallest power of 2 that brings it under the limit otherwise.
 
 Both parts start as the identity, so inserting NLCE into a trained nnU-Net does not change
 its output (fine-tuning starts from the trained function):
@@ -34,6 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 _GATES = ("scaled_sigmoid", "sigmoid")
+#: Largest attention matrix (N x M entries per sample) that ``subsample="auto"`` keeps without
+#: subsampling the keys: 2^22 entries = 16 MiB in fp32 per sample (forward; the backward keeps
+#: about as much again). An nnU-Net bottleneck is far below it (3D: 4^3 to 8^3 positions).
+ATTENTION_LIMIT = 2 ** 22
 _AGGREGATES = ("mean", "sum")
 
 
@@ -62,8 +69,10 @@ class NonLocalBlock(nn.Module):
         channels: C, channels of the input and output.
         inter_channels: C', width of theta/phi/g (default ``max(C // 2, 1)``, Wang et al.).
         dims: 1, 2 or 3 spatial dimensions.
-        subsample: max-pooling factor (int, or one per axis) applied to phi(x) and g(x)
-            after their convolutions (Wang et al.'s subsampling trick). Keys/values then
+        subsample: ``"auto"`` (default: none while N x N <= :data:`ATTENTION_LIMIT`, else the
+            smallest power-of-2 factor per axis that fits), or a max-pooling factor (int, or one
+            per axis) applied to phi(x) and g(x) after their convolutions (Wang et al.'s
+            subsampling trick). Keys/values then
             number ``M = prod(ceil(S_d / k_d))`` instead of ``N = prod(S_d)``, so the attention
             matrix is N x M: at 2 per axis, 1/4 (2D) or 1/8 (3D) of N^2. The factor is
             clipped per axis to the feature-map size (a size-1 axis is not pooled); ``ceil_mode``
@@ -75,12 +84,17 @@ class NonLocalBlock(nn.Module):
     """
 
     def __init__(self, channels: int, inter_channels: Optional[int] = None, dims: int = 3,
-                 subsample: Optional[Union[int, Sequence[int]]] = 2):
+                 subsample: Optional[Union[str, int, Sequence[int]]] = "auto"):
         super().__init__()
         conv = _conv_op(dims)
         self.dims = dims
         self.inter_channels = inter_channels or max(channels // 2, 1)
-        self.subsample = _as_tuple(subsample or 1, dims)
+        if subsample == "auto":
+            self.subsample = "auto"
+        elif isinstance(subsample, str):
+            raise ValueError(f"subsample must be 'auto', an int or one int per axis, got {subsample!r}")
+        else:
+            self.subsample = _as_tuple(subsample or 1, dims)
         self.theta = conv(channels, self.inter_channels, 1)
         self.phi = conv(channels, self.inter_channels, 1)
         self.g = conv(channels, self.inter_channels, 1)
@@ -92,6 +106,12 @@ class NonLocalBlock(nn.Module):
 
     def _pool_kernel(self, spatial: Sequence[int]) -> Tuple[int, ...]:
         # Never pool an axis by more than its size (e.g. a bottleneck axis of size 1).
+        if self.subsample == "auto":
+            n, factor = int(np.prod(spatial)), 1
+            while n * int(np.prod([math.ceil(s / min(factor, s)) for s in spatial])) > ATTENTION_LIMIT \
+                    and factor < max(spatial):
+                factor *= 2
+            return tuple(min(factor, s) for s in spatial)
         return tuple(min(k, s) for k, s in zip(self.subsample, spatial))
 
     def _keys(self, projected: torch.Tensor) -> torch.Tensor:
@@ -220,7 +240,7 @@ class NLCE(nn.Module):
     """
 
     def __init__(self, channels: int, dims: int = 3, inter_channels: Optional[int] = None,
-                 subsample: Optional[Union[int, Sequence[int]]] = 2, num_codewords: int = 32,
+                 subsample: Optional[Union[str, int, Sequence[int]]] = "auto", num_codewords: int = 32,
                  reduced_channels: Optional[int] = None, norm_op: Optional[Type[nn.Module]] = None,
                  norm_op_kwargs: Optional[dict] = None, gate: str = "scaled_sigmoid",
                  aggregate: str = "mean"):
@@ -268,9 +288,9 @@ def _stage_body(stage: nn.Module) -> nn.Sequential:
 
 
 def _stage_indices(stages: Optional[Sequence[int]], n_stages: int) -> Tuple[int, ...]:
-    """Normalise stage indices (negative allowed); default: the two coarsest stages."""
+    """Normalise stage indices (negative allowed); default: the bottleneck (the paper's U-Net rule)."""
     if stages is None:
-        stages = (-2, -1) if n_stages > 1 else (-1,)
+        stages = (-1,)
     indices = set()
     for s in stages:
         if not -n_stages <= s < n_stages:
@@ -293,8 +313,9 @@ def insert_nlce(network: nn.Module, stages: Optional[Sequence[int]] = None, **nl
     Args:
         network: dynamic_network_architectures PlainConvUNet or ResidualEncoderUNet (2D or 3D);
             anything with ``.encoder.stages``, ``.encoder.output_channels``, ``.encoder.conv_op``.
-        stages: encoder stage indices (negative allowed). Default: the two coarsest stages
-            (``(-2, -1)``), where the N x M attention is small. NLCEN used all but the stem.
+        stages: encoder stage indices (negative allowed). Default: the bottleneck (``(-1,)``),
+            NLCEN's rule for U-Nets (one module between the last downsampling and the first
+            upsampling layer); NLCEN's FPN used all stages but the stem.
         **nlce_kwargs: passed to :class:`NLCE` (inter_channels, subsample, num_codewords,
             reduced_channels, gate, aggregate, norm_op, norm_op_kwargs). norm_op defaults to the
             encoder's own norm (InstanceNorm for nnU-Net).

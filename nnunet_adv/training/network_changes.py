@@ -138,13 +138,13 @@ class InsertNLCE(NetworkChange):
     """NLCE modules at the end of the given encoder stages (He et al. 2019).
 
     Attributes:
-        stages: encoder stage indices (negative allowed); default the two coarsest.
+        stages: encoder stage indices (negative allowed); default the bottleneck (NLCEN's U-Net rule).
         options: keyword options of :class:`nnunet_adv.modules.nlce.NLCE` (as a tuple of
             (name, value) pairs so that the change stays hashable), e.g.
             ``(("subsample", 2), ("num_codewords", 32))``.
     """
 
-    stages: Tuple[int, ...] = (-2, -1)
+    stages: Tuple[int, ...] = (-1,)
     options: Tuple[Tuple[str, object], ...] = field(default=())
 
     def apply(self, network: nn.Module) -> nn.Module:

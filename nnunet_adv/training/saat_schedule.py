@@ -11,8 +11,10 @@ adapts the number ``m`` of attack iterations every ``check_period`` epochs::
         if   mag > thr       and m < m_max:  thr <- gamma * mag; m <- m + 1
         elif mag < thr/gamma and m > m_start: thr <- gamma * mag; m <- m - 1
 
-Epochs are nnU-Net's 0-based ``current_epoch`` of the epoch that just ended; the new ``m``
-applies from the next epoch. Defaults are the published ones (gamma 1.1, m_max 5, period 3);
+Epochs are numbered as in the reference code (SEAT's ``at_main.py``: ``for epoch in
+range(1, epochs + 1)``), 1-based: the trainer passes nnU-Net's 0-based ``current_epoch + 1`` of
+the epoch that just ended, and the new ``m`` applies from the next epoch. So with P = 3 the
+iterations per epoch are 1, 1, 1, 2, 2, 2, 3, ... under a rising magnitude, as SEAT's. Defaults are the published ones (gamma 1.1, m_max 5, period 3);
 nnU-Net epochs are long (250 iterations), so the period is configurable and the rule is
 otherwise unchanged. This module is pure Python: the trainer reduces ``mag`` across DDP
 ranks before calling :meth:`SAATSchedule.update`, so every rank takes the same decision.
@@ -57,7 +59,8 @@ class SAATSchedule:
             self.m = self.m_init
 
     def update(self, epoch: int, magnitude: float) -> int:
-        """Apply the rule after ``epoch`` (0-based) whose mean magnitude was ``magnitude``.
+        """Apply the rule after ``epoch`` (1-based, SEAT's numbering) whose mean magnitude was
+        ``magnitude``.
 
         A NaN magnitude (no gradient measured, e.g. every step skipped by the AMP scaler)
         changes nothing at a decision epoch. Returns the number of iterations for the next epoch.

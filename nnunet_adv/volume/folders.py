@@ -46,6 +46,14 @@ def model_folder(folder=None, dataset=None, configuration=None, trainer: str = "
     return path
 
 
+def configuration_of(folder: Path) -> str:
+    """The configuration of a trained model folder ``TRAINER__PLANS__CONFIGURATION`` (nnU-Net's naming)."""
+    parts = Path(folder).resolve().name.split("__")
+    if len(parts) != 3:
+        raise UserError(f"{folder}: not an nnU-Net model folder name (TRAINER__PLANS__CONFIGURATION)")
+    return parts[2]
+
+
 def check_model_folder(path: Path) -> None:
     if not path.is_dir():
         raise UserError(f"model folder {path} does not exist")

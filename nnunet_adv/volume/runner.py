@@ -23,7 +23,7 @@ from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.errors import UserError
 from nnunet_adv.files import atomic_write_json
 from nnunet_adv.volume.engine import CaseError, VolumeAttack
-from nnunet_adv.volume.folders import check_folders, find_cases
+from nnunet_adv.volume.folders import check_folders, configuration_of, find_cases
 from nnunet_adv.volume.trained_model import load_trained_model
 
 ATTACK_JSON = "attack.json"
@@ -75,6 +75,8 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
     if run.tile_batch_size < 1:
         raise UserError(f"--tile_batch_size must be >= 1, got {run.tile_batch_size}")
     dataset_json = json.loads((Path(run.model_folder) / "dataset.json").read_text())
+    run.attack.check_for(json.loads((Path(run.model_folder) / "plans.json").read_text()),
+                         configuration_of(Path(run.model_folder)))
     file_ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output_folder = Path(run.output_folder)
@@ -175,7 +177,8 @@ def _report_header(run: AttackRun, model) -> dict:
         "argv": list(run.argv),
         "started": _now(),
         "model": info,
-        "attack": {"name": cfg.name, "label": cfg.label, "options": cfg.resolved_options(), "units": cfg.units(),
+        "attack": {"name": cfg.name, "summary": _summary(cfg.name), "label": cfg.label,
+                   "options": cfg.resolved_options(), "units": cfg.units(),
                    "eot_mirroring": run.eot_mirroring, "mirror_axes_attacked": attacked_axes,
                    "sliding_window": {"tile_step_size": 0.5, "gaussian": True, "tile_batch_size": run.tile_batch_size},
                    "target": "labels" if run.labels_folder is not None else "clean prediction",
@@ -190,6 +193,12 @@ def _report_header(run: AttackRun, model) -> dict:
         "device": run.device,
         "cases": {},
     }
+
+
+def _summary(name: str) -> str:
+    from nnunet_adv.attacks import attack_class
+
+    return attack_class(name).summary
 
 
 def _previous_records(output_folder: Path) -> dict:

@@ -17,7 +17,8 @@ from nnunet_adv.attacks import (attack_defaults, available_attacks, build_attack
 LP_ATTACKS = ["fgsm", "bim", "pgd", "segpgd", "cospgd", "apgd-ce", "ifgsm-targeted"]
 GRAD_ATTACKS = LP_ATTACKS + ["vafa-2d", "vafa-3d"]
 FAST = {"bim": {"steps": 4}, "pgd": {"steps": 4}, "segpgd": {"steps": 4}, "cospgd": {"steps": 4},
-        "apgd-ce": {"steps": 4}, "vafa-2d": {"steps": 4}, "vafa-3d": {"steps": 4}}
+        "apgd-ce": {"steps": 4, "select": "loss"},  # the Lp geometry; the Dice selection: test_apgd_*
+        "vafa-2d": {"steps": 4}, "vafa-3d": {"steps": 4}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +37,8 @@ def _supports(name, nsp):
 # ============================================================================ registry
 def test_registry_lists_every_attack():
     assert available_attacks() == sorted(["fgsm", "bim", "pgd", "gn", "ifgsm-targeted", "vafa-3d", "vafa-2d",
-                                           "segpgd", "cospgd", "apgd-ce", "ensemble"])
+                                           "segpgd", "cospgd", "apgd-ce", "apgd-rog", "vafa-3d-ref", "vafa-2d-ref",
+                                           "slice-rescale", "ensemble"])
     assert type(build_attack("VAFA_3D")).__name__ == "VAFA3D"
 
 
@@ -204,16 +206,64 @@ def test_pgd_restarts_keep_per_sample_worst_case():
     assert bool((many > one).any())
 
 
-def test_apgd_returns_best_iterate_and_beats_its_start():
+def test_apgd_loss_criterion_returns_best_iterate_and_beats_its_start():
+    """select='loss' (AutoAttack's criterion): the largest-loss iterate."""
     net = trained_model(3)
     x, y, labels = _data(3, False)
     counting = CountingModel(net)
-    xa = build_attack("apgd-ce", eps=0.05, steps=10, seed=0)(counting, x, labels)
+    xa = build_attack("apgd-ce", eps=0.05, steps=10, seed=0, select="loss")(counting, x, labels)
     assert counting.calls == 11                      # start + 10 iterations, no extra passes
     # the start point alone (random in the ball) is much weaker than the returned best point
     xs = build_attack("pgd", eps=0.05, steps=1, alpha=0.0, seed=0)(net, x, labels)
     assert bool((ce(net, xa, y) > ce(net, xs, y)).all())
     assert float((xa - x).abs().max()) <= 0.05 + 1e-6
+
+
+class _RecordingModel(torch.nn.Module):
+    """Records every input the attack evaluates (``calls``) and its Dice against ``y``."""
+
+    def __init__(self, net, y):
+        super().__init__()
+        self.net, self.y, self.inputs, self.dice = net, y, [], []
+
+    def forward(self, x):
+        out = self.net(x)
+        from nnunet_adv.losses import dice_per_sample
+
+        self.inputs.append(x.detach().clone())
+        self.dice.append(dice_per_sample(out.detach().argmax(1), self.y, out.shape[1]))
+        return out
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_apgd_keeps_the_lowest_dice_iterate_of_all_restarts_or_the_clean_image(restarts):
+    """ROG (rog/autoattack/autopgd.py): per sample the iterate with the lowest Dice over every
+    iterate of every restart, the clean image where none is below the clean Dice; one extra
+    forward (the clean Dice), none per iterate."""
+    net = trained_model(3)
+    x, y, labels = _data(3, False, n=3)
+    rec = _RecordingModel(net, y)
+    xa = build_attack("apgd-ce", eps=0.05, steps=4, restarts=restarts, seed=0)(rec, x, labels)
+    assert len(rec.inputs) == 1 + restarts * (1 + 4)
+    dice = torch.stack(rec.dice)                      # (evaluations, B); evaluation 0: the clean image
+    for b in range(x.shape[0]):
+        i = int(torch.argmin(dice[:, b]))             # the first lowest (ties keep the earlier, clean first)
+        assert torch.equal(xa[b], rec.inputs[i][b])
+    assert bool((dice[1:].min(0).values < dice[0]).all()) and not torch.equal(xa, x)
+
+
+def test_apgd_returns_the_clean_image_where_no_iterate_lowers_the_dice():
+    net = trained_model(3)
+    x, y, labels = _data(3, False)
+    xa = build_attack("apgd-ce", eps=1e-6, steps=2, seed=0)(net, x, labels)  # too small to change a voxel
+    assert torch.equal(xa, x)
+    assert not torch.equal(build_attack("apgd-ce", eps=1e-6, steps=2, seed=0, select="loss")(net, x, labels), x)
+
+
+def test_apgd_rog_preset():
+    d = attack_defaults("apgd-rog")
+    assert (d["steps"], d["restarts"], d["select"], d["rho"], d["initial_step"]) == (5, 5, "dice", 0.75, 2.0)
+    assert attack_defaults("apgd-ce")["select"] == "dice" and attack_defaults("apgd-ce")["restarts"] == 1
 
 
 @pytest.mark.parametrize("name,fn", [("segpgd", "segpgd_loss"), ("cospgd", "cospgd_loss")])

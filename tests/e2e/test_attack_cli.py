@@ -215,6 +215,7 @@ ERRORS = {
     "file_ending": "case_0009_0000.nrrd: file ending does not match the dataset's '.nii.gz'",
     "eps_for_vafa": "option(s) --eps do not apply to attack 'vafa-3d'",
     "bad_value": "attack 'pgd': steps must be an integer >= 1, got 0",
+    "window_raw_on_mri": "attack 'vafa-3d-ref': window_raw needs CT-normalised channels",
 }
 
 
@@ -253,6 +254,8 @@ def _bad_command(case, attacked, tmp_path, use_model_folder):
         attack = ["--attack_name", "vafa-3d", "--eps", "4"]
     elif case == "bad_value":
         extra = ["--steps", "0"]
+    elif case == "window_raw_on_mri":
+        attack = ["--attack_name", "vafa-3d-ref", "--window_raw", "-175", "250"]
     return ["-i", str(inp), "-o", str(out), *map(str, model), *attack, *extra], out
 
 

@@ -171,9 +171,9 @@ def test_insert_keeps_shapes_keys_and_function(kind, deep_supervision):
     assert len(after) == (3 if deep_supervision else 1)
     for a, b in zip(after, before):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-    # Default placement: the two coarsest stages, with matching widths.
+    # Default placement: the bottleneck (NLCEN's rule for U-Nets), with matching width.
     assert net.encoder.output_channels == channels_before
-    assert [m.channels for m in nlces(net)] == channels_before[-2:]
+    assert [m.channels for m in nlces(net)] == channels_before[-1:]
     # Every original key is still there; a plain checkpoint loads with only NLCE keys missing.
     new_keys = set(net.state_dict()) - keys_before
     assert keys_before <= set(net.state_dict()) and all(".nlce." in k for k in new_keys)
@@ -205,7 +205,7 @@ def test_insert_identity_in_train_mode_and_stage_selection():
 
 
 def test_attention_memory_bounded_inside_network():
-    net = insert_nlce(build("plain3d"))
+    net = insert_nlce(build("plain3d"), stages=(-2, -1), subsample=2)
     seen = []
     for m in nlces(net):
         m.non_local.attention.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
@@ -213,6 +213,20 @@ def test_attention_memory_bounded_inside_network():
         net(batch("plain3d"))
     # 32^3 patch, strides 2: the coarse stages are 8^3 (N = 512) and 4^3 (N = 64); keys / 8.
     assert seen == [(1, 512, 64), (1, 64, 8)]
+
+
+def test_automatic_subsampling_keeps_every_key_while_the_attention_fits(monkeypatch):
+    """subsample='auto' (the default): N x N while it has at most ATTENTION_LIMIT entries, else keys
+    max-pooled by the smallest power of 2 per axis that fits."""
+    import nnunet_adv.modules.nlce as nlce_module
+
+    block = NonLocalBlock(4, dims=3)
+    assert block.attention_size((8, 8, 8)) == (512, 512)           # 2^18 entries: no subsampling
+    monkeypatch.setattr(nlce_module, "ATTENTION_LIMIT", 512 * 64)
+    assert block.attention_size((8, 8, 8)) == (512, 64)            # pooled by 2 per axis
+    monkeypatch.setattr(nlce_module, "ATTENTION_LIMIT", 512 * 8)
+    assert block.attention_size((8, 8, 8)) == (512, 8)             # by 4
+    assert NonLocalBlock(4, dims=3, subsample=2).attention_size((8, 8, 8)) == (512, 64)
 
 
 @pytest.mark.parametrize("kind", ["plain3d", "res2d"])

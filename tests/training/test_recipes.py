@@ -23,6 +23,7 @@ from nnunet_adv.trainers import (
     nnUNetTrainerDualNorm,
     nnUNetTrainerDualNorm_TestShort,
     nnUNetTrainerNLCE,
+    nnUNetTrainerNLCE_MultiStage,
     nnUNetTrainerNLCE_TestShort,
     nnUNetTrainerNLCE_VAFT,
     nnUNetTrainerNLCE_VAFT_TestShort,
@@ -40,6 +41,7 @@ from nnunet_adv.training.network_changes import (
     DualNormConversion,
     InsertNLCE,
 )
+from nnunet_adv.training.adversarial_trainer import RecipeError
 from nnunet_adv.training.pretrained import load_pretrained_weights
 from nnunet_adv.training.saat_schedule import SAATSchedule
 from trainer_batch import make_batch
@@ -123,8 +125,10 @@ def test_published_defaults_of_every_recipe():
         assert (cls.train_attack_route, cls.validation_attack_route) == (ADV, CLEAN)
     assert nnUNetTrainerDualBN.network_changes == (BatchNormArchitecture(), DualNormConversion(momentum=0.01))
     assert nnUNetTrainerDualNorm.network_changes == (DualNormConversion(momentum=0.01),)
-    # NLCE: coarse encoder stages, clean training; NLCE_VAFT = VAFT + the NLCE network change
-    assert nnUNetTrainerNLCE.network_changes == (InsertNLCE(stages=(-2, -1)),)
+    # NLCE: NLCEN's U-Net rule (one module at the bottleneck, keys not subsampled while the attention
+    # fits), clean training; the two-stage variant by name; NLCE_VAFT = VAFT + the NLCE network change
+    assert nnUNetTrainerNLCE.network_changes == (InsertNLCE(stages=(-1,), options=(("subsample", "auto"),)),)
+    assert nnUNetTrainerNLCE_MultiStage.network_changes == (InsertNLCE(stages=(-2, -1), options=(("subsample", 2),)),)
     assert (nnUNetTrainerNLCE.clean_loss_weight, nnUNetTrainerNLCE.adversarial_loss_weight) == (1.0, 0.0)
     assert issubclass(nnUNetTrainerNLCE_VAFT, nnUNetTrainerVAFT)
     assert nnUNetTrainerNLCE_VAFT.network_changes == nnUNetTrainerNLCE.network_changes
@@ -189,6 +193,23 @@ def test_vaft_loss_has_clean_adversarial_and_frequency_terms(nnunet_tree, monkey
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
 
 
+@pytest.mark.parametrize("configuration, attack_cls", [("3d_fullres", "VAFA3DRef"), ("2d", "VAFA2DRef")])
+def test_vaft_can_train_against_the_authors_vafa(nnunet_tree, monkeypatch, configuration, attack_cls):
+    class _VAFTRef(nnUNetTrainerVAFT_TestShort):
+        vafa_variant = "ref"
+
+    trainer = _make_trainer(_VAFTRef, nnunet_tree, configuration, True, monkeypatch)
+    assert type(trainer._build_attack(make_batch(trainer)["data"], {})).__name__ == attack_cls
+    assert trainer.attack_name.endswith("-ref")
+    assert set(trainer.train_step(make_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
+
+    class _Bad(nnUNetTrainerVAFT_TestShort):
+        vafa_variant = "authors"
+
+    with pytest.raises(RecipeError, match="vafa_variant must be 'paper' or 'ref'"):
+        _make_trainer(_Bad, nnunet_tree, configuration, True, monkeypatch, initialize=False)
+
+
 def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
     trainer = _make_trainer(nnUNetTrainerVAFA_TestShort, nnunet_tree, "2d", True, monkeypatch)
     batch = make_batch(trainer)
@@ -198,7 +219,7 @@ def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
 
 def test_nlce_vaft_is_vaft_on_the_nlce_network(nnunet_tree, monkeypatch):
     trainer = _make_trainer(nnUNetTrainerNLCE_VAFT_TestShort, nnunet_tree, "2d", True, monkeypatch)
-    assert sum(isinstance(m, NLCE) for m in trainer.network.modules()) == 2
+    assert sum(isinstance(m, NLCE) for m in trainer.network.modules()) == 1  # NLCE's network: the bottleneck
     assert isinstance(trainer._build_attack(make_batch(trainer)["data"], {}), VAFA2D)
     assert set(trainer.train_step(make_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
 
@@ -284,6 +305,45 @@ def test_saat_free_at_step_replays_m_times_with_a_persistent_buffer(nnunet_tree,
     assert torch.allclose(seen[0], expected, atol=1e-6)
 
 
+# SEAT (TrustAI/SEAT at_main.py): epochs 1..15, the m each epoch trains with, check_mag 3, gamma 1.1,
+# adv_iters 5, under a magnitude rising 1.2x per epoch and one falling 0.8x per epoch
+SEAT_M_RISING = [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
+SEAT_M_FALLING = [1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("factor, expected", [(1.2, SEAT_M_RISING), (0.8, SEAT_M_FALLING)])
+def test_saat_trainer_takes_seats_decisions_in_seats_epochs(nnunet_tree, monkeypatch, factor, expected):
+    """nnU-Net's current_epoch is 0-based, SEAT's epochs are 1-based: the decision after SEAT's
+    epoch 3 is the one after nnU-Net's epoch 2 (a test of the one-epoch-late bug)."""
+    class _SAATPeriod3(nnUNetTrainerSAAT_TestShort):
+        saat_check_period = 3
+
+    trainer = _make_trainer(_SAATPeriod3, nnunet_tree, "2d", False, monkeypatch, initialize=False)
+    used = []
+    for epoch in range(15):
+        trainer.current_epoch = epoch
+        used.append(trainer.saat.m)
+        trainer.saat_decide(1.0 * factor ** epoch)
+    assert used == expected
+
+
+def test_saat_free_at_keeps_clean_voxels_outside_the_ct_window(nnunet_tree, monkeypatch):
+    """The Free-AT input is clipped to the box that contains the clean voxel: a CT patch voxel outside
+    the dataset window (nnU-Net's augmentation puts some there) is not pulled into it."""
+    from nnunet_adv.threat_model import ThreatModel
+
+    trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
+    trainer.threat_model = ThreatModel(["CTNormalization"], {"0": {"mean": 0.0, "std": 1.0, "percentile_00_5": -1.0,
+                                                                   "percentile_99_5": 1.0}})
+    batch = make_batch(trainer)
+    assert bool((batch["data"].abs() > 1).any())        # voxels outside the window [-1, 1]
+    seen = []
+    original = trainer.compute_loss_terms
+    monkeypatch.setattr(trainer, "compute_loss_terms", lambda d, xa, t: (seen.append(xa.detach().clone()), original(d, xa, t))[1])
+    trainer.train_step(batch)                            # m = 1, zero buffer: the clean batch itself
+    assert torch.equal(seen[0], batch["data"])
+
+
 def test_saat_free_at_magnitude_is_the_input_gradient_of_the_training_loss(nnunet_tree, monkeypatch):
     trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
     net = trainer.network
@@ -322,10 +382,11 @@ def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_t
                    {"loss": np.float32(1.0), "saat_mag_sum": 6 * mag, "saat_mag_count": 6.0}]
         trainer.on_train_epoch_end(outputs)
     log = trainer.logger.local_logger.my_fantastic_logging
-    assert log["saat_m"] == [1, 1, 2, 2]                     # m used in each epoch
+    # SEAT's 1-based epochs, period 1: after epoch 1 m <- 2, after 2 thr <- 1.1 mag, then decisions
+    assert log["saat_m"] == [1, 2, 2, 3]                     # m used in each epoch
     assert log["saat_grad_magnitude"] == pytest.approx(magnitudes)
-    assert log["saat_threshold"] == pytest.approx([0.0, 0.0, 3.3, 5.5])
-    assert trainer.saat.m == 3
+    assert log["saat_threshold"] == pytest.approx([0.0, 2.2, 3.3, 5.5])
+    assert trainer.saat.m == 4
     assert set(trainer.logger.local_logger.extra_panel_keys) >= {"saat_m", "saat_grad_magnitude", "saat_threshold"}
 
     path = tmp_path / "checkpoint.pth"
@@ -334,13 +395,13 @@ def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_t
     for key in ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema", "current_epoch",
                 "init_args", "trainer_name", "inference_allowed_mirroring_axes"):
         assert key in checkpoint, key
-    assert checkpoint["saat_state"]["m"] == 3 and checkpoint["saat_state"]["threshold"] == pytest.approx(5.5)
+    assert checkpoint["saat_state"]["m"] == 4 and checkpoint["saat_state"]["threshold"] == pytest.approx(5.5)
 
     fresh = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
     assert fresh.saat.m == 1
     fresh.load_checkpoint(str(path))
-    assert (fresh.saat.m, fresh.saat.threshold) == (3, pytest.approx(5.5))
-    assert fresh.logger.local_logger.my_fantastic_logging["saat_m"] == [1, 1, 2, 2]
+    assert (fresh.saat.m, fresh.saat.threshold) == (4, pytest.approx(5.5))
+    assert fresh.logger.local_logger.my_fantastic_logging["saat_m"] == [1, 2, 2, 3]
 
 
 # ----------------------------------------------------------------------------- dual norm
@@ -436,8 +497,11 @@ def test_nlce_network_is_identity_like_and_trains_every_parameter(nnunet_tree, m
     built = _build(nnUNetTrainerNLCE_TestShort, trainer)
     nlces = [m for m in built.modules() if isinstance(m, NLCE)]
     n_stages = len(built.encoder.stages)
-    assert len(nlces) == 2
-    assert all(any(isinstance(m, NLCE) for m in built.encoder.stages[i].modules()) for i in (n_stages - 2, n_stages - 1))
+    assert len(nlces) == 1 and any(isinstance(m, NLCE) for m in built.encoder.stages[n_stages - 1].modules())
+    assert nlces[0].non_local.subsample == "auto"
+    multi = _build(nnUNetTrainerNLCE_MultiStage, trainer)
+    assert [i for i in range(n_stages) if any(isinstance(m, NLCE) for m in multi.encoder.stages[i].modules())] \
+        == [n_stages - 2, n_stages - 1]
 
     # identity at initialisation: the plain network with the same weights computes the same function
     torch.manual_seed(1)
