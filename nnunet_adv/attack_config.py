@@ -24,6 +24,8 @@ is 32 on every blocked axis, ``block_size=16x32x32`` per axis; brackets keep com
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import math
 import numbers
 import re
@@ -33,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from nnunet_adv.attacks import attack_defaults, available_attacks, build_attack, canonical_name
+from nnunet_adv.attacks import attack_class, attack_defaults, available_attacks, build_attack, canonical_name
 from nnunet_adv.errors import UserError
 from nnunet_adv.threat_model import ThreatModel
 
@@ -148,6 +150,10 @@ class AttackConfig:
                 self.alpha_frac = float(defaults["alpha"])
             if self.uses("std") and self.std_frac is None and self.std_over_eps is None:
                 self.std_frac = float(defaults["std"])
+            if self.options.get("target") is not None and not self.options.get("targeted", False) \
+                    and not attack_class(self.name).always_targeted:
+                raise UserError(f"target={self.options['target']!r} is given but attack '{self.name}' is not "
+                                f"targeted: add targeted=true (--targeted), or leave target out")
             try:  # every other option now: a bad value fails before any model is loaded
                 build_attack(self.name, **self._placeholder_options())
             except (ValueError, TypeError) as e:
@@ -224,9 +230,27 @@ class AttackConfig:
                      if getattr(self, f"{k}_frac") is not None and k in d
                      and not (_is_number(getattr(self, f"{k}_frac")) and float(getattr(self, f"{k}_frac")) == float(d[k])))
 
+    def settings(self) -> dict:
+        """Everything that determines the attack's result, JSON-ready: name, every option after
+        defaults (:meth:`resolved_options`), budgets, seed, raw window, members."""
+        out = {"name": self.name, "options": self.resolved_options()}
+        if self.members:
+            out["members"] = [m.settings() for m in self.members]
+        return out
+
+    def settings_hash(self) -> str:
+        """8 hex digits of the SHA-1 of :meth:`settings` (canonical JSON)."""
+        text = json.dumps(self.settings(), sort_keys=True, default=repr)
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
     @property
     def tag(self) -> str:
-        """Folder-safe name (``pgd_eps-4_steps-20``), from the string when there is one."""
+        """Folder-safe name, injective: a readable part from the string (``pgd_eps-4_steps-20``)
+        and :meth:`settings_hash`, so two different settings never share a folder (a value the
+        readable part cannot spell, such as a full-width digit, still changes the hash)."""
+        return f"{self._readable_tag()}-{self.settings_hash()}"
+
+    def _readable_tag(self) -> str:
         if self.text:
             name, _, rest = self.text.strip().partition(":")
             parts = [canonical_name(name)]
@@ -272,6 +296,21 @@ class AttackConfig:
             if self.uses(key):
                 u[key] = WINDOW_UNITS if getattr(self, f"{key}_over_eps") is None else "a multiple of eps"
         return u
+
+    def warnings(self) -> List[str]:
+        """One-line notes about settings that run but probably do not do what was meant."""
+        notes = []
+        frac = self.eps_frac if _is_number(self.eps_frac) else None
+        if frac is not None and self.uses("eps") and frac > 1.0:
+            notes.append(f"eps {_x255(frac):g}/255 exceeds the whole intensity window (255/255): the perturbation "
+                         f"is bounded by the window only")
+        steps = self.options.get("steps", self.defaults.get("steps"))
+        if frac and frac <= 1.0 and self.alpha_frac is not None and self.uses("alpha") and isinstance(steps, int) \
+                and self.alpha_frac * steps < frac and self.name not in ("apgd-ce", "apgd-rog"):
+            notes.append(f"alpha {_x255(self.alpha_frac):g}/255 x {steps} steps cannot reach eps {_x255(frac):g}/255; "
+                         f"alpha is in x/255 of the window (the reference code's alpha 0.01 on [0, 1] images is "
+                         f"alpha=2.55)")
+        return notes
 
     def check_for(self, plans: dict, configuration: str) -> None:
         """What can be checked before a model is loaded: the configuration's threat model accepts

@@ -15,8 +15,12 @@ def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` via ``.NAME.tmp`` + rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written temporary file left behind
+        raise
 
 
 def atomic_write_json(path, obj: Any, indent: Optional[int] = 1, default: Optional[Callable] = None) -> None:

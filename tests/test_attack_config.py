@@ -40,9 +40,28 @@ def test_a_string_is_the_same_attack_as_its_flags(text, argv):
 
 def test_eps_and_tag():
     config = AttackConfig.parse("pgd:eps=0.5,steps=20")
-    assert config.eps == 0.5 and config.tag == "pgd_eps-0.5_steps-20"
+    assert config.eps == 0.5 and config.tag == f"pgd_eps-0.5_steps-20-{config.settings_hash()}"
     assert AttackConfig.parse("vafa-3d:q_max=20").eps is None
-    assert AttackConfig.parse("vafa-3d:temperature=(0.2,1e-20)").tag == "vafa-3d_temperature-_0.2_1e-20"
+    assert AttackConfig.parse("vafa-3d:temperature=(0.2,1e-20)").tag.startswith("vafa-3d_temperature-_0.2_1e-20-")
+
+
+def test_tags_are_injective():
+    """Two different settings never share a folder: a full-width digit the readable part cannot spell
+    still changes the tag (it used to map eps=４ and eps=８ to one folder)."""
+    four, eight = AttackConfig.parse("pgd:eps=４,steps=1"), AttackConfig.parse("pgd:eps=８,steps=1")
+    assert four.eps == 4.0 and eight.eps == 8.0 and four.tag != eight.tag
+    assert AttackConfig.parse("pgd:eps=4,steps=1").settings() == four.settings()
+    assert AttackConfig.parse("pgd:eps=4,seed=1").tag != AttackConfig.parse("pgd:eps=4,seed=2").tag
+
+
+def test_target_without_targeted_and_budget_warnings():
+    with pytest.raises(UserError, match="target=7 is given but attack 'pgd' is not targeted"):
+        AttackConfig.parse("pgd:target=7")
+    assert AttackConfig.parse("pgd:target=1,targeted=true").options["target"] == 1
+    assert any("exceeds the whole intensity window" in w for w in AttackConfig.parse("pgd:eps=1e9").warnings())
+    unit_trap = AttackConfig.parse("pgd:eps=4,alpha=0.01,steps=2").warnings()
+    assert len(unit_trap) == 1 and "alpha=2.55" in unit_trap[0]
+    assert AttackConfig.parse("pgd:eps=4").warnings() == []
 
 
 def test_units_x255_of_the_window_and_defaults():

@@ -254,7 +254,8 @@ def main(argv=None) -> int:
             raise CLIError(f"unknown option(s) {' '.join(unknown)}; {valid} (and see --help)")
         return run(args, argv)
 
-    return cli_main(parse_and_run)
+    return cli_main(parse_and_run, resume_hint="re-run the same command with --continue_prediction to resume "
+                                               "(finished cases are kept)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Callable
 
 from nnunet_adv.errors import UserError
+
+# A deprecation notice that torch prints when nnU-Net's dependencies import it: not the user's
+# business, and it would break the promise of one line on stderr for bad input.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated", category=FutureWarning)
 
 
 class CLIError(UserError):
@@ -20,22 +25,27 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
-def cli_main(run: Callable[[], int], prefix: str = "error") -> int:
-    """Run a command; bad input (:class:`UserError`) becomes one line ``PREFIX: message`` on stderr
-    and exit code 2."""
+def cli_main(run: Callable[[], int], prefix: str = "error", resume_hint: str = "") -> int:
+    """Run a command: bad input (:class:`UserError`) and a failing file system (``OSError``: full,
+    read-only, a missing folder) become one line ``PREFIX: message`` on stderr and exit code 2; an
+    interruption is reported as such (exit code 130) with how to resume."""
     try:
         return run()
-    except (UserError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"{prefix}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prefix}: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted{'; ' + resume_hint if resume_hint else ''}", file=sys.stderr)
+        return 130
 
 
 def pick_device(requested):

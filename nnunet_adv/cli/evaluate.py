@@ -161,6 +161,8 @@ def run(a, argv: List[str]) -> int:
             raise CLIError("--transfer_from needs at least two models")
     root = Path(a.o)
     check_folders(Path(a.i), root, Path(a.l))
+    if root.exists() and not root.is_dir():
+        raise CLIError(f"the report path {root} is a file, not a folder; choose another (-o)")
     if root.exists() and any(root.iterdir()) and not a.resume:
         raise CLIError(f"report folder {root} exists and is not empty: use --continue to resume it or "
                        f"choose a new folder (nothing was changed)")
@@ -180,7 +182,8 @@ def run(a, argv: List[str]) -> int:
         dataset_json=dataset_json, plans=plans, folds=[f if f == "all" else int(f) for f in a.f],
         checkpoint=a.chk, device=device, transfer_from=source, eot_mirroring=a.eot_mirroring,
         tile_batch_size=a.tile_batch_size, tta=not a.disable_tta, saliency=a.saliency, num_examples=a.num_examples,
-        progress=not a.disable_progress_bar, command=shlex.join(["nnUNetv2_adv_evaluate", *argv])), log=say)
+        progress=not a.disable_progress_bar, resume=a.resume, command=shlex.join(["nnUNetv2_adv_evaluate", *argv])),
+        log=say)
     text = evaluation.execute()
     say(f"done: {root / 'report.md'}")
     print("\n" + text)
@@ -189,7 +192,8 @@ def run(a, argv: List[str]) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return cli_main(lambda: run(build_parser().parse_args(argv), argv))
+    return cli_main(lambda: run(build_parser().parse_args(argv), argv),
+                    resume_hint="re-run the same command with --continue to resume (finished results are kept)")
 
 
 if __name__ == "__main__":  # pragma: no cover

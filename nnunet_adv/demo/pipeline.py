@@ -51,10 +51,11 @@ class DemoRun:
                             f"(nothing was changed)")
         if not isinstance(self.num_test, int) or self.num_test < 1:
             raise UserError(f"--num_test must be >= 1 (the report attacks the held-out test cases), got {self.num_test}")
+        from nnunet_adv.volume.runner import ensure_writable
+
         parent = Path(self.output).resolve().parent
         _validate(parent, self.dataset_id, DEFAULT_NAME, self.num_train, self.num_test, "auto")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"cannot create {Path(self.output).resolve()}: {parent} is not writable")
+        ensure_writable(Path(self.output).resolve())
 
 
 class Demo:

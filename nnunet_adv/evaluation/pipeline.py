@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -60,7 +61,24 @@ class EvaluationRun:
     saliency: bool = False
     num_examples: int = 2
     progress: bool = True
+    resume: bool = False
     command: str = ""
+
+    def recorded_settings(self) -> dict:
+        """What every cached result of the report depends on (``evaluation.json``): a resume with
+        other settings is refused with one line naming the setting."""
+        from nnunet_adv.volume.runner import versions
+
+        return {"models": {m.name: str(Path(m.folder).resolve()) for m in self.models},
+                "checkpoint": self.checkpoint, "folds": [str(f) for f in self.folds],
+                "images": str(Path(self.images).resolve()), "labels": str(Path(self.labels).resolve()),
+                "cases": sorted(self.cases), "test_time_mirroring": bool(self.tta),
+                "eot_mirroring": bool(self.eot_mirroring), "tile_batch_size": self.tile_batch_size,
+                "versions": versions()}
+
+
+SETTINGS_JSON = "evaluation.json"
+PREDICTION_JSON = "prediction.json"
 
 
 def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer) -> Dict[str, dict]:
@@ -104,7 +122,7 @@ class RobustnessEvaluation:
         from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
         r = self.run
-        Path(r.output).mkdir(parents=True, exist_ok=True)
+        self.check_settings()
         self.log(f"{len(r.models)} model(s), {len(r.settings)} setting(s), {len(r.cases)} case(s) on {r.device}; "
                  f"report in {r.output}")
         evaluations = evaluations_of(r.models, r.settings, r.transfer_from)
@@ -132,6 +150,30 @@ class RobustnessEvaluation:
         self.log("computed this run: " + (_count_kinds(self.done_work) if self.done_work else "nothing (all reused)"))
         return text
 
+    def check_settings(self) -> None:
+        """A new report folder gets ``evaluation.json``; a resumed one must have been made with the
+        same settings (else one line naming the first that differs, and nothing is changed)."""
+        from nnunet_adv.volume.runner import ensure_writable, first_difference
+
+        root, settings = Path(self.run.output), self.run.recorded_settings()
+        recorded = root / SETTINGS_JSON
+        if recorded.is_file():
+            try:
+                old = json.loads(recorded.read_text())
+            except (ValueError, OSError) as e:
+                raise UserError(f"{recorded} cannot be read ({type(e).__name__}); choose a new report folder") from None
+            difference = first_difference(old, settings)
+            if difference is not None:
+                raise UserError(f"{root} is a report made with other settings ({difference}); resume only with "
+                                f"the same settings, or choose a new folder (nothing was changed)")
+            return
+        if root.is_dir() and any(root.iterdir()):
+            raise UserError(f"{root} is not a report of nnUNetv2_adv_evaluate (no {SETTINGS_JSON}); choose a new "
+                            f"folder (nothing was changed)")
+        ensure_writable(root)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(recorded, settings)
+
     # ------------------------------------------------------------------------------ steps
     def images_of(self, ev: Evaluation, case: str) -> List[str]:
         if ev.source is None:
@@ -144,32 +186,76 @@ class RobustnessEvaluation:
 
         r = self.run
         out = self.folder.adversarial(model.name, setting.tag)
-        if out.is_dir() and all((out / Path(f).name).is_file() for c in r.cases.values() for f in c["images"]):
+        attack_run = AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds, checkpoint=r.checkpoint,
+                               input_folder=Path(r.images), output_folder=out, labels_folder=Path(r.labels),
+                               device=r.device, eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size,
+                               resume=True, progress=r.progress, command=r.command)
+        if self._attack_done(out, attack_run):
             return
         self.log(f"attacking with {setting.label} on {model.name}")
-        result = run_attack(AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds,
-                                      checkpoint=r.checkpoint, input_folder=Path(r.images), output_folder=out,
-                                      labels_folder=Path(r.labels), device=r.device,
-                                      eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size, resume=True,
-                                      progress=r.progress, command=r.command), log=self.log)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = run_attack(attack_run, log=self.log)
         if result.failed:
             raise UserError(f"attack {setting.label} on {model.name} failed for case(s) {', '.join(result.failed)} "
                             f"(per-case reasons in {out / 'attack.json'}); fix it and re-run with --continue")
         self.done_work.append(f"attack {setting.label} on {model.name}")
 
+    def _attack_done(self, out: Path, attack_run) -> bool:
+        """Every case's adversarial images are there as attack.json recorded them, made with this
+        run's settings (other settings: one line, as a resumed nnUNetv2_adv_attack)."""
+        from nnunet_adv.volume.runner import ATTACK_JSON, prior_report, run_settings, verified_cases
+
+        if not (out / ATTACK_JSON).is_file():
+            return False
+        prior = prior_report(out, run_settings(attack_run), resume=True)
+        cases = {c: {"problem": None, "names": [Path(f).name for f in info["images"]]} for c, info in self.run.cases.items()}
+        return verified_cases(out, prior, cases) == set(cases)
+
+    def provenance(self, ev: Evaluation) -> dict:
+        """What one prediction folder's files come from (recorded in its prediction.json)."""
+        source = "clean images"
+        if ev.source is not None:
+            attack_json = self.folder.adversarial(ev.source.name, ev.setting.tag) / "attack.json"
+            source = {"crafted_on": ev.source.name, "attack": json.loads(attack_json.read_text())["settings"]["attack"]}
+        return {"model": str(Path(ev.model.folder).resolve()), "checkpoint": self.run.checkpoint,
+                "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source}
+
     def predict(self, ev: Evaluation) -> None:
+        """nnU-Net's predictions of one evaluation, written to a hidden folder, then moved into place and
+        recorded (provenance and SHA-256 per file) in prediction.json; a resume keeps only files that
+        match their record."""
+        from nnunet_adv.volume.runner import file_digest, first_difference
+
         out = self.folder.predictions(ev.model.name, ev.key)
-        missing = [c for c in self.run.cases if not (out / f"{c}{self.file_ending}").is_file()]
+        provenance = self.provenance(ev)
+        record = {"provenance": provenance, "files": {}}
+        if (out / PREDICTION_JSON).is_file():
+            old = json.loads((out / PREDICTION_JSON).read_text())
+            difference = first_difference(old.get("provenance"), provenance)
+            if difference is not None:
+                raise UserError(f"{out} holds predictions made with other settings ({difference}); choose a new "
+                                f"report folder (nothing was changed)")
+            record["files"] = {n: d for n, d in old.get("files", {}).items()
+                               if (out / n).is_file() and file_digest(out / n) == d}
+        missing = [c for c in self.run.cases if f"{c}{self.file_ending}" not in record["files"]]
         if not missing:
             return
         self.log(f"predicting {len(missing)} case(s) of {ev.setting.label}"
                  + (f" crafted on {ev.source.name}" if ev.transfer else "") + f" with {ev.model.name}")
         predictor = self.predictor(ev.model)
-        out.mkdir(parents=True, exist_ok=True)
+        partial = out / ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         with _quiet():
             predictor.predict_from_files_sequential([self.images_of(ev, c) for c in missing],
-                                                    [str(out / c) for c in missing], save_probabilities=False,
+                                                    [str(partial / c) for c in missing], save_probabilities=False,
                                                     overwrite=True)
+        for c in missing:
+            name = f"{c}{self.file_ending}"
+            record["files"][name] = file_digest(partial / name)
+            os.replace(partial / name, out / name)
+            atomic_write_json(out / PREDICTION_JSON, record)
+        shutil.rmtree(partial, ignore_errors=True)
         self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
 
     def predictor(self, model: Model):
@@ -193,8 +279,12 @@ class RobustnessEvaluation:
         from nnunet_adv.evaluation.case_metrics import case_metrics, jsonable_summary, summarize
 
         cache = self.folder.metrics(ev.model.name, ev.key)
+        computed_from = {"prediction": self._prediction_record(ev),
+                         "clean_prediction": self._prediction_record(Evaluation(ev.model, Setting("clean"), None))}
         if cache.is_file():
-            return json.loads(cache.read_text())
+            cached = json.loads(cache.read_text())
+            if cached.pop("computed_from", None) == computed_from:
+                return cached
         cases, ending = self.run.cases, self.file_ending
         pred = self.folder.predictions(ev.model.name, ev.key)
         clean = self.folder.predictions(ev.model.name, "clean")
@@ -213,9 +303,12 @@ class RobustnessEvaluation:
                 entry["Linf_raw"] = _channel_mean(rec.get("linf_raw"), np.max)
                 entry["LPIPS"] = image_lpips(cases[case]["images"], self.images_of(ev, case), rw)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, summary)
+        atomic_write_json(cache, {**summary, "computed_from": computed_from})
         self.done_work.append(f"metrics {ev.key} of {ev.model.name}")
         return summary
+
+    def _prediction_record(self, ev: Evaluation) -> dict:
+        return json.loads((self.folder.predictions(ev.model.name, ev.key) / PREDICTION_JSON).read_text())
 
     def saliency(self, context) -> str:
         """saliency.png for the first ``num_examples`` cases (maps cached in saliency/MODEL/CASE.npz)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import io
+import numbers
 import os
 from contextlib import nullcontext
 from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
@@ -152,6 +153,16 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
     def _check_recipe(self) -> None:
         """Validate the class attributes once, with one-line errors."""
         name = type(self).__name__
+        for attr, optional in (("eps_frac", True), ("eps_raw", True), ("alpha_over_eps", True), ("std_over_eps", True),
+                               ("clean_loss_weight", False), ("adversarial_loss_weight", False)):
+            value = getattr(self, attr)
+            if (value is None and not optional) or (value is not None and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real))):
+                raise RecipeError(name, f"{attr} must be a number{' or None' if optional else ''}, got "
+                                        f"{value!r} ({type(value).__name__})")
+        for attr, kind in (("attack_name", str), ("attack_kwargs", dict), ("val_attack_overrides", dict)):
+            if not isinstance(getattr(self, attr), kind):
+                raise RecipeError(name, f"{attr} must be a {kind.__name__}, got {getattr(self, attr)!r}")
         if (self.eps_frac is None) == (self.eps_raw is None):
             raise RecipeError(name, "set exactly one of eps_frac and eps_raw")
         eps = self.eps_frac if self.eps_frac is not None else self.eps_raw

@@ -35,8 +35,8 @@ from nnunet_adv.attacks import build_attack
 from nnunet_adv.errors import UserError
 from nnunet_adv.metrics import dice_per_class, psnr, ssim
 from nnunet_adv.threat_model import ThreatModel
-from nnunet_adv.volume.export import (apply_raw_budget, labels_to_network, perturbation_norms, perturbation_to_raw,
-                                      raw_intensity_maps, supported_writer, write_image_like)
+from nnunet_adv.volume.export import (WriteError, capture_c_stderr, apply_raw_budget, labels_to_network, perturbation_norms,
+                                      perturbation_to_raw, raw_intensity_maps, supported_writer, write_image_like)
 from nnunet_adv.volume.sliding_window import SlidingWindowModel
 from nnunet_adv.volume.trained_model import TrainedModel
 
@@ -119,6 +119,10 @@ class VolumeAttack:
             bad = int((~np.isfinite(raw[c])).sum()) or _nonfinite_in_nifti(f)
             if bad:
                 raise CaseError(f"{Path(f).name}: {bad} voxel(s) are NaN or Inf")
+            share = _most_common_share(raw[c])
+            if share > DEGENERATE_SHARE:
+                self.log(f"warning: {Path(f).name}: {100 * share:.0f}% of the voxels have one value "
+                         f"(a truncated or empty image?)")
         return raw, props
 
     def preprocess(self, raw: np.ndarray, props: dict):
@@ -127,14 +131,19 @@ class VolumeAttack:
                                                                self.configuration, self.dataset_json)
         return data.astype(np.float32), seg, properties
 
-    def read_labels(self, label_file: str, raw_shape, properties: dict, net_shape) -> np.ndarray:
-        """The reference segmentation on the network grid: (*S_net) int64 class indices."""
+    def read_labels(self, label_file: str, raw_shape, properties: dict, net_shape, image_props: dict) -> np.ndarray:
+        """The reference segmentation on the network grid: (*S_net) int64 class indices; its
+        geometry (spacing, origin, direction) must be its image's (``image_props``)."""
         try:
-            seg, _ = self.rw_class().read_seg(str(label_file))
+            seg, seg_props = self.rw_class().read_seg(str(label_file))
         except Exception as e:
             raise CaseError(f"cannot read label file {Path(label_file).name}: {type(e).__name__} {e}".rstrip())
         if tuple(seg.shape[1:]) != tuple(raw_shape[1:]):
             raise CaseError(f"{Path(label_file).name}: shape {tuple(seg.shape[1:])} != image shape {tuple(raw_shape[1:])}")
+        geometry = _geometry_difference(image_props, seg_props)
+        if geometry:
+            raise CaseError(f"{Path(label_file).name}: {geometry} differs from its image's; the label does not "
+                            f"lie on the image")
         values = set(np.unique(seg).astype(int).tolist())
         ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
         if ignore is not None and ignore in values:
@@ -174,7 +183,7 @@ class VolumeAttack:
             clean_logits = self.window(x0)
         clean_pred = clean_logits.argmax(1)
         if label_file is not None:
-            target = torch.from_numpy(self.read_labels(label_file, raw.shape, properties, data.shape[1:]))[None]
+            target = torch.from_numpy(self.read_labels(label_file, raw.shape, properties, data.shape[1:], props))[None]
             target = target.to(self.device)
             target_kind = "labels"
         else:
@@ -208,8 +217,9 @@ class VolumeAttack:
         write_image_like(adv, image_files, tmp_files, self.rw_class, props)
         lap("export_write")
 
-        # what nnUNetv2_predict will see: the written files, read and preprocessed again
-        exported = self._evaluate_written(tmp_files, target)
+        # what nnUNetv2_predict will see: the written files, read back (they must be what was meant
+        # to be written: a full disk can leave a truncated file without an error) and preprocessed
+        exported = self._evaluate_written(tmp_files, target, expected=adv)
         lap("reread_predict_exported")
         y = target
         record = {
@@ -249,8 +259,16 @@ class VolumeAttack:
             return None, "linf"
         return options["eps"].reshape(-1).cpu().numpy().astype(np.float64), str(options.get("norm", "linf")).lower()
 
-    def _evaluate_written(self, files: Sequence[str], target: torch.Tensor) -> dict:
-        raw, props = self.read(files)
+    def _evaluate_written(self, files: Sequence[str], target: torch.Tensor, expected: np.ndarray) -> dict:
+        with capture_c_stderr():  # a truncated file makes the NIfTI reader print before it raises
+            try:
+                raw, props = self.rw_class().read_images([str(f) for f in files])
+            except Exception as e:  # nnU-Net's readers raise bare RuntimeErrors
+                raise WriteError(f"cannot write {files[0]}: the written image cannot be read back "
+                                 f"({type(e).__name__}; is the disk full?)") from None
+        if raw.shape != expected.shape or not np.array_equal(raw, expected.astype(raw.dtype, copy=False)):
+            raise WriteError(f"cannot write {files[0]}: the written image does not read back as written "
+                             f"(a truncated file: is the disk full?)")
         data, _, _ = self.preprocess(raw, props)
         if tuple(data.shape[1:]) != tuple(target.shape[1:]):
             return {"loss": None, "dice": None}  # the nonzero crop changed (perturbation zeroed a border)
@@ -261,6 +279,33 @@ class VolumeAttack:
     def _dice(self, pred: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
         d = dice_per_class(pred[0].cpu().numpy(), ref[0].cpu().numpy(), self.classes)
         return None if np.all(np.isnan(d)) else float(np.nanmean(d))
+
+
+#: an image with more than this share of its voxels at one value gets a warning (a truncated .nii.gz
+#: decodes to zeros after the break)
+DEGENERATE_SHARE = 0.9
+
+
+def _most_common_share(channel: np.ndarray) -> float:
+    values, counts = np.unique(channel, return_counts=True)
+    return float(counts.max()) / float(channel.size) if channel.size else 1.0
+
+
+def _geometry_difference(image_props: dict, seg_props: dict) -> Optional[str]:
+    """The first of spacing / origin / direction in which a label's reader properties differ from
+    its image's (relative tolerance 1e-4), or None."""
+    for stuff in ("sitk_stuff", "nibabel_stuff"):
+        a, b = image_props.get(stuff), seg_props.get(stuff)
+        if a is None or b is None:
+            continue
+        for key in ("spacing", "origin", "direction", "original_affine"):
+            if key in a and key in b and not np.allclose(np.asarray(a[key], float), np.asarray(b[key], float),
+                                                         rtol=1e-4, atol=1e-4):
+                return key.replace("original_", "")
+    if not np.allclose(np.asarray(image_props.get("spacing", ()), float), np.asarray(seg_props.get("spacing", ()), float),
+                       rtol=1e-4, atol=1e-6):
+        return "spacing"
+    return None
 
 
 def _nonfinite_in_nifti(path) -> int:

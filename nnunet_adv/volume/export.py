@@ -45,7 +45,10 @@ Images are written with the input's geometry (:func:`write_image_like`) as float
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -55,10 +58,15 @@ import numpy as np
 from nnunet_adv.errors import UserError
 from nnunet_adv.threat_model import ThreatModel
 
-__all__ = ["ExportError", "RawIntensityMaps", "raw_intensity_maps", "perturbation_to_raw", "apply_raw_budget",
+__all__ = ["ExportError", "WriteError", "capture_c_stderr", "RawIntensityMaps", "raw_intensity_maps", "perturbation_to_raw", "apply_raw_budget",
            "write_image_like", "supported_writer", "perturbation_norms", "transpose_forward", "spacings",
            "labels_to_network"]
 
+
+
+class WriteError(UserError):
+    """An output file could not be written as meant (a full or failing disk): the run stops, as
+    every later case would fail alike; the file never gets its final name."""
 
 
 class ExportError(UserError):
@@ -313,7 +321,34 @@ def _write_sitk(arr: np.ndarray, src: str, dst: str, properties: dict, reorient:
     image.SetSpacing(reader.GetSpacing())
     image.SetOrigin(reader.GetOrigin())
     image.SetDirection(reader.GetDirection())
-    sitk.WriteImage(image, dst, True)
+    # ITK's NIfTI writer reports a short write (a full disk) on the C-level stderr and returns
+    # normally: capture that text and make it an error (the caller also reads the file back)
+    with capture_c_stderr() as messages:
+        try:
+            sitk.WriteImage(image, dst, True)
+        except RuntimeError as e:
+            raise WriteError(f"cannot write {dst}: {' '.join(str(e).split())[:300]}") from None
+    text = " ".join("".join(messages).split())
+    if text:
+        raise WriteError(f"cannot write {dst}: {text[:300]} (is the disk full?)")
+
+
+@contextlib.contextmanager
+def capture_c_stderr():
+    """Capture what C code writes to file descriptor 2 inside the block; yields a list that holds
+    the captured text once the block has ended."""
+    sys.stderr.flush()
+    captured: List[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read())
 
 
 def _write_nibabel(arr: np.ndarray, src: str, dst: str, properties: dict, reorient: bool) -> None:

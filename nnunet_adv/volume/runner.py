@@ -10,6 +10,7 @@ images exist are skipped.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.errors import UserError
 from nnunet_adv.files import atomic_write_json
 from nnunet_adv.volume.engine import CaseError, VolumeAttack
+from nnunet_adv.volume.export import WriteError
 from nnunet_adv.volume.folders import check_folders, configuration_of, find_cases
 from nnunet_adv.volume.trained_model import load_trained_model
 
@@ -83,8 +85,12 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
     check_folders(Path(run.input_folder), output_folder, run.labels_folder)
     cases = find_cases(Path(run.input_folder), file_ending, num_channels)
 
-    done = {c for c, info in cases.items() if run.resume and info["problem"] is None
-            and all((output_folder / n).is_file() for n in info["names"])}
+    for note in run.attack.warnings():
+        log(f"warning: {note}")
+    settings = run_settings(run)
+    prior = prior_report(output_folder, settings, run.resume)
+    done = verified_cases(output_folder, prior, cases) if run.resume else set()
+    ensure_writable(output_folder)
     model = engine = None
     if len(done) < len(cases):
         log(f"model {run.model_folder} folds {run.folds} ({run.checkpoint}) on {run.device}")
@@ -105,8 +111,8 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
     output_folder.mkdir(parents=True, exist_ok=True)
     partial = output_folder / PARTIAL_FOLDER
     shutil.rmtree(partial, ignore_errors=True)
-    previous = _previous_records(output_folder) if run.resume else {}
-    report = _report_header(run, model)
+    previous = (prior or {}).get("cases", {})
+    report = _report_header(run, model, settings)
     records: Dict[str, dict] = report["cases"]
 
     bar = tqdm(cases.items(), desc=f"{run.attack.name} on {len(cases)} case(s)", unit="case", disable=not run.progress)
@@ -132,12 +138,13 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
             partial.mkdir(exist_ok=True)
             tmp_files = [partial / n for n in info["names"]]
             rec = engine.run_case(info["files"], None if label_file is None else str(label_file), outputs, tmp_files)
+            rec["files"] = {Path(f).name: file_digest(f) for f in tmp_files}  # verified: see VolumeAttack.run_case
             for src, dst in zip(tmp_files, outputs):
                 os.replace(src, dst)
             records[case] = rec
             new.append(case)
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, OSError, WriteError):
+            raise  # an interruption, or a write failure of the output folder: not one case's problem
         except Exception as e:  # one bad case must not stop the others
             reason = one_line(e)
             records[case] = {"status": "failed", "reason": reason,
@@ -157,7 +164,118 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
     return AttackResult(report=report, failed=failed, new=new)
 
 
-def _report_header(run: AttackRun, model) -> dict:
+def versions() -> dict:
+    """Versions of the packages whose change can change a result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def _version(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {"nnunet_adv": _version("nnunet_adv"), "nnunetv2": _version("nnunetv2"), "torch": torch.__version__}
+
+
+def run_settings(run: AttackRun) -> dict:
+    """Everything that determines the images a run writes (attack.json's ``settings``): a resume
+    with other settings is refused instead of mixing results."""
+    return {"model": str(Path(run.model_folder).resolve()), "checkpoint": run.checkpoint,
+            "folds": [str(f) for f in run.folds], "attack": run.attack.settings(),
+            "labels": None if run.labels_folder is None else str(Path(run.labels_folder).resolve()),
+            "eot_mirroring": bool(run.eot_mirroring),
+            "sliding_window": {"tile_step_size": 0.5, "gaussian": True, "tile_batch_size": run.tile_batch_size},
+            "versions": versions()}
+
+
+def prior_report(output_folder: Path, settings: dict, resume: bool) -> Optional[dict]:
+    """attack.json of an earlier run in ``output_folder`` (None: none there). Refuses a folder with
+    files no run of ours wrote, and a resume whose settings differ (one line naming the setting)."""
+    if not output_folder.is_dir():
+        if output_folder.exists():
+            raise UserError(f"the output path {output_folder} is a file, not a folder; choose another (-o)")
+        return None
+    entries = [p for p in output_folder.iterdir() if p.name != PARTIAL_FOLDER]
+    f = output_folder / ATTACK_JSON
+    if not f.is_file():
+        if entries:
+            raise UserError(f"the output folder {output_folder} holds files that nnUNetv2_adv_attack did not write "
+                            f"(no {ATTACK_JSON}); choose a new folder (nothing was changed)")
+        return None
+    try:
+        prior = json.loads(f.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{f} cannot be read ({type(e).__name__}); choose a new folder (nothing was changed)") from None
+    if resume:
+        difference = first_difference(prior.get("settings"), settings)
+        if difference is not None:
+            raise UserError(f"{output_folder} holds results made with other settings ({difference}); resume only "
+                            f"with the same settings, or choose a new folder (nothing was changed)")
+    return prior
+
+
+def first_difference(old, new, path: str = "") -> Optional[str]:
+    """'KEY.PATH: OLD there, NEW here' for the first difference of two JSON-like values, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    normal = lambda v: json.loads(json.dumps(v, default=repr))  # noqa: E731 - tuples and lists alike
+    if normal(old) != normal(new):
+        return f"{path or 'settings'}: {old!r} there, {new!r} here"
+    return None
+
+
+def verified_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, dict]) -> set:
+    """Cases whose every image is on disk exactly as the earlier run recorded it (SHA-256)."""
+    records = (prior or {}).get("cases", {})
+    done = set()
+    for case, info in cases.items():
+        rec = records.get(case, {})
+        digests = rec.get("files") or {}
+        if info["problem"] is None and rec.get("status") == "ok" and set(digests) == set(info["names"]) and \
+                all((output_folder / n).is_file() and file_digest(output_folder / n) == d for n, d in digests.items()):
+            done.add(case)
+    return done
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_writable(folder: Path) -> None:
+    """The folder (or the nearest existing parent it would be made in) accepts a new file, checked
+    before any model is loaded: a read-only or full file system is one line, not a traceback."""
+    probe_dir = folder
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UserError(f"cannot write into {folder}: {probe_dir} is a file")
+    probe = probe_dir / f".nnunet_adv_write_test_{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror or e}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def _report_header(run: AttackRun, model, settings: dict) -> dict:
     folder = Path(run.model_folder).resolve()
     parts = folder.name.split("__")
     trainer, plans, configuration = parts if len(parts) == 3 else (None, None, None)
@@ -176,6 +294,7 @@ def _report_header(run: AttackRun, model) -> dict:
         "command": run.command,
         "argv": list(run.argv),
         "started": _now(),
+        "settings": settings,
         "model": info,
         "attack": {"name": cfg.name, "summary": _summary(cfg.name), "label": cfg.label,
                    "options": cfg.resolved_options(), "units": cfg.units(),
@@ -199,16 +318,6 @@ def _summary(name: str) -> str:
     from nnunet_adv.attacks import attack_class
 
     return attack_class(name).summary
-
-
-def _previous_records(output_folder: Path) -> dict:
-    f = output_folder / ATTACK_JSON
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text()).get("cases", {})
-    except (ValueError, OSError):
-        return {}
 
 
 def _now() -> str:

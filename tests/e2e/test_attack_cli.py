@@ -153,8 +153,10 @@ def test_continue_prediction_skips_finished_cases(attacked, tmp_path):
     shutil.copytree(attacked["out"]["pgd"], out)
     kept = _digest(out)["case_0006_0000.nii.gz"]
     (out / "case_0007_0000.nii.gz").unlink()
+    # the settings of the run that made the folder (a resume with other settings is refused: tests/faults)
     args = ["nnUNetv2_adv_attack", "-i", attacked["images"], "-o", out, *_model_args(tree), "-l", attacked["labels"],
-            "--attack_name", "pgd", "--steps", 1, "--eps", 8, "--continue_prediction", "--disable_progress_bar"]
+            "--attack_name", "pgd", "--steps", 4, "--eps", 16, "--alpha", 6, "--seed", 0, "--continue_prediction",
+            "--disable_progress_bar"]
     tree.run(*args)
     report = json.loads((out / "attack.json").read_text())
     assert report["cases"]["case_0006"]["skipped"] is True and report["cases"]["case_0006"]["status"] == "ok"

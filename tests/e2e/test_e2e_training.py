@@ -106,6 +106,10 @@ class UserBadEps(nnUNetTrainerPGDAT_TestShort):
 
 class UserZeroSteps(nnUNetTrainerPGDAT_TestShort):
     attack_kwargs = {"steps": 0, "random_start": True, "norm": "linf"}
+
+
+class UserStringEps(nnUNetTrainerPGDAT_TestShort):
+    eps_frac = "4/255"
 '''
 
 
@@ -134,6 +138,7 @@ def test_user_trainer_folder_and_finetuning_from_a_clean_checkpoint(nnunet_tree,
 @pytest.mark.parametrize("trainer, message", [
     ("UserBadEps", "nnunet_adv: UserBadEps: eps must be >= 0 (got -1.0)"),
     ("UserZeroSteps", "nnunet_adv: UserZeroSteps: attack 'pgd':"),
+    ("UserStringEps", "nnunet_adv: UserStringEps: eps_frac must be a number or None, got '4/255' (str)"),
 ])
 def test_bad_hyper_parameters_give_one_line_error(nnunet_tree, user_folder, trainer, message):
     proc = nnunet_tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", trainer, "-device", "cpu",

@@ -83,10 +83,10 @@ def test_report_files_and_layout(report):
     # same weights and seed: the transferred attack is the white-box one, case by case
     assert [c["metrics"] for c in transfer["metric_per_case"]] == [c["metrics"] for c in pgd["metric_per_case"]]
     # the adversarial images are kept next to the predictions
-    assert sorted(p.name for p in (out / "adversarial" / MODELS[0]).iterdir()) == \
-        sorted(["pgd_eps-16_steps-2_alpha-8", "vafa-3d_q_max-20_steps-2_block_size-16",
-                "vafa-3d-ref_q_max-20_steps-2_block_size-16_rescale_tile-16", "slice-rescale_rescale_tile-16",
-                *[f"ifgsm-targeted_steps-2_eps-{e}" for e in SWEEP]])
+    readable = sorted(p.name.rsplit("-", 1)[0] for p in (out / "adversarial" / MODELS[0]).iterdir())
+    assert readable == sorted(["pgd_eps-16_steps-2_alpha-8", "vafa-3d_q_max-20_steps-2_block_size-16",
+                               "vafa-3d-ref_q_max-20_steps-2_block_size-16_rescale_tile-16",
+                               "slice-rescale_rescale_tile-16", *[f"ifgsm-targeted_steps-2_eps-{e}" for e in SWEEP]])
 
 
 def test_vafa_variants_side_by_side_and_named(report):
@@ -97,8 +97,10 @@ def test_vafa_variants_side_by_side_and_named(report):
     assert all(attack in header for attack in ATTACKS[1:])
     assert "`vafa-3d` VAFA-3D as published" in text and "`vafa-3d-ref` VAFA-3D as the authors' code runs it" in text
     assert "`slice-rescale` control: the authors' per-slice rescale of VAFA alone" in text
-    record = json.loads((report["out"] / "adversarial" / MODELS[0] / "vafa-3d-ref_q_max-20_steps-2_block_size-16_"
-                         "rescale_tile-16" / "attack.json").read_text())["attack"]
+    from nnunet_adv.attack_config import AttackConfig
+
+    record = json.loads((report["out"] / "adversarial" / MODELS[0] / AttackConfig.parse(ATTACKS[2]).tag /
+                         "attack.json").read_text())["attack"]
     assert record["name"] == "vafa-3d-ref" and "authors' code" in record["summary"]
     assert record["options"]["rescale_tile"] == [16, 16, 16] and record["options"]["renormalize_slices"] is True
     rescaled = _result(report["summary"], MODELS[0], ATTACKS[3])

@@ -85,3 +85,20 @@ def test_a_label_with_unknown_values_is_a_case_error(nnunet_tree, model, tmp_pat
     with pytest.raises(CaseError, match=r"label values \[7\] are not labels of the dataset"):
         engine.run_case(images, str(tmp_path / "bad.nii.gz"), [str(tmp_path / "x_0000.nii.gz")],
                         [str(tmp_path / "x_0000.nii.gz")])
+
+
+def test_a_mostly_constant_image_gets_a_warning(nnunet_tree, model, tmp_path):
+    """A truncated .nii.gz decodes to zeros after the break: more than 90% of one value is worth a line."""
+    images, _ = _case(nnunet_tree)
+    image = sitk.ReadImage(images[0])
+    array = sitk.GetArrayFromImage(image)
+    array[2:] = 0
+    flat = sitk.GetImageFromArray(array)
+    flat.CopyInformation(image)
+    sitk.WriteImage(flat, str(tmp_path / "flat_0000.nii.gz"))
+    lines = []
+    engine = VolumeAttack(model, AttackConfig("fgsm"), progress=False, log=lines.append)
+    engine.read([str(tmp_path / "flat_0000.nii.gz")])
+    assert len(lines) == 1 and lines[0].startswith("warning: flat_0000.nii.gz:") and "one value" in lines[0]
+    engine.read(images)
+    assert len(lines) == 1

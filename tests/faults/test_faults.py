@@ -1,0 +1,279 @@
+"""Fault injection: the real commands under a full disk, a read-only output, an output that is a
+file, an interruption and resumes with changed settings. For each: the exit code, exactly one line
+on stderr naming the problem, no traceback, the input folders byte-identical, and nothing in the
+output that a later resume would accept unless it is complete and correct.
+
+Run alone with ``python -m pytest -m faults``. The tmpfs tests mount a small tmpfs (root in a
+sandbox can); where mounting is not permitted they are skipped and the in-process fault-injecting
+writer below still covers the full disk.
+"""
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_tree import BIN, DATASET_ID
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+TRAINER = "nnUNetTrainerPGDAT_TestShort"
+
+
+@pytest.fixture(scope="module")
+def tree(nnunet_tree):
+    if not (nnunet_tree.model_folder(TRAINER) / "fold_0" / "checkpoint_final.pth").is_file():
+        nnunet_tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu")
+    return nnunet_tree
+
+
+def _digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _attack_args(tree, out, *extra):
+    return ["nnUNetv2_adv_attack", "-i", tree.dataset / "imagesTs", "-o", out, "-l", tree.dataset / "labelsTs",
+            "-m", tree.model_folder(TRAINER), "-f", 0, "-device", "cpu", "--disable_progress_bar",
+            "--attack_name", "pgd", "--steps", 1, *extra]
+
+
+def _evaluate_args(tree, out, *extra):
+    return ["nnUNetv2_adv_evaluate", "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs", "-o", out,
+            "-m", tree.model_folder(TRAINER), "-f", 0, "--disable_tta", "-device", "cpu", "--disable_progress_bar",
+            "--attacks", "pgd:eps=8,steps=1", *extra]
+
+
+def _one_error_line(proc, *expected, code=2):
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert all(text in lines[0] for text in expected), lines[0]
+    return lines[0]
+
+
+def _inputs_unchanged(tree, before):
+    assert _digest(tree.dataset) == before
+
+
+def _accepted_cases_are_correct(out: Path, tree):
+    """Whatever a resume would accept (images recorded in attack.json with their SHA-256) reads back
+    as a complete image with the input's size."""
+    from nnunet_adv.volume.folders import find_cases
+    from nnunet_adv.volume.runner import ATTACK_JSON, verified_cases
+
+    if not (out / ATTACK_JSON).is_file():
+        return set()
+    cases = find_cases(tree.dataset / "imagesTs", ".nii.gz", 1)
+    accepted = verified_cases(out, json.loads((out / ATTACK_JSON).read_text()), cases)
+    for case in accepted:
+        for name in cases[case]["names"]:
+            adv = sitk.ReadImage(str(out / name))
+            clean = sitk.ReadImage(str(tree.dataset / "imagesTs" / name))
+            assert adv.GetSize() == clean.GetSize()
+            assert np.isfinite(sitk.GetArrayFromImage(adv)).all()
+    return accepted
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]}); the in-process "
+                    f"fault-injecting writer covers the full disk")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------- full disk
+def test_full_disk_stops_with_one_line_and_a_resume_redoes_only_what_is_missing(tree, tmp_path):
+    before = _digest(tree.dataset)
+    with tmpfs(tmp_path / "disk", "150k") as disk:
+        out = disk / "out"
+        proc = tree.run(*_attack_args(tree, out), check=False)
+        _one_error_line(proc, "error: cannot write", "is the disk full?")
+        _inputs_unchanged(tree, before)
+        accepted = _accepted_cases_are_correct(out, tree)
+        assert len(accepted) < 2  # the 150 KiB disk cannot hold two images
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        proc = tree.run(*_attack_args(tree, out, "--continue_prediction"))
+        report = json.loads((out / "attack.json").read_text())
+        assert report["summary"]["ok"] == 2 and report["summary"]["skipped"] == len(accepted)
+        assert _accepted_cases_are_correct(out, tree) == {"case_0006", "case_0007"}
+
+
+def test_a_writer_that_silently_truncates_is_caught_in_process(tree, tmp_path, monkeypatch, capsys):
+    """SimpleITK's NIfTI writer reported a full disk on the C stderr and returned normally; a writer
+    that silently truncates must not leave a file a resume would accept."""
+    import SimpleITK
+
+    from nnunet_adv.cli.attack import main
+
+    for key, value in tree.env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    real = SimpleITK.WriteImage
+
+    def truncating(image, path, *args):
+        real(image, path, *args)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(SimpleITK, "WriteImage", truncating)
+    out = tmp_path / "out"
+    argv = [str(a) for a in _attack_args(tree, out)[1:]]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "does not read back as written" in err[0]
+    assert not list(out.glob("*.nii.gz"))  # no truncated image under a final name
+    assert _accepted_cases_are_correct(out, tree) == set()
+    monkeypatch.setattr(SimpleITK, "WriteImage", real)
+    assert main(argv + ["--continue_prediction"]) == 0
+    assert _accepted_cases_are_correct(out, tree) == {"case_0006", "case_0007"}
+
+
+# ----------------------------------------------------------------------------------- read-only, a file
+@pytest.mark.parametrize("command", ["attack", "evaluate", "demo"])
+def test_read_only_output_is_one_line_before_anything_loads(tree, tmp_path, command):
+    before = _digest(tree.dataset)
+    with tmpfs(tmp_path / "ro", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        out = disk / "out"
+        args = {"attack": _attack_args(tree, out), "evaluate": _evaluate_args(tree, out),
+                "demo": ["nnUNetv2_adv_demo", "-o", out, "-device", "cpu"]}[command]
+        proc = tree.run(*args, check=False)
+        _one_error_line(proc, "Read-only file system")
+        assert "model " not in proc.stdout  # refused before the model was loaded
+    _inputs_unchanged(tree, before)
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate", "demo"])
+def test_an_output_path_that_is_a_file_is_one_line(tree, tmp_path, command):
+    path = tmp_path / "a_file"
+    path.write_text("keep me")
+    args = {"attack": _attack_args(tree, path), "evaluate": _evaluate_args(tree, path),
+            "demo": ["nnUNetv2_adv_demo", "-o", path, "-device", "cpu"]}[command]
+    proc = tree.run(*args, check=False)
+    _one_error_line(proc, str(path))
+    assert path.read_text() == "keep me"
+
+
+def test_a_folder_of_other_files_is_not_written_into(tree, tmp_path):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file")
+    proc = tree.run(*_attack_args(tree, out), check=False)
+    _one_error_line(proc, "holds files that nnUNetv2_adv_attack did not write")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------------- interruption
+def _interrupt_when(args, env, ready, timeout=300):
+    """Start a command, SIGINT it once ``ready()`` holds, return (returncode, stderr)."""
+    proc = subprocess.Popen([str(BIN / args[0]), *map(str, args[1:])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    while not ready() and proc.poll() is None and time.time() - started < timeout:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the command ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_an_interrupted_attack_says_so_and_resumes(tree, tmp_path):
+    out = tmp_path / "out"
+    args = _attack_args(tree, out, "--steps", 30)
+    code, err = _interrupt_when(args, tree.env, lambda: (out / "case_0006_0000.nii.gz").is_file())
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("interrupted; re-run the same command with --continue_prediction to "
+                                            "resume (finished cases are kept)")
+    assert _accepted_cases_are_correct(out, tree) <= {"case_0006"}
+    proc = tree.run(*args, "--continue_prediction")
+    assert "Traceback" not in proc.stderr
+    assert _accepted_cases_are_correct(out, tree) == {"case_0006", "case_0007"}
+
+
+def test_an_interrupted_evaluation_says_so_and_continues(tree, tmp_path):
+    out = tmp_path / "report"
+    args = _evaluate_args(tree, out, "--attacks", "pgd:eps=8,steps=30")
+    code, err = _interrupt_when(args, tree.env, lambda: any((out / "adversarial").rglob("case_0006_0000.nii.gz")))
+    assert code == 130 and "Traceback" not in err and "attack" not in err.strip().splitlines()[-1]
+    assert err.strip().splitlines()[-1].startswith("interrupted; re-run the same command with --continue")
+    proc = tree.run(*args, "--continue")
+    assert (out / "report.md").is_file() and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- resume, other settings
+def test_resuming_an_attack_with_other_settings_is_refused(tree, tmp_path):
+    out = tmp_path / "out"
+    tree.run(*_attack_args(tree, out, "--eps", 4))
+    kept = _digest(out)
+    (out / "case_0007_0000.nii.gz").unlink()
+    args = _attack_args(tree, out, "--continue_prediction")
+    i = args.index("--attack_name")
+    args[i:i + 4] = ["--attack_name", "fgsm", "--eps", 16]  # fgsm at 16/255 instead of pgd at 4/255
+    proc = tree.run(*args, check=False)
+    _one_error_line(proc, "holds results made with other settings", "attack.name: 'pgd' there, 'fgsm' here")
+    assert _digest(out) == {k: v for k, v in kept.items() if k != "case_0007_0000.nii.gz"}
+
+
+def test_continuing_an_evaluation_with_another_checkpoint_is_refused(tree, tmp_path):
+    out = tmp_path / "report"
+    tree.run(*_evaluate_args(tree, out))
+    kept = _digest(out)
+    proc = tree.run(*_evaluate_args(tree, out, "--continue", "-chk", "checkpoint_best.pth"), check=False)
+    _one_error_line(proc, "a report made with other settings", "checkpoint: 'checkpoint_final.pth' there, "
+                                                               "'checkpoint_best.pth' here")
+    assert _digest(out) == kept
+    # another seed is another attack: its own folder, the first one's results never relabelled
+    tree.run(*_evaluate_args(tree, out, "--continue", "--seed", 5))
+    summary = json.loads((out / "summary.json").read_text())
+    folders = sorted(p.name for p in (out / "adversarial" / tree.model_folder(TRAINER).name).iterdir())
+    assert len(folders) == 2 and all(json.loads((out / "adversarial" / tree.model_folder(TRAINER).name / f /
+                                                 "attack.json").read_text())["settings"]["attack"]["options"]["seed"]
+                                     in (0, 5) for f in folders)
+    assert len(summary["results"]) == 2
+
+
+# ----------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("args, message", [(["--num_train", 0], "number of training cases must be >= 1"),
+                                           (["--num_test", -1], "--num_test must be >= 1"),
+                                           (["-d", 1000], "dataset id must be an integer in 1..999")])
+def test_bad_demo_arguments_create_nothing(tree, tmp_path, args, message):
+    out = tmp_path / "demo"
+    proc = tree.run("nnUNetv2_adv_demo", "-o", out, "-device", "cpu", *args, check=False)
+    _one_error_line(proc, message)
+    assert not out.exists()  # the corrected re-run is not blocked
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_a_bad_sweep_eps_is_one_line(tree, tmp_path, value):
+    out = tmp_path / "report"
+    proc = tree.run(*_evaluate_args(tree, out, "--eps_sweep", value), check=False)
+    _one_error_line(proc, "--eps_sweep values must be finite numbers > 0")
+    assert not out.exists()
+
+
+def test_a_label_off_its_image_fails_that_case(tree, tmp_path):
+    labels = tmp_path / "labels"
+    shutil.copytree(tree.dataset / "labelsTs", labels)
+    seg = sitk.ReadImage(str(labels / "case_0006.nii.gz"))
+    seg.SetOrigin(tuple(o + 5.0 for o in seg.GetOrigin()))
+    sitk.WriteImage(seg, str(labels / "case_0006.nii.gz"))
+    args = _attack_args(tree, tmp_path / "out")
+    args[args.index("-l") + 1] = labels
+    proc = tree.run(*args, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "case_0006.nii.gz: origin differs from its image's" in proc.stderr
