@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_adv.metrics import (attack_success_rate, dice_per_class, hd95, hd95_per_class,
+from nnunet_adv.metrics import (normalized_surface_dice, nsd_per_class, attack_success_rate, dice_per_class, hd95, hd95_per_class,
                                 iou_per_class, lpips_available, nnunet_metrics, psnr,
                                 robust_fraction, ssim)
 
@@ -307,3 +307,36 @@ def test_evaluate_lpips_per_channel_from_image_files(fake_lpips, tmp_path):
     value = image_lpips(files["clean"], files["adv"], SimpleITKIO())
     range0 = float(clean[0].astype(np.float32).max() - clean[0].astype(np.float32).min())
     assert value == pytest.approx((2 * 5 / range0 + 0.0) / 2, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ normalised surface Dice
+def _slab(shift=0, shape=(20, 20, 20)):
+    """A 2-voxel-thick slab across the volume (its surfaces: two planes and thin side walls)."""
+    m = np.zeros(shape, bool)
+    m[(slice(5 + shift, 7 + shift),) + (slice(2, shape[1] - 2),) * (len(shape) - 1)] = True
+    return m
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nsd_hand_computed_cases(ndim):
+    shape = (20,) * ndim
+    a = _slab(0, shape)
+    assert normalized_surface_dice(a, a, 1.0) == 1.0                                 # identical
+    assert normalized_surface_dice(a, _slab(5, shape), 1.0) == 0.0                   # 5 mm apart > 1 mm: no surface
+    assert normalized_surface_dice(a, _slab(1, shape), 1.0) == pytest.approx(1.0)    # 1 mm apart <= 1 mm
+    empty = np.zeros(shape, bool)
+    assert np.isnan(normalized_surface_dice(empty, empty, 1.0))                      # nnU-Net's NaN rule
+    assert normalized_surface_dice(a, empty, 1.0) == 0.0
+
+
+def test_nsd_is_spacing_aware_and_takes_a_tolerance_per_class():
+    a, b = _slab(0), _slab(4)                                # 4 voxels apart along axis 0
+    assert normalized_surface_dice(a, b, 1.5, spacing=(0.25, 1, 1)) == pytest.approx(1.0)  # 1 mm
+    assert normalized_surface_dice(a, b, 1.5, spacing=(1, 1, 1)) == 0.0                    # 4 mm
+    labels_a, labels_b = a.astype(int), b.astype(int) * 2 + a.astype(int) * 0
+    labels_b[a] = 1                                          # class 1 identical, class 2 = the shifted slab
+    labels_a[b] = 2
+    nsd = nsd_per_class(labels_b, labels_a, [1, 2], [1.0, 1.0])
+    assert nsd[0] == pytest.approx(1.0) and nsd[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        normalized_surface_dice(a, b, 0.0)

@@ -59,3 +59,16 @@ __all__ = [
     "nnUNetTrainerNLCE_TestShort",
     "nnUNetTrainerNLCE_VAFT_TestShort",
 ]
+
+
+def __getattr__(name: str):
+    """Recipe settings by name (``nnUNetTrainerPGDAT_eps-8_steps-5``, nnunet_adv.training.names):
+    the class is made on first use and kept here, so nnU-Net's lookup, its predictor and pickle
+    find it by name."""
+    from nnunet_adv.training.names import trainer_from_name
+
+    bases = {n: globals()[n] for n in __all__ if isinstance(globals().get(n), type)
+             and issubclass(globals()[n], nnUNetTrainerAdversarial) and n != "nnUNetTrainerAdversarial"}
+    cls = trainer_from_name(name, bases)
+    globals()[name] = cls
+    return cls

@@ -103,6 +103,8 @@ class Attack:
     name: str = "attack"
     #: one line for reports and ``--list_attacks``: what the attack is and where it comes from
     summary: str = ""
+    #: a control, not an attack (e.g. ``slice-rescale``): left out of worst cases
+    control: bool = False
     defaults: Dict[str, Any] = dict(COMMON_DEFAULTS)
     #: whether the attack is targeted regardless of the ``targeted`` option
     always_targeted: bool = False

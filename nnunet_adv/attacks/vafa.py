@@ -430,6 +430,7 @@ class SliceRescale(Attack):
 
     name = "slice-rescale"
     summary = "control: the authors' per-slice rescale of VAFA alone, no attack"
+    control = True
     defaults = {**COMMON_DEFAULTS, "rescale_tile": (96, 96, 96), "slice_axis": 0, "clip_to_window": True}
 
     def validate(self) -> None:

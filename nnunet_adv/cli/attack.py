@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call (default 1, as nnU-Net; the gradient is the same; "
                         "memory grows with it; on a CPU 4 is several times faster per tile)")
+    r.add_argument("-num_parts", type=int, default=1,
+                   help="split the cases over this many runs (as nnUNetv2_predict; parts may run at once on other GPUs "
+                        "or machines sharing the output folder); then run once without it and with "
+                        "--continue_prediction to merge their records into attack.json")
+    r.add_argument("-part_id", type=int, default=0, help="which part this run attacks (0 .. num_parts - 1)")
     r.add_argument("--continue_prediction", action="store_true",
                    help="skip cases whose adversarial images already exist in the output folder")
     r.add_argument("--disable_progress_bar", action="store_true", help="no tqdm bars")
@@ -189,6 +194,9 @@ def run(args, argv: List[str]) -> int:
         raise CLIError(f"the following arguments are required: {', '.join(missing)}")
     if a.tile_batch_size < 1:
         raise CLIError(f"--tile_batch_size must be >= 1, got {a.tile_batch_size}")
+    from nnunet_adv.volume.runner import check_part
+
+    part = check_part(a.num_parts, a.part_id)
     config = attack_config_from_args(a)
     folder = folders.model_folder(a.m, a.d, a.c, a.tr, a.p)
     folds = folders.resolve_folds(folder, a.f, a.chk)
@@ -211,7 +219,7 @@ def run(args, argv: List[str]) -> int:
     result = run_attack(AttackRun(attack=config, model_folder=folder, folds=folds, checkpoint=a.chk,
                                   input_folder=input_folder, output_folder=output_folder, labels_folder=labels_folder,
                                   device=device, eot_mirroring=a.eot_mirroring, tile_batch_size=a.tile_batch_size,
-                                  resume=a.continue_prediction, progress=not a.disable_progress_bar,
+                                  resume=a.continue_prediction, progress=not a.disable_progress_bar, part=part,
                                   command=shlex.join(["nnUNetv2_adv_attack", *argv]), argv=list(argv)), log=say)
     records = result.report["cases"]
     for c in result.new:
@@ -222,9 +230,9 @@ def run(args, argv: List[str]) -> int:
     summary = result.report["summary"]
     failed = result.failed
     say(f"{summary['ok']} ok ({summary['skipped']} skipped), {len(failed)} failed"
-        + (f": {', '.join(failed)}" if failed else "") + f"; report {output_folder / 'attack.json'}")
+        + (f": {', '.join(failed)}" if failed else "") + f"; report {output_folder / result.record}")
     if failed:
-        print(f"error: {len(failed)} case(s) failed: {', '.join(failed)} (reasons in {output_folder / 'attack.json'})",
+        print(f"error: {len(failed)} case(s) failed: {', '.join(failed)} (reasons in {output_folder / result.record})",
               file=sys.stderr)
         return 1
     return 0

@@ -31,7 +31,8 @@ from typing import List
 
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
 from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
-from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, sweep_settings
+from nnunet_adv.evaluation.plan import (Model, Setting, attack_settings, corruption_settings, sweep_settings,
+                                       worst_case_setting)
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
 
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--transfer_from", default=None,
                    help="also evaluate every other model on the adversarial images crafted on this model "
                         "(black-box transfer); a trainer of -tr (or a model folder name of -m)")
+    a.add_argument("--corruptions", nargs="*", default=[], metavar="NAME[:SEVERITY]",
+                   help="natural corruptions with TorchIO (pip install \"nnunet_adv[corruptions]\"): "
+                        "noise blur bias motion ghosting spike gamma lowres, or all; a name alone runs severities "
+                        "1-5, NAME:S one severity (table in docs/evaluate.md)")
+    a.add_argument("--nsd_tolerance", nargs="+", type=float, default=[1.0], metavar="MM",
+                   help="tolerance of the normalised surface Dice in mm: one value, or one per foreground class "
+                        "(default 1)")
     a.add_argument("--eot_mirroring", action="store_true",
                    help="attack the mirroring average (nnU-Net's test-time augmentation) instead of the plain network")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
@@ -78,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num_examples", type=int, default=2, help="cases shown in examples.png (default 2)")
     r.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
                    help="device (default cuda if available, else cpu)")
+    r.add_argument("-num_parts", type=int, default=1,
+                   help="split the work over this many runs (as nnUNetv2_predict; parts may run at once on other "
+                        "GPUs or machines sharing the report folder); then run once without it and with --continue "
+                        "to write the report")
+    r.add_argument("-part_id", type=int, default=0, help="which part this run computes (0 .. num_parts - 1)")
     r.add_argument("--continue", dest="resume", action="store_true",
                    help="resume the report in -o: reuse every adversarial image, prediction and metric there")
     r.add_argument("--disable_progress_bar", action="store_true", help="no tqdm bars")
@@ -119,13 +132,16 @@ def models_of(a) -> List[Model]:
 
 
 def settings_of(a) -> List[Setting]:
-    """clean, the --attacks strings, then the sweep points; no setting twice."""
+    """clean, the --attacks strings and their worst case, the sweep points, the corruptions; no
+    setting twice."""
     out = [Setting("clean")] + attack_settings(a.attacks, a.seed)
+    out += worst_case_setting(out)
     if a.eps_sweep:
         for eps in a.eps_sweep:
             if not (math.isfinite(eps) and eps > 0):
                 raise CLIError(f"--eps_sweep values must be finite numbers > 0 (x/255 of the window), got {eps:g}")
         out += sweep_settings(a.sweep_attack, a.eps_sweep, a.seed)
+    out += corruption_settings(a.corruptions)
     tags = [s.tag for s in out]
     duplicates = sorted({t for t in tags if tags.count(t) > 1})
     if duplicates:
@@ -150,6 +166,11 @@ def run(a, argv: List[str]) -> int:
         raise CLIError("--num_examples must be >= 0")
     if a.tile_batch_size < 1:
         raise CLIError(f"--tile_batch_size must be >= 1, got {a.tile_batch_size}")
+    if not all(math.isfinite(t) and t > 0 for t in a.nsd_tolerance):
+        raise CLIError(f"--nsd_tolerance must be > 0 mm, got {' '.join(f'{t:g}' for t in a.nsd_tolerance)}")
+    from nnunet_adv.volume.runner import check_part
+
+    part = check_part(a.num_parts, a.part_id)
     models = models_of(a)
     settings = settings_of(a)
     source = None
@@ -163,7 +184,8 @@ def run(a, argv: List[str]) -> int:
     check_folders(Path(a.i), root, Path(a.l))
     if root.exists() and not root.is_dir():
         raise CLIError(f"the report path {root} is a file, not a folder; choose another (-o)")
-    if root.exists() and any(root.iterdir()) and not a.resume:
+    if root.exists() and any(not p.name.startswith(".") for p in root.iterdir()) and not a.resume \
+            and a.num_parts == 1:
         raise CLIError(f"report folder {root} exists and is not empty: use --continue to resume it or "
                        f"choose a new folder (nothing was changed)")
     dataset_json = json.loads((models[0].folder / "dataset.json").read_text())
@@ -176,18 +198,31 @@ def run(a, argv: List[str]) -> int:
                 raise CLIError(f"attack {setting.label!r}: {e}") from None
     rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
     cases = labelled_cases(Path(a.i), Path(a.l), dataset_json, rw)
+    classes = len(_foreground(dataset_json))
+    if len(a.nsd_tolerance) not in (1, classes):
+        raise CLIError(f"--nsd_tolerance takes one value or one per foreground class ({classes}), got "
+                       f"{len(a.nsd_tolerance)}")
     device = pick_device(a.device)
     evaluation = RobustnessEvaluation(EvaluationRun(
         models=models, settings=settings, images=Path(a.i), labels=Path(a.l), cases=cases, output=root,
         dataset_json=dataset_json, plans=plans, folds=[f if f == "all" else int(f) for f in a.f],
         checkpoint=a.chk, device=device, transfer_from=source, eot_mirroring=a.eot_mirroring,
         tile_batch_size=a.tile_batch_size, tta=not a.disable_tta, saliency=a.saliency, num_examples=a.num_examples,
-        progress=not a.disable_progress_bar, resume=a.resume, command=shlex.join(["nnUNetv2_adv_evaluate", *argv])),
-        log=say)
+        progress=not a.disable_progress_bar, resume=a.resume or part is not None, seed=a.seed, part=part,
+        nsd_tolerance=a.nsd_tolerance[0] if len(a.nsd_tolerance) == 1 else list(a.nsd_tolerance),
+        command=shlex.join(["nnUNetv2_adv_evaluate", *argv])), log=say)
     text = evaluation.execute()
-    say(f"done: {root / 'report.md'}")
-    print("\n" + text)
+    if part is None:
+        say(f"done: {root / 'report.md'}")
+        print("\n" + text)
     return 0
+
+
+def _foreground(dataset_json: dict) -> list:
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    return list(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
 
 
 def main(argv=None) -> int:

@@ -122,13 +122,13 @@ class Demo:
         from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
         from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
-        from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, sweep_settings
+        from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, sweep_settings, worst_case_setting
 
         dataset = self.dataset_folder()
         models = [Model(t, self.model_folder(t)) for t in (self.clean_trainer, self.robust_trainer)]
         seed = self.run.seed
-        settings = [Setting("clean")] + attack_settings(DEMO_ATTACKS, seed) + \
-            sweep_settings(DEMO_SWEEP_ATTACK, DEMO_EPS_SWEEP, seed)
+        attacks = [Setting("clean")] + attack_settings(DEMO_ATTACKS, seed)
+        settings = attacks + worst_case_setting(attacks) + sweep_settings(DEMO_SWEEP_ATTACK, DEMO_EPS_SWEEP, seed)
         dataset_json = json.loads((models[0].folder / "dataset.json").read_text())
         plans = json.loads((models[0].folder / "plans.json").read_text())
         rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()

@@ -9,6 +9,9 @@ towards the mean; regions and the ignore label as in the dataset). Added per cla
   HD95; it is recorded as the image diagonal in mm (BraTS' convention) so that means stay finite
   and a vanished structure still counts as the worst case.
 
+* ``NSD``: normalised surface Dice at a tolerance in mm (default 1 mm, or one per class), the
+  reference's spacing; NaN when the class is absent from both maps, 0 when from one.
+
 and per case:
 
 * ``ASR``: voxel attack success rate, the fraction of voxels whose predicted label differs from
@@ -26,14 +29,18 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunet_adv.metrics import LabelOrRegion, attack_success_rate, hd95_per_class
+from nnunet_adv.metrics import LabelOrRegion, attack_success_rate, hd95_per_class, nsd_per_class
+
+#: the normalised surface Dice's default tolerance (mm), as nnU-Net's authors report it
+NSD_TOLERANCE_MM = 1.0
 
 
 def case_metrics(reference_file: str, prediction_file: str, reader_writer,
                  labels_or_regions: Sequence[LabelOrRegion], ignore_label: Optional[int] = None,
-                 clean_prediction_file: Optional[str] = None) -> dict:
-    """nnU-Net's per-case entry (``reference_file``, ``prediction_file``, ``metrics``) plus HD95
-    per class, ``ASR`` and ``foreground_dice`` (see the module docstring)."""
+                 clean_prediction_file: Optional[str] = None, nsd_tolerance=NSD_TOLERANCE_MM) -> dict:
+    """nnU-Net's per-case entry (``reference_file``, ``prediction_file``, ``metrics``) plus HD95 and
+    NSD (at ``nsd_tolerance`` mm: one value, or one per class) per class, ``ASR`` and
+    ``foreground_dice`` (see the module docstring)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics
 
     entry = compute_metrics(reference_file, prediction_file, reader_writer, list(labels_or_regions), ignore_label)
@@ -49,8 +56,10 @@ def case_metrics(reference_file: str, prediction_file: str, reader_writer,
     spacing = np.asarray(props["spacing"], dtype=np.float64)
     diagonal = float(np.sqrt(np.sum((np.asarray(ref.shape) * spacing) ** 2)))
     hd = hd95_per_class(pred, ref, labels_or_regions, spacing=spacing)
-    for label, value in zip(labels_or_regions, hd):
+    nsd = nsd_per_class(pred, ref, labels_or_regions, nsd_tolerance, spacing=spacing)
+    for label, value, surface in zip(labels_or_regions, hd, nsd):
         entry["metrics"][label]["HD95"] = diagonal if np.isinf(value) else float(value)
+        entry["metrics"][label]["NSD"] = float(surface)
     dice = [entry["metrics"][label]["Dice"] for label in labels_or_regions]
     entry["foreground_dice"] = float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else float("nan")
     return entry

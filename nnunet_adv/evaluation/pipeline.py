@@ -16,13 +16,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from nnunet_adv.errors import UserError
+from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM
 from nnunet_adv.evaluation import report
-from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of
+from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of, worst_case_members
 from nnunet_adv.evaluation.report import ReportFolder
 from nnunet_adv.files import atomic_write_json
 
@@ -63,6 +64,16 @@ class EvaluationRun:
     progress: bool = True
     resume: bool = False
     command: str = ""
+    nsd_tolerance: Union[float, Sequence[float]] = NSD_TOLERANCE_MM
+    seed: int = 0
+    part: Optional[Tuple[int, int]] = None
+
+    @property
+    def part_cases(self) -> List[str]:
+        """The cases this run computes (all, or its share of ``-num_parts``)."""
+        from nnunet_adv.volume.runner import split_cases
+
+        return split_cases(self.cases, self.part)
 
     def recorded_settings(self) -> dict:
         """What every cached result of the report depends on (``evaluation.json``): a resume with
@@ -74,11 +85,53 @@ class EvaluationRun:
                 "images": str(Path(self.images).resolve()), "labels": str(Path(self.labels).resolve()),
                 "cases": sorted(self.cases), "test_time_mirroring": bool(self.tta),
                 "eot_mirroring": bool(self.eot_mirroring), "tile_batch_size": self.tile_batch_size,
-                "versions": versions()}
+                "nsd_tolerance_mm": self.nsd_tolerance, "corruption_seed": self.seed, "versions": versions()}
 
 
 SETTINGS_JSON = "evaluation.json"
 PREDICTION_JSON = "prediction.json"
+CORRUPTION_JSON = "corruption.json"
+
+
+def _files_verified(folder: Path, record: Optional[dict]) -> bool:
+    from nnunet_adv.volume.runner import file_digest
+
+    if not record or record.get("status") != "ok":
+        return False
+    return all((folder / n).is_file() and file_digest(folder / n) == d for n, d in record.get("files", {}).items())
+
+
+def _reader_writer(plans: dict):
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+    return recursive_find_reader_writer_by_name(plans["image_reader_writer"])
+
+
+def _torchio_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"torchio": version("torchio")}
+    except PackageNotFoundError:
+        return {"torchio": None}
+
+
+def worst_case_summary(members: Sequence[Tuple[str, dict]], labels) -> dict:
+    """AutoAttack's rule per case: of the attacks' summaries (``(label, summary)``, same cases in the
+    same order), each case keeps the entry of the attack with the lowest foreground Dice (ties: the
+    earlier attack; NaN Dice counts as not lower), recorded as ``worst_of``; then nnU-Net's averaging."""
+    from nnunet_adv.evaluation.case_metrics import summarize
+
+    chosen = []
+    for entries in zip(*(summary["metric_per_case"] for _, summary in members)):
+        best = 0
+        for i, entry in enumerate(entries):
+            if entry["foreground_dice"] < entries[best]["foreground_dice"]:
+                best = i
+        chosen.append({**entries[best], "worst_of": members[best][0]})
+    keys = [k for k in chosen[0]["metrics"]]
+    summary = summarize(chosen, keys)
+    return {**summary, "mean": {str(k): v for k, v in summary["mean"].items()}}
 
 
 def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer) -> Dict[str, dict]:
@@ -130,11 +183,23 @@ class RobustnessEvaluation:
             if setting.attack is not None:
                 for model in r.models:
                     self.attack(model, setting)
+            elif setting.corruption is not None:
+                self.corrupt(setting)
         for ev in evaluations:
             self.predict(ev)
+        if r.part is not None:
+            self.log(f"part {r.part[1]} of {r.part[0]} done ({len(r.part_cases)} case(s)); run once more without "
+                     f"-num_parts/-part_id and with --continue to write the report")
+            return ""
         labels = _labels_or_regions(r.dataset_json)
         rw = recursive_find_reader_writer_by_name(r.plans["image_reader_writer"])()
         summaries = {(ev.model.name, ev.key): self.metrics(ev, rw, labels) for ev in evaluations}
+        members = worst_case_members(r.settings)
+        for setting in r.settings:
+            if setting.worst:
+                for model in r.models:
+                    summaries[(model.name, setting.tag)] = worst_case_summary(
+                        [(s.label, summaries[(model.name, s.tag)]) for s in members], labels)
 
         context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=r.command,
                                        dataset=r.plans["dataset_name"], models=r.models, settings=r.settings,
@@ -167,7 +232,7 @@ class RobustnessEvaluation:
                 raise UserError(f"{root} is a report made with other settings ({difference}); resume only with "
                                 f"the same settings, or choose a new folder (nothing was changed)")
             return
-        if root.is_dir() and any(root.iterdir()):
+        if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
             raise UserError(f"{root} is not a report of nnUNetv2_adv_evaluate (no {SETTINGS_JSON}); choose a new "
                             f"folder (nothing was changed)")
         ensure_writable(root)
@@ -175,11 +240,23 @@ class RobustnessEvaluation:
         atomic_write_json(recorded, settings)
 
     # ------------------------------------------------------------------------------ steps
-    def images_of(self, ev: Evaluation, case: str) -> List[str]:
+    def image_folder(self, ev: Evaluation) -> Optional[Path]:
+        """Where the images of an evaluation are: None for the clean images, else the adversarial
+        (crafted on ``ev.source``) or corrupted folder."""
+        if ev.setting.corruption is not None:
+            return self.folder.corrupted(ev.setting.tag)
         if ev.source is None:
+            return None
+        return self.folder.adversarial(ev.source.name, ev.setting.tag)
+
+    def images_of(self, ev: Evaluation, case: str) -> List[str]:
+        folder = self.image_folder(ev)
+        if folder is None:
             return self.run.cases[case]["images"]
-        folder = self.folder.adversarial(ev.source.name, ev.setting.tag)
         return [str(folder / Path(f).name) for f in self.run.cases[case]["images"]]
+
+    def _names(self, cases) -> Dict[str, dict]:
+        return {c: {"problem": None, "names": [Path(f).name for f in self.run.cases[c]["images"]]} for c in cases}
 
     def attack(self, model: Model, setting: Setting) -> None:
         from nnunet_adv.volume.runner import AttackRun, run_attack
@@ -189,7 +266,7 @@ class RobustnessEvaluation:
         attack_run = AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds, checkpoint=r.checkpoint,
                                input_folder=Path(r.images), output_folder=out, labels_folder=Path(r.labels),
                                device=r.device, eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size,
-                               resume=True, progress=r.progress, command=r.command)
+                               resume=True, progress=r.progress, command=r.command, part=r.part)
         if self._attack_done(out, attack_run):
             return
         self.log(f"attacking with {setting.label} on {model.name}")
@@ -197,53 +274,120 @@ class RobustnessEvaluation:
         result = run_attack(attack_run, log=self.log)
         if result.failed:
             raise UserError(f"attack {setting.label} on {model.name} failed for case(s) {', '.join(result.failed)} "
-                            f"(per-case reasons in {out / 'attack.json'}); fix it and re-run with --continue")
+                            f"(per-case reasons in {out / attack_run.record_name}); fix it and re-run with --continue")
         self.done_work.append(f"attack {setting.label} on {model.name}")
 
     def _attack_done(self, out: Path, attack_run) -> bool:
-        """Every case's adversarial images are there as attack.json recorded them, made with this
-        run's settings (other settings: one line, as a resumed nnUNetv2_adv_attack)."""
+        """Every case of this run (or part) is there as the records say, made with this run's settings
+        (other settings: one line, as a resumed nnUNetv2_adv_attack). A run without parts merges the
+        parts' records into attack.json."""
         from nnunet_adv.volume.runner import ATTACK_JSON, prior_report, run_settings, verified_cases
 
-        if not (out / ATTACK_JSON).is_file():
-            return False
         prior = prior_report(out, run_settings(attack_run), resume=True)
-        cases = {c: {"problem": None, "names": [Path(f).name for f in info["images"]]} for c, info in self.run.cases.items()}
-        return verified_cases(out, prior, cases) == set(cases)
+        if prior is None:
+            return False
+        wanted = set(self.run.part_cases)
+        done = verified_cases(out, prior, self._names(wanted)) == wanted
+        if done and attack_run.part is None and not (out / ATTACK_JSON).is_file():
+            atomic_write_json(out / ATTACK_JSON, prior, indent=2, default=str)
+        return done
+
+    def corrupt(self, setting: Setting) -> None:
+        """The corrupted images of one corruption setting (shared by every model), written like
+        adversarial images (hidden folder, read back, renamed) and recorded in corruption.json."""
+        from nnunet_adv.evaluation.corruptions import case_seed, corrupt
+        from nnunet_adv.volume.export import write_image_like
+        from nnunet_adv.volume.runner import file_digest, first_difference, load_records, part_record_name
+
+        r = self.run
+        name, severity = setting.corruption
+        out = self.folder.corrupted(setting.tag)
+        settings = {"corruption": name, "severity": severity, "seed": r.seed, "versions": _torchio_version()}
+        record_name = CORRUPTION_JSON if r.part is None else part_record_name(CORRUPTION_JSON, r.part)
+        prior = load_records(out, CORRUPTION_JSON) if out.is_dir() else None
+        if prior is not None:
+            difference = first_difference(prior.get("settings"), settings)
+            if difference is not None:
+                raise UserError(f"{out} holds corrupted images made with other settings ({difference}); choose a new "
+                                f"report folder (nothing was changed)")
+        records = dict((prior or {}).get("cases", {}))
+        wanted = r.part_cases
+        todo = [c for c in wanted if not _files_verified(out, records.get(c))]
+        if not todo:
+            if r.part is None and not (out / CORRUPTION_JSON).is_file():
+                atomic_write_json(out / CORRUPTION_JSON, {"settings": settings, "cases": records})
+            return
+        self.log(f"corrupting {len(todo)} case(s) with {name} at severity {severity}")
+        rw_class = _reader_writer(r.plans)
+        partial = out / (".partial" + ("" if r.part is None else f"-{r.part[1]}-of-{r.part[0]}"))
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        mine = {c: records[c] for c in wanted if c in records and c not in todo}
+        for case in todo:
+            files = r.cases[case]["images"]
+            raw, props = rw_class().read_images(files)
+            image = corrupt(raw, props["spacing"], name, severity, case_seed(r.seed, case, name, severity))
+            tmp = [partial / Path(f).name for f in files]
+            write_image_like(image, files, tmp, rw_class, props)
+            back, _ = rw_class().read_images([str(t) for t in tmp])
+            if not np.array_equal(back, image.astype(back.dtype)):
+                from nnunet_adv.volume.export import WriteError
+
+                raise WriteError(f"cannot write {tmp[0]}: the written image does not read back as written "
+                                 f"(is the disk full?)")
+            from nnunet_adv.volume.engine import _similarity
+
+            mine[case] = {"status": "ok", "files": {t.name: file_digest(t) for t in tmp}, **_similarity(raw, image),
+                          "linf_raw": np.abs(image.astype(np.float64) - raw).reshape(raw.shape[0], -1).max(1).tolist()}
+            for t in tmp:
+                os.replace(t, out / t.name)
+            atomic_write_json(out / record_name, {"settings": settings, "cases": mine if r.part else {**records, **mine}})
+        shutil.rmtree(partial, ignore_errors=True)
+        self.done_work.append(f"corruption {setting.label}")
 
     def provenance(self, ev: Evaluation) -> dict:
         """What one prediction folder's files come from (recorded in its prediction.json)."""
+        from nnunet_adv.volume.runner import load_records
+
         source = "clean images"
-        if ev.source is not None:
-            attack_json = self.folder.adversarial(ev.source.name, ev.setting.tag) / "attack.json"
-            source = {"crafted_on": ev.source.name, "attack": json.loads(attack_json.read_text())["settings"]["attack"]}
+        if ev.setting.corruption is not None:
+            source = {"corruption": load_records(self.image_folder(ev), CORRUPTION_JSON)["settings"]}
+        elif ev.source is not None:
+            source = {"crafted_on": ev.source.name, "attack": load_records(self.image_folder(ev))["settings"]["attack"]}
         return {"model": str(Path(ev.model.folder).resolve()), "checkpoint": self.run.checkpoint,
                 "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source}
 
     def predict(self, ev: Evaluation) -> None:
-        """nnU-Net's predictions of one evaluation, written to a hidden folder, then moved into place and
-        recorded (provenance and SHA-256 per file) in prediction.json; a resume keeps only files that
-        match their record."""
-        from nnunet_adv.volume.runner import file_digest, first_difference
+        """nnU-Net's predictions of one evaluation (this run's cases), written to a hidden folder, then
+        moved into place and recorded (provenance and SHA-256 per file) in prediction.json (one record
+        per part of a split run); a resume keeps only files that match their record."""
+        from nnunet_adv.volume.runner import file_digest, first_difference, load_records, part_record_name
 
+        r = self.run
         out = self.folder.predictions(ev.model.name, ev.key)
         provenance = self.provenance(ev)
-        record = {"provenance": provenance, "files": {}}
-        if (out / PREDICTION_JSON).is_file():
-            old = json.loads((out / PREDICTION_JSON).read_text())
+        old = load_records(out, PREDICTION_JSON) if out.is_dir() else None
+        verified = {}
+        if old is not None:
             difference = first_difference(old.get("provenance"), provenance)
             if difference is not None:
                 raise UserError(f"{out} holds predictions made with other settings ({difference}); choose a new "
                                 f"report folder (nothing was changed)")
-            record["files"] = {n: d for n, d in old.get("files", {}).items()
-                               if (out / n).is_file() and file_digest(out / n) == d}
-        missing = [c for c in self.run.cases if f"{c}{self.file_ending}" not in record["files"]]
+            verified = {n: d for n, d in old.get("files", {}).items() if (out / n).is_file() and file_digest(out / n) == d}
+        wanted = {c: f"{c}{self.file_ending}" for c in r.part_cases}
+        missing = [c for c, n in wanted.items() if n not in verified]
+        record_name = PREDICTION_JSON if r.part is None else part_record_name(PREDICTION_JSON, r.part)
+        record = {"provenance": provenance, "settings": provenance,
+                  "files": verified if r.part is None else {wanted[c]: verified[wanted[c]] for c in wanted
+                                                             if wanted[c] in verified}}
         if not missing:
+            if r.part is None and not (out / PREDICTION_JSON).is_file():
+                atomic_write_json(out / PREDICTION_JSON, record)
             return
         self.log(f"predicting {len(missing)} case(s) of {ev.setting.label}"
                  + (f" crafted on {ev.source.name}" if ev.transfer else "") + f" with {ev.model.name}")
         predictor = self.predictor(ev.model)
-        partial = out / ".partial"
+        partial = out / (".partial" + ("" if r.part is None else f"-{r.part[1]}-of-{r.part[0]}"))
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         with _quiet():
@@ -251,10 +395,10 @@ class RobustnessEvaluation:
                                                     [str(partial / c) for c in missing], save_probabilities=False,
                                                     overwrite=True)
         for c in missing:
-            name = f"{c}{self.file_ending}"
+            name = wanted[c]
             record["files"][name] = file_digest(partial / name)
             os.replace(partial / name, out / name)
-            atomic_write_json(out / PREDICTION_JSON, record)
+            atomic_write_json(out / record_name, record)
         shutil.rmtree(partial, ignore_errors=True)
         self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
 
@@ -289,13 +433,16 @@ class RobustnessEvaluation:
         pred = self.folder.predictions(ev.model.name, ev.key)
         clean = self.folder.predictions(ev.model.name, "clean")
         ignore = self.run.dataset_json["labels"].get("ignore")
+        compared = ev.setting.attack is not None or ev.setting.corruption is not None
         per_case = [case_metrics(cases[c]["label"], str(pred / f"{c}{ending}"), rw, labels, ignore,
-                                 None if ev.source is None else str(clean / f"{c}{ending}"))
+                                 str(clean / f"{c}{ending}") if compared else None, self.run.nsd_tolerance)
                     for c in cases]
         summary = jsonable_summary(summarize(per_case, labels))
-        if ev.source is not None:
-            attack_json = self.folder.adversarial(ev.source.name, ev.setting.tag) / "attack.json"
-            records = json.loads(attack_json.read_text())["cases"]
+        folder = self.image_folder(ev)
+        if folder is not None:
+            from nnunet_adv.volume.runner import load_records
+
+            records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None else "attack.json")["cases"]
             for case, entry in zip(cases, summary["metric_per_case"]):
                 rec = records.get(case, {})
                 entry["SSIM"] = _channel_mean(rec.get("ssim"))
@@ -308,7 +455,10 @@ class RobustnessEvaluation:
         return summary
 
     def _prediction_record(self, ev: Evaluation) -> dict:
-        return json.loads((self.folder.predictions(ev.model.name, ev.key) / PREDICTION_JSON).read_text())
+        from nnunet_adv.volume.runner import load_records
+
+        record = load_records(self.folder.predictions(ev.model.name, ev.key), PREDICTION_JSON)
+        return {"provenance": record["provenance"], "files": record["files"], "nsd_tolerance_mm": self.run.nsd_tolerance}
 
     def saliency(self, context) -> str:
         """saliency.png for the first ``num_examples`` cases (maps cached in saliency/MODEL/CASE.npz)."""

@@ -1,14 +1,16 @@
 """What a robustness evaluation computes: models, settings and their evaluations.
 
-A *setting* is one column of the report: the clean images, one attack, or one eps of the sweep.
+A *setting* is one column of the report: the clean images, one attack, one eps of the sweep, one
+corruption at one severity, or the worst case over the attacks (derived: no images of its own).
 An *evaluation* is one model predicting the images of one setting, crafted on itself (white box)
-or on another model (transfer). Each has a folder-safe key that names its cached results.
+or on another model (transfer); clean and corrupted images are the same for every model. Each has
+a folder-safe key that names its cached results.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks.targeted import nlcen_iterations
@@ -25,20 +27,34 @@ class Model:
 
 @dataclass
 class Setting:
-    """One column of the report: clean (``attack`` None), an attack, or one eps of the sweep."""
+    """One column of the report: clean, an attack (``attack``), one eps of the sweep (``sweep``),
+    a corruption (``corruption`` = (name, severity)) or the worst case over the attacks (``worst``)."""
 
     label: str
     attack: Optional[AttackConfig] = None
     sweep: bool = False
+    corruption: Optional[Tuple[str, int]] = None
+    worst: bool = False
 
     @property
     def tag(self) -> str:
+        if self.worst:
+            return "worst-case"
+        if self.corruption is not None:
+            return f"corruption_{self.corruption[0]}-{self.corruption[1]}"
         return "clean" if self.attack is None else self.attack.tag
 
     @property
     def eps(self) -> Optional[float]:
-        """eps in x/255 of the window (0 for clean, None for attacks without an eps)."""
+        """eps in x/255 of the window (0 for clean, None for attacks without an eps and the rest)."""
+        if self.worst or self.corruption is not None:
+            return None
         return 0.0 if self.attack is None else self.attack.eps
+
+    @property
+    def crafted(self) -> bool:
+        """Images made against each model (attacks, sweep points), not shared by all models."""
+        return self.attack is not None
 
 
 @dataclass
@@ -56,6 +72,26 @@ class Evaluation:
     @property
     def key(self) -> str:
         return self.setting.tag + (f"__from_{self.source.name}" if self.transfer else "")
+
+
+def corruption_settings(items: Sequence[str]) -> List[Setting]:
+    """Settings of ``--corruptions`` items (``noise``, ``blur:3``, ``all``; see
+    :func:`nnunet_adv.evaluation.corruptions.parse_corruptions`)."""
+    from nnunet_adv.evaluation.corruptions import parse_corruptions
+
+    return [Setting(f"{name}:{severity}", corruption=(name, severity)) for name, severity in parse_corruptions(items)]
+
+
+def worst_case_setting(settings: Sequence[Setting]) -> List[Setting]:
+    """The worst case over the attacks of ``settings`` (not the sweep, not controls such as
+    ``slice-rescale``; AutoAttack's rule: per case the lowest Dice), where there is an attack."""
+    return [Setting("worst case", worst=True)] if worst_case_members(settings) else []
+
+
+def worst_case_members(settings: Sequence[Setting]) -> List[Setting]:
+    from nnunet_adv.attacks import attack_class
+
+    return [s for s in settings if s.attack is not None and not s.sweep and not attack_class(s.attack.name).control]
 
 
 def attack_settings(texts: Sequence[str], seed: int) -> List[Setting]:
@@ -91,9 +127,9 @@ def evaluations_of(models: Sequence[Model], settings: Sequence[Setting],
                    transfer_from: Optional[Model] = None) -> List[Evaluation]:
     """White-box evaluations of every model and setting, then (with ``transfer_from``) every other
     model on the images crafted on the source."""
-    out = [Evaluation(m, s, None if s.attack is None else m) for m in models for s in settings]
+    out = [Evaluation(m, s, m if s.crafted else None) for m in models for s in settings if not s.worst]
     if transfer_from is not None:
         for s in settings:
-            if s.attack is not None:
+            if s.crafted:
                 out += [Evaluation(m, s, transfer_from) for m in models if m.name != transfer_from.name]
     return out

@@ -38,6 +38,10 @@ class ReportFolder:
         """nnU-Net's predictions of ``model``; key = setting tag (+ ``__from_SOURCE``), 'clean'."""
         return self.root / "predictions" / model / key
 
+    def corrupted(self, corruption_tag: str) -> Path:
+        """Corrupted images and corruption.json of one corruption at one severity (every model's input)."""
+        return self.root / "corrupted" / corruption_tag
+
     def metrics(self, model: str, key: str) -> Path:
         return self.root / "metrics" / model / f"{key}.json"
 
@@ -67,17 +71,36 @@ class ReportContext:
     def root(self) -> Path:
         return self.folder.root
 
+    def rows(self):
+        """``(model, setting, crafted_on name or None, key)`` of every result: the evaluations, then
+        the worst case of every model."""
+        for ev in self.evaluations:
+            yield ev.model, ev.setting, None if ev.source is None else ev.source.name, ev.key
+        for setting in self.settings:
+            if setting.worst:
+                for model in self.models:
+                    yield model, setting, model.name, setting.tag
+
     def summary(self, model_name: str, key: str) -> Optional[dict]:
         return self.summaries.get((model_name, key))
 
     def fg(self, model_name: str, key: str, metric: str = "Dice") -> float:
         s = self.summary(model_name, key)
-        return float("nan") if s is None else float(s["foreground_mean"][metric])
+        value = None if s is None else s["foreground_mean"].get(metric)
+        return float("nan") if value is None else float(value)
 
     def robust_fraction(self, model_name: str, key: str) -> float:
         s = self.summary(model_name, key)
         per_case = [c["foreground_dice"] for c in s["metric_per_case"]]
         return robust_fraction(per_case, self.fg(model_name, "clean"), ROG_FACTOR)
+
+    def mean_corruption(self, model_name: str, severity: Optional[int] = None, metric: str = "Dice") -> float:
+        """Mean over the corruptions (at one severity, or all) of the mean foreground metric
+        (ImageNet-C's mean corruption score)."""
+        values = [self.fg(model_name, s.tag, metric) for s in self.settings
+                  if s.corruption is not None and (severity is None or s.corruption[1] == severity)]
+        values = [v for v in values if math.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
 
     def per_case_mean(self, model_name: str, key: str, field: str) -> float:
         values = [c.get(field) for c in self.summary(model_name, key)["metric_per_case"]]
@@ -91,12 +114,17 @@ def write_summary_json(ctx: ReportContext) -> None:
     """``summary.json``: run information and, per evaluation, nnU-Net's summary with ``model``,
     ``attack``, ``eps``, ``crafted_on`` and ``robust_fraction`` keys."""
     results = []
-    for ev in ctx.evaluations:
-        s = ctx.summary(ev.model.name, ev.key)
-        results.append({"model": ev.model.name, "attack": ev.setting.label, "eps": ev.setting.eps,
-                        "sweep": ev.setting.sweep, "crafted_on": None if ev.source is None else ev.source.name,
-                        "prediction_folder": str(ctx.folder.predictions(ev.model.name, ev.key).relative_to(ctx.root)),
-                        "robust_fraction": ctx.robust_fraction(ev.model.name, ev.key),
+    for model, setting, source, key in ctx.rows():
+        s = ctx.summary(model.name, key)
+        kind = "worst case" if setting.worst else "corruption" if setting.corruption else "sweep" if setting.sweep \
+            else "attack" if setting.attack else "clean"
+        results.append({"model": model.name, "attack": setting.label, "kind": kind, "eps": setting.eps,
+                        "sweep": setting.sweep, "crafted_on": source,
+                        "corruption": None if setting.corruption is None else {"name": setting.corruption[0],
+                                                                              "severity": setting.corruption[1]},
+                        "prediction_folder": None if setting.worst else
+                        str(ctx.folder.predictions(model.name, key).relative_to(ctx.root)),
+                        "robust_fraction": ctx.robust_fraction(model.name, key),
                         **s})
     doc = {"command": ctx.command, "dataset": ctx.dataset, "created": datetime.datetime.now().isoformat(timespec="seconds"),
            "models": {m.name: str(m.folder.resolve()) for m in ctx.models}, "folds": ctx.folds,
@@ -108,7 +136,11 @@ def write_summary_json(ctx: ReportContext) -> None:
                            "SSIM/PSNR": "adversarial vs clean raw image, mean over channels",
                            "LPIPS": "adversarial vs clean raw image, slice-wise (first axis), mean over channels; "
                                     "null when unavailable",
-                           "robust_fraction": f"cases with foreground Dice > {ROG_FACTOR} x mean clean Dice (ROG)"},
+                           "robust_fraction": f"cases with foreground Dice > {ROG_FACTOR} x mean clean Dice (ROG)",
+                           "NSD": "normalised surface Dice at the tolerance in evaluation.json (mm), MONAI's "
+                                  "implementation; NaN when a class is absent from both maps",
+                           "worst case": "per case the attack (of --attacks, controls left out) with the lowest "
+                                         "foreground Dice (worst_of), then nnU-Net's averaging (AutoAttack's rule)"},
            "results": results}
     atomic_write_text(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
 
@@ -119,8 +151,8 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-CSV_COLUMNS = ["model", "attack", "eps", "crafted_on", "case", "class", "dice", "iou", "hd95_mm", "tp", "fp", "fn",
-               "n_ref", "n_pred", "asr", "ssim", "psnr", "linf_raw", "lpips"]
+CSV_COLUMNS = ["model", "attack", "eps", "crafted_on", "case", "class", "dice", "iou", "hd95_mm", "nsd", "tp", "fp",
+               "fn", "n_ref", "n_pred", "asr", "ssim", "psnr", "linf_raw", "lpips", "worst_of"]
 
 
 def write_metrics_csv(ctx: ReportContext) -> None:
@@ -128,16 +160,15 @@ def write_metrics_csv(ctx: ReportContext) -> None:
     f = io.StringIO(newline="")
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)
-    for ev in ctx.evaluations:
-        s = ctx.summary(ev.model.name, ev.key)
+    for model, setting, source, key in ctx.rows():
+        s = ctx.summary(model.name, key)
         for case, entry in zip(ctx.cases, s["metric_per_case"]):
             for label, m in entry["metrics"].items():
-                writer.writerow([ev.model.name, ev.setting.label, _cell(ev.setting.eps),
-                                 "" if ev.source is None else ev.source.name, case, label,
-                                 _cell(m["Dice"]), _cell(m["IoU"]), _cell(m["HD95"]), m["TP"], m["FP"], m["FN"],
-                                 m["n_ref"], m["n_pred"], _cell(entry.get("ASR")), _cell(entry.get("SSIM")),
-                                 _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw")),
-                                 _cell(entry.get("LPIPS"))])
+                writer.writerow([model.name, setting.label, _cell(setting.eps), source or "", case, label,
+                                 _cell(m["Dice"]), _cell(m["IoU"]), _cell(m["HD95"]), _cell(m.get("NSD")), m["TP"],
+                                 m["FP"], m["FN"], m["n_ref"], m["n_pred"], _cell(entry.get("ASR")),
+                                 _cell(entry.get("SSIM")), _cell(entry.get("PSNR")), _cell(entry.get("Linf_raw")),
+                                 _cell(entry.get("LPIPS")), entry.get("worst_of", "")])
     atomic_write_text(ctx.root / "metrics.csv", f.getvalue())
 
 
@@ -162,6 +193,18 @@ def write_figures(ctx: ReportContext, cases: Dict[str, dict], reader_writer, num
                               x_label="eps (x/255 of the intensity window)",
                               title=f"{sweep[0].attack.name} sweep, {ctx.dataset}")
         written.append("robustness_curve.png")
+    corrupted = [s for s in ctx.settings if s.corruption is not None]
+    if corrupted:
+        severities = sorted({s.corruption[1] for s in corrupted})
+        curves = {m.name: {"eps": [0.0] + [float(v) for v in severities],
+                           "dice": [ctx.fg(m.name, "clean")] + [ctx.mean_corruption(m.name, v) for v in severities],
+                           "jaccard": [ctx.fg(m.name, "clean", "IoU")] +
+                                      [ctx.mean_corruption(m.name, v, "IoU") for v in severities]}
+                  for m in ctx.models}
+        plot_robustness_curve(curves, ctx.root / "corruption_curve.png",
+                              x_label="corruption severity (mean over the corruptions)",
+                              title=f"natural corruptions, {ctx.dataset}")
+        written.append("corruption_curve.png")
     attacked = [s for s in ctx.settings if s.attack is not None]
     if attacked and num_examples > 0:
         setting = next((s for s in attacked if not s.sweep), attacked[-1])
@@ -210,8 +253,9 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
     """``report.md``; returns its text."""
-    main = [s for s in ctx.settings if not s.sweep]
+    main = [s for s in ctx.settings if not s.sweep and s.corruption is None]
     sweep = [s for s in ctx.settings if s.sweep]
+    corrupted = [s for s in ctx.settings if s.corruption is not None]
     transfer = [ev for ev in ctx.evaluations if ev.transfer]
     lines = [f"# Robustness report: {ctx.dataset}", "",
              f"{len(ctx.cases)} test case(s); folds {', '.join(map(str, ctx.folds))} ({ctx.checkpoint}); prediction "
@@ -229,7 +273,19 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
                     [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} ({_f(ctx.fg(m.name, s.tag, 'HD95'), 1)})" for s in main]
                      for m in ctx.models])
     lines += ["", "Dice is nnU-Net's `foreground_mean` (the number `nnUNetv2_evaluate_folder` gives for the same "
-                  "predictions); HD95 of a class missing from one map counts as the image diagonal.", ""]
+                  "predictions); HD95 of a class missing from one map counts as the image diagonal."
+              + (" **worst case**: per case the attack with the lowest foreground Dice (AutoAttack's rule; "
+                 "controls such as `slice-rescale` left out): a robustness claim is this column, not one attack."
+                 if any(s.worst for s in main) else ""), ""]
+    lines += ["## Mean foreground normalised surface Dice", ""]
+    lines += _table(["model"] + [s.label for s in main],
+                    [[m.name] + [_f(ctx.fg(m.name, s.tag, "NSD")) for s in main] for m in ctx.models])
+    lines += ["", "NSD at the tolerance of evaluation.json (mm), MONAI's implementation of DeepMind's surface Dice.", ""]
+    if any(s.worst for s in main):
+        lines += ["Worst case, the attack that achieved it per case: "
+                  + "; ".join(f"{m.name}: " + ", ".join(f"{case} {entry.get('worst_of')}" for case, entry in
+                                                       zip(ctx.cases, ctx.summary(m.name, 'worst-case')["metric_per_case"]))
+                              for m in ctx.models) + ".", ""]
     attacked = [s for s in ctx.settings if s.attack is not None]
     if attacked:
         lines += ["## Attack effect", ""]
@@ -248,6 +304,23 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
         clean = ", ".join(f"{m.name} {_f(ctx.robust_fraction(m.name, 'clean'), 2)}" for m in ctx.models)
         lines += ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
                       f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: {_lpips_note()}.", ""]
+    if corrupted:
+        names = list(dict.fromkeys(s.corruption[0] for s in corrupted))
+        severities = sorted({s.corruption[1] for s in corrupted})
+        lines += ["## Natural corruptions (TorchIO): mean foreground Dice", ""]
+        header = ["model", "corruption"] + [f"severity {v}" for v in severities] + ["mean"]
+        rows = []
+        for m in ctx.models:
+            for name in names:
+                values = {s.corruption[1]: ctx.fg(m.name, s.tag) for s in corrupted if s.corruption[0] == name}
+                finite = [v for v in values.values() if math.isfinite(v)]
+                rows.append([m.name, name] + [_f(values.get(v)) for v in severities]
+                            + [_f(float(np.mean(finite)) if finite else float("nan"))])
+        lines += _table(header, rows)
+        lines += ["", "Mean corruption Dice (over every corruption and severity, ImageNet-C's summary): "
+                  + ", ".join(f"{m.name} {_f(ctx.mean_corruption(m.name))}" for m in ctx.models)
+                  + f" (clean: " + ", ".join(f"{m.name} {_f(ctx.fg(m.name, 'clean'))}" for m in ctx.models) + "). "
+                  "Severities: nnunet_adv.evaluation.corruptions (docs/evaluate.md).", ""]
     if sweep:
         lines += [f"## eps sweep ({sweep[0].attack.name}): mean foreground Dice / Jaccard", ""]
         lines += _table(["model", "clean"] + [f"eps {s.eps:g}" for s in sweep],

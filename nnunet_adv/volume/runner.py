@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.errors import UserError
@@ -30,6 +30,58 @@ from nnunet_adv.volume.trained_model import load_trained_model
 
 ATTACK_JSON = "attack.json"
 PARTIAL_FOLDER = ".nnunet_adv_partial"  # images are written here, then renamed into place (one file system)
+
+
+def part_record_name(name: str, part: Tuple[int, int]) -> str:
+    """``attack.json`` -> ``attack.part0-of-2.json`` for part 0 of 2."""
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.part{part[1]}-of-{part[0]}.{ext}"
+
+
+def split_cases(cases: Sequence[str], part: Optional[Tuple[int, int]]) -> List[str]:
+    """nnU-Net's split of work over ``-num_parts N -part_id I``: sorted cases ``[I::N]``."""
+    ordered = sorted(cases)
+    if part is None:
+        return ordered
+    num_parts, part_id = part
+    return ordered[part_id::num_parts]
+
+
+def check_part(num_parts: int, part_id: int) -> Optional[Tuple[int, int]]:
+    """``(num_parts, part_id)`` checked as nnU-Net's predictor does; None for a single run."""
+    if num_parts == 1 and part_id == 0:
+        return None
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise UserError(f"-part_id must be in [0, -num_parts) = [0, {num_parts}), got -num_parts {num_parts} "
+                        f"-part_id {part_id}")
+    return num_parts, part_id
+
+
+def load_records(folder: Path, name: str = ATTACK_JSON) -> Optional[dict]:
+    """The run record of a folder with every part's records merged in (their ``cases`` / ``files``
+    united; the ``settings`` of all must agree), or None when there is none."""
+    stem, _, ext = name.rpartition(".")
+    files = ([folder / name] if (folder / name).is_file() else []) + sorted(folder.glob(f"{stem}.part*-of-*.{ext}"))
+    merged = None
+    for f in files:
+        try:
+            record = json.loads(f.read_text())
+        except (ValueError, OSError) as e:
+            raise UserError(f"{f} cannot be read ({type(e).__name__}); choose a new folder (nothing was changed)") from None
+        if merged is None:
+            merged = record
+            for key in _MERGED_KEYS:
+                merged[key] = dict(record.get(key, {}))
+            continue
+        difference = first_difference(merged.get("settings"), record.get("settings"))
+        if difference is not None:
+            raise UserError(f"{f} was made with other settings than {files[0].name} ({difference})")
+        for key in _MERGED_KEYS:
+            merged[key].update(record.get(key, {}))
+    return merged
+
+
+_MERGED_KEYS = ("cases", "files")  # per-case records (attack.json, corruption.json), per-file digests (prediction.json)
 
 
 @dataclass
@@ -59,13 +111,21 @@ class AttackRun:
     progress: bool = True
     command: str = ""
     argv: List[str] = field(default_factory=list)
+    part: Optional[Tuple[int, int]] = None
+
+    @property
+    def record_name(self) -> str:
+        """attack.json, or ``attack.partI-of-N.json`` for one part of a run split as nnU-Net's
+        ``-num_parts N -part_id I`` (parts write their own records; a later run merges them)."""
+        return ATTACK_JSON if self.part is None else part_record_name(ATTACK_JSON, self.part)
 
 
 @dataclass
 class AttackResult:
-    report: dict                  # what attack.json holds
+    report: dict                  # what attack.json (or this part's record) holds
     failed: List[str]             # cases that failed (reasons in the report)
     new: List[str]                # cases attacked by this run
+    record: str = ATTACK_JSON     # the record's file name
 
 
 def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResult:
@@ -84,11 +144,12 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
     output_folder = Path(run.output_folder)
     check_folders(Path(run.input_folder), output_folder, run.labels_folder)
     cases = find_cases(Path(run.input_folder), file_ending, num_channels)
+    cases = {c: cases[c] for c in split_cases(cases, run.part)}
 
     for note in run.attack.warnings():
         log(f"warning: {note}")
     settings = run_settings(run)
-    prior = prior_report(output_folder, settings, run.resume)
+    prior = prior_report(output_folder, settings, run.resume or run.part is not None)
     done = verified_cases(output_folder, prior, cases) if run.resume else set()
     ensure_writable(output_folder)
     model = engine = None
@@ -109,7 +170,7 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
         log(f"--continue_prediction: all {len(cases)} case(s) are done in {output_folder}; nothing to attack")
 
     output_folder.mkdir(parents=True, exist_ok=True)
-    partial = output_folder / PARTIAL_FOLDER
+    partial = output_folder / (PARTIAL_FOLDER + ("" if run.part is None else f"-{run.part[1]}-of-{run.part[0]}"))
     shutil.rmtree(partial, ignore_errors=True)
     previous = (prior or {}).get("cases", {})
     report = _report_header(run, model, settings)
@@ -124,7 +185,7 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
             rec = dict(previous.get(case, {}))
             rec.update(status=rec.get("status", "ok"), skipped=True)
             records[case] = rec
-            atomic_write_json(output_folder / ATTACK_JSON, report, indent=2, default=str)
+            atomic_write_json(output_folder / run.record_name, report, indent=2, default=str)
             continue
         case_started = time.perf_counter()
         try:
@@ -150,7 +211,7 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
             records[case] = {"status": "failed", "reason": reason,
                              "seconds": round(time.perf_counter() - case_started, 3)}
             tqdm.write(f"error: case {case} failed: {reason}", file=sys.stderr)
-        atomic_write_json(output_folder / ATTACK_JSON, report, indent=2, default=str)
+        atomic_write_json(output_folder / run.record_name, report, indent=2, default=str)
     bar.close()
     shutil.rmtree(partial, ignore_errors=True)
 
@@ -160,8 +221,8 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
                          "skipped": len(skipped), "failed_cases": failed, "skipped_cases": skipped,
                          "seconds": round(time.time() - started, 1)}
     report["finished"] = _now()
-    atomic_write_json(output_folder / ATTACK_JSON, report, indent=2, default=str)
-    return AttackResult(report=report, failed=failed, new=new)
+    atomic_write_json(output_folder / run.record_name, report, indent=2, default=str)
+    return AttackResult(report=report, failed=failed, new=new, record=run.record_name)
 
 
 def versions() -> dict:
@@ -191,23 +252,19 @@ def run_settings(run: AttackRun) -> dict:
 
 
 def prior_report(output_folder: Path, settings: dict, resume: bool) -> Optional[dict]:
-    """attack.json of an earlier run in ``output_folder`` (None: none there). Refuses a folder with
-    files no run of ours wrote, and a resume whose settings differ (one line naming the setting)."""
+    """attack.json of an earlier run in ``output_folder``, parts merged (None: none there). Refuses
+    a folder with files no run of ours wrote, and a resume whose settings differ (one line naming
+    the setting)."""
     if not output_folder.is_dir():
         if output_folder.exists():
             raise UserError(f"the output path {output_folder} is a file, not a folder; choose another (-o)")
         return None
-    entries = [p for p in output_folder.iterdir() if p.name != PARTIAL_FOLDER]
-    f = output_folder / ATTACK_JSON
-    if not f.is_file():
-        if entries:
+    prior = load_records(output_folder)
+    if prior is None:
+        if any(not p.name.startswith(".") for p in output_folder.iterdir()):
             raise UserError(f"the output folder {output_folder} holds files that nnUNetv2_adv_attack did not write "
                             f"(no {ATTACK_JSON}); choose a new folder (nothing was changed)")
         return None
-    try:
-        prior = json.loads(f.read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"{f} cannot be read ({type(e).__name__}); choose a new folder (nothing was changed)") from None
     if resume:
         difference = first_difference(prior.get("settings"), settings)
         if difference is not None:

@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_adv.attack_config import AttackConfig
@@ -12,12 +13,13 @@ from nnunet_adv.evaluation.plan import Model, Setting, evaluations_of
 
 
 def _summary(dice_per_case, asr=None):
-    cases = [{"metrics": {"1": {"Dice": d, "IoU": d / (2 - d), "HD95": 2.0, "TP": 1, "FP": 0, "FN": 0,
+    cases = [{"metrics": {"1": {"Dice": d, "IoU": d / (2 - d), "HD95": 2.0, "NSD": d, "TP": 1, "FP": 0, "FN": 0,
                                 "n_ref": 1, "n_pred": 1}},
               "foreground_dice": d, "ASR": asr, "SSIM": None if asr is None else 0.9,
               "PSNR": None if asr is None else 30.0, "Linf_raw": None, "LPIPS": None} for d in dice_per_case]
     mean = sum(dice_per_case) / len(dice_per_case)
-    stats = {"Dice": mean, "IoU": mean / (2 - mean), "HD95": 2.0, "TP": 1, "FP": 0, "FN": 0, "n_ref": 1, "n_pred": 1}
+    stats = {"Dice": mean, "IoU": mean / (2 - mean), "HD95": 2.0, "NSD": mean, "TP": 1, "FP": 0, "FN": 0, "n_ref": 1,
+             "n_pred": 1}
     return {"metric_per_case": cases, "mean": {"1": stats}, "foreground_mean": stats}
 
 
@@ -59,3 +61,60 @@ def test_report_md_tables(context):
     assert "| clean_model | 0.700 (2.0) | 0.300 (2.0) |" in text
     assert "| robust_model | 0.690 (2.0) | 0.550 (2.0) |" in text
     assert "| model | attack | Jaccard (IoU) | voxel ASR | robust fraction | SSIM | PSNR dB |" in text
+
+
+def test_worst_case_keeps_per_case_the_lowest_dice_attack(tmp_path):
+    """AutoAttack's rule: per case the attack with the lowest Dice (and its name), then the means;
+    the worst case is a row of summary.json, metrics.csv and a column of report.md."""
+    from nnunet_adv.evaluation.pipeline import worst_case_summary
+    from nnunet_adv.evaluation.plan import worst_case_setting
+
+    pgd, apgd = AttackConfig.parse("pgd:eps=4"), AttackConfig.parse("apgd-ce:eps=4")
+    control = AttackConfig.parse("slice-rescale")
+    settings = [Setting("clean"), Setting(pgd.label, pgd), Setting(apgd.label, apgd), Setting(control.label, control)]
+    worst = worst_case_setting(settings)
+    assert [s.label for s in worst] == ["worst case"]
+    summary = worst_case_summary([(pgd.label, _summary([0.2, 0.5])), (apgd.label, _summary([0.3, 0.1]))], ["1"])
+    assert [c["worst_of"] for c in summary["metric_per_case"]] == [pgd.label, apgd.label]
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(0.15)
+    models = [Model("m", tmp_path / "m")]
+    settings += worst
+    summaries = {("m", "clean"): _summary([0.8, 0.6]), ("m", pgd.tag): _summary([0.2, 0.5]),
+                 ("m", apgd.tag): _summary([0.3, 0.1]), ("m", control.tag): _summary([0.05, 0.05]),
+                 ("m", "worst-case"): summary}
+    ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
+                               dataset="D", models=models, settings=settings, evaluations=evaluations_of(models, settings),
+                               summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
+                               checkpoint="c", cases=["c1", "c2"])
+    text = report.write_report_md(ctx, [])
+    assert "| m | 0.700 (2.0) | 0.350 (2.0) | 0.200 (2.0) | 0.050 (2.0) | 0.150 (2.0) |" in text  # the control is
+    assert "m: c1 pgd:eps=4, c2 apgd-ce:eps=4" in text                                     # not in the worst case
+    report.write_summary_json(ctx)
+    rows = [r for r in json.loads((tmp_path / "summary.json").read_text())["results"] if r["kind"] == "worst case"]
+    assert len(rows) == 1 and rows[0]["foreground_mean"]["Dice"] == pytest.approx(0.15)
+    report.write_metrics_csv(ctx)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        worst_rows = [r for r in csv.DictReader(f) if r["attack"] == "worst case"]
+    assert [r["worst_of"] for r in worst_rows] == [pgd.label, apgd.label]
+
+
+def test_corruption_table_and_mean_corruption_dice(tmp_path):
+    from nnunet_adv.evaluation.plan import corruption_settings
+
+    models = [Model("m", tmp_path / "m")]
+    corrupted = corruption_settings(["noise", "blur:2"])
+    assert [s.label for s in corrupted] == ["noise:1", "noise:2", "noise:3", "noise:4", "noise:5", "blur:2"]
+    settings = [Setting("clean")] + corrupted
+    summaries = {("m", "clean"): _summary([0.8, 0.8])}
+    for i, s in enumerate(corrupted):
+        summaries[("m", s.tag)] = _summary([0.7 - 0.1 * i, 0.7 - 0.1 * i])
+    ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
+                               dataset="D", models=models, settings=settings, evaluations=evaluations_of(models, settings),
+                               summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
+                               checkpoint="c", cases=["c1", "c2"])
+    assert ctx.mean_corruption("m") == pytest.approx(np.mean([0.7, 0.6, 0.5, 0.4, 0.3, 0.2]))
+    assert ctx.mean_corruption("m", 2) == pytest.approx(np.mean([0.6, 0.2]))
+    text = report.write_report_md(ctx, [])
+    assert "| m | noise | 0.700 | 0.600 | 0.500 | 0.400 | 0.300 | 0.500 |" in text
+    assert "| m | blur | n/a | 0.200 | n/a | n/a | n/a | 0.200 |" in text
+    assert report.write_figures(ctx, {}, None, 0) == ["corruption_curve.png"]

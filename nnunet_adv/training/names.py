@@ -1,0 +1,185 @@
+"""Recipe settings in the trainer's name: no Python needed for another eps, step count or schedule.
+
+``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerPGDAT_eps-8_steps-5_ep-20_its-50``
+
+Grammar: ``BASE`` then ``_KEY-VALUE`` items. ``BASE`` is one of our trainers (``nnUNetTrainerPGDAT``,
+``nnUNetTrainerVAFT``, ...); ``KEY`` a setting of that trainer (lower case, no underscores: nnU-Net
+splits folder names on ``__``); ``VALUE`` a number (``8``, ``0.5``, ``1e-3``), ``true``/``false``, a
+word (``ref``, ``pgd``) or sizes (``16`` or ``16x32x32``). Each name is its own trainer class, so each
+setting gets its own nnU-Net output folder (``nnUNetTrainerPGDAT_eps-8__nnUNetPlans__3d_fullres``) and
+every stock nnU-Net tool (``nnUNetv2_predict``, the predictor, ``find_best_configuration``,
+``ensemble``) finds it by name like any trainer. The values are class attributes, so the run's
+``debug.json`` records them (and ``name_settings``, the parsed items). ``nnUNetv2_adv_trainer_settings
+BASE`` lists the keys, what they set, their units and defaults.
+
+Keys: :data:`COMMON` (every adversarial trainer), the options of the trainer's attack (``steps``,
+``qmax``, ``blocksize``, ``randomstart``, ...), :data:`ALIASES` of recipe attributes (``fc``,
+``variant``, ``period``, ...), and every other number, switch or word attribute of the recipe by its
+name without underscores (``saatgamma``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from nnunet_adv.errors import UserError
+
+
+@dataclass(frozen=True)
+class NameSetting:
+    """One key of the name grammar: where its value goes and in which units."""
+
+    key: str
+    target: str          # "attr:NAME", "schedule:NAME", "attack:OPTION", "val:OPTION"
+    kind: type           # int, float, bool, str, tuple
+    doc: str
+    convert: Optional[Callable] = None  # user value -> stored value (eps: x/255 -> fraction)
+
+
+COMMON: List[NameSetting] = [
+    NameSetting("eps", "attr:eps_frac", float, "L-inf radius in x/255 of each channel's intensity window",
+                lambda v: v / 255.0),
+    NameSetting("epsraw", "attr:eps_raw", float, "radius in raw intensity units (HU); replaces eps"),
+    NameSetting("alpha", "attr:alpha_over_eps", float, "attack step as a multiple of eps"),
+    NameSetting("std", "attr:std_over_eps", float, "Gaussian-noise std as a multiple of eps"),
+    NameSetting("clean", "attr:clean_loss_weight", float, "weight of the clean loss"),
+    NameSetting("adv", "attr:adversarial_loss_weight", float, "weight of the adversarial loss"),
+    NameSetting("ep", "schedule:num_epochs", int, "epochs (nnU-Net's num_epochs)"),
+    NameSetting("its", "schedule:num_iterations_per_epoch", int, "training iterations per epoch"),
+    NameSetting("valits", "schedule:num_val_iterations_per_epoch", int, "validation iterations per epoch"),
+    NameSetting("lr", "schedule:initial_lr", float, "initial learning rate (nnU-Net's poly schedule)"),
+    NameSetting("save", "schedule:save_every", int, "epochs between checkpoint_latest saves"),
+    NameSetting("valsteps", "val:steps", int, "attack steps of the robust validation"),
+]
+#: short keys of recipe attributes (the long form, the name without underscores, works too)
+ALIASES: Dict[str, str] = {"fc": "frequency_consistency_weight", "variant": "vafa_variant",
+                           "period": "saat_check_period", "gamma": "saat_gamma", "mmax": "saat_m_max",
+                           "inner": "saat_inner_attack", "robustval": "robust_validation"}
+_ITEM = re.compile(r"([a-z][a-z0-9]*)-([A-Za-z0-9.+]+(?:-[0-9]+)?)")
+_SKIP_ATTRS = {"attack_name", "attack_kwargs", "val_attack_overrides", "training_schedule", "network_changes",
+               "progress_panel_keys", "vafa_block_candidates", "name_settings"}
+
+
+def settings_of(base: type) -> Dict[str, NameSetting]:
+    """Every key ``base``'s name grammar accepts."""
+    from nnunet_adv.attack_config import COMPUTED_KEYS, WINDOW_UNIT_KEYS
+    from nnunet_adv.attacks import attack_defaults
+
+    out = {s.key: s for s in COMMON}
+    for option, default in attack_defaults(base.attack_name).items():
+        if option in COMPUTED_KEYS or option in WINDOW_UNIT_KEYS or option in ("seed", "target", "loss"):
+            continue
+        kind = bool if isinstance(default, bool) else tuple if isinstance(default, tuple) else \
+            int if isinstance(default, int) else float if isinstance(default, float) else str
+        key = option.replace("_", "")
+        out.setdefault(key, NameSetting(key, f"attack:{option}", kind, f"attack option {option} of "
+                                                                      f"{base.attack_name}"))
+    attrs = {}
+    for cls in reversed(base.__mro__):
+        attrs.update({k: v for k, v in vars(cls).items() if not k.startswith("_")})
+    for attr, value in attrs.items():
+        if attr in _SKIP_ATTRS or callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+            continue
+        if not isinstance(value, (bool, int, float, str)) or attr in {s.target[5:] for s in COMMON}:
+            continue
+        kind = bool if isinstance(value, bool) else type(value)
+        key = attr.replace("_", "")
+        out.setdefault(key, NameSetting(key, f"attr:{attr}", kind, f"recipe attribute {attr}"))
+    for alias, attr in ALIASES.items():
+        if attr.replace("_", "") in out:
+            out[alias] = NameSetting(alias, f"attr:{attr}", out[attr.replace("_", "")].kind, f"recipe attribute {attr}")
+    return out
+
+
+def default_of(base: type, setting: NameSetting):
+    where, _, name = setting.target.partition(":")
+    if where == "attr":
+        return getattr(base, name, None)
+    if where == "schedule":
+        return (base.training_schedule or {}).get(name, "nnU-Net's")
+    if where == "attack":
+        from nnunet_adv.attacks import attack_defaults
+
+        return base.attack_kwargs.get(name, attack_defaults(base.attack_name).get(name))
+    return base.val_attack_overrides.get(name, base.attack_kwargs.get(name))
+
+
+def _value(setting: NameSetting, text: str, name: str):
+    try:
+        if setting.kind is bool:
+            from nnunet_adv.attack_config import parse_bool
+
+            return parse_bool(text)
+        if setting.kind is int:
+            return int(text)
+        if setting.kind is float:
+            value = float(text)
+        elif setting.kind is tuple:
+            value = tuple(int(v) for v in text.lower().split("x"))
+            value = value[0] if len(value) == 1 else value  # one size: every axis
+        else:
+            value = text
+    except ValueError:
+        raise UserError(f"trainer {name!r}: {setting.key}-{text}: {setting.key} takes "
+                        f"{'true/false' if setting.kind is bool else setting.kind.__name__} values ({setting.doc})") from None
+    return setting.convert(value) if setting.convert else value
+
+
+def split_name(name: str, bases: Dict[str, type]) -> Optional[Tuple[type, List[Tuple[str, str]]]]:
+    """``(base class, [(key, value text), ...])`` when ``name`` is one of ``bases`` followed by
+    ``_KEY-VALUE`` items; None when the name is not ours to resolve."""
+    for base_name in sorted(bases, key=len, reverse=True):
+        if name.startswith(base_name + "_"):
+            rest = name[len(base_name) + 1:]
+            items = rest.split("_")
+            if items and all("-" in item for item in items):
+                return bases[base_name], [tuple(item.split("-", 1)) for item in items]
+    return None
+
+
+def trainer_from_name(name: str, bases: Dict[str, type]) -> type:
+    """The trainer class a settings name describes (created once; see the module docstring).
+
+    Raises:
+        AttributeError: the name is not a recipe name of ours (nnU-Net then looks elsewhere);
+        UserError: it is ours, but a key or value is bad (one line naming the valid keys).
+    """
+    if "__" in name:
+        raise AttributeError(name)
+    found = split_name(name, bases)
+    if found is None:
+        raise AttributeError(name)
+    base, items = found
+    known = settings_of(base)
+    attrs: Dict[str, object] = {"name_settings": {}}
+    schedule = dict(base.training_schedule or {})
+    attack_kwargs, val_overrides = dict(base.attack_kwargs), dict(base.val_attack_overrides)
+    for key, text in items:
+        if not _ITEM.fullmatch(f"{key}-{text}"):
+            raise UserError(f"trainer {name!r}: cannot read {key}-{text!r}; items are KEY-VALUE "
+                            f"(e.g. {base.__name__}_eps-8_steps-5)")
+        setting = known.get(key)
+        if setting is None:
+            raise UserError(f"trainer {name!r}: unknown setting {key!r} for {base.__name__}; valid keys: "
+                            f"{', '.join(sorted(known))} (nnUNetv2_adv_trainer_settings {base.__name__})")
+        value = _value(setting, text, name)
+        where, _, target = setting.target.partition(":")
+        if where == "attr":
+            attrs[target] = value
+            if target == "eps_raw":
+                attrs["eps_frac"] = None
+            if target == "eps_frac":
+                attrs["eps_raw"] = None
+        elif where == "schedule":
+            schedule[target] = value
+        elif where == "attack":
+            attack_kwargs[target] = value
+        else:
+            val_overrides[target] = value
+        attrs["name_settings"][key] = text
+    attrs.update(training_schedule=schedule or None, attack_kwargs=attack_kwargs, val_attack_overrides=val_overrides,
+                 __module__="nnunet_adv.trainers", __qualname__=name,
+                 __doc__=f"{base.__name__} with {', '.join(f'{k}={v}' for k, v in attrs['name_settings'].items())} "
+                         f"(recipe settings by name, nnunet_adv.training.names).")
+    return type(name, (base,), attrs)

@@ -1,0 +1,58 @@
+"""Recipe settings in the trainer name (nnunet_adv.training.names): the grammar, what each key sets,
+one-line errors, and classes nnU-Net's lookup and pickle find by name."""
+import pickle
+
+import pytest
+
+import nnunet_adv.trainers as trainers
+from nnunet_adv.errors import UserError
+from nnunet_adv.training.names import settings_of
+
+
+def test_keys_set_budget_attack_options_schedule_and_recipe_attributes():
+    cls = getattr(trainers, "nnUNetTrainerPGDAT_eps-8_steps-5_alpha-0.5_ep-20_its-50_lr-1e-3_valsteps-2")
+    assert cls.__name__ == "nnUNetTrainerPGDAT_eps-8_steps-5_alpha-0.5_ep-20_its-50_lr-1e-3_valsteps-2"
+    assert issubclass(cls, trainers.nnUNetTrainerPGDAT)
+    assert cls.eps_frac == pytest.approx(8 / 255) and cls.alpha_over_eps == 0.5
+    assert cls.attack_kwargs == {"steps": 5, "random_start": True, "norm": "linf"}
+    assert cls.training_schedule == {"num_epochs": 20, "num_iterations_per_epoch": 50, "initial_lr": 1e-3}
+    assert cls.val_attack_overrides == {"steps": 2}
+    assert trainers.nnUNetTrainerPGDAT.eps_frac == pytest.approx(4 / 255)  # the base is untouched
+    vaft = getattr(trainers, "nnUNetTrainerVAFT_qmax-10_variant-ref_blocksize-16_fc-0.5")
+    assert vaft.attack_kwargs["q_max"] == 10.0 and vaft.attack_kwargs["block_size"] == 16
+    assert vaft.vafa_variant == "ref" and vaft.frequency_consistency_weight == 0.5
+    saat = getattr(trainers, "nnUNetTrainerSAAT_period-1_gamma-1.2_inner-pgd_epsraw-30")
+    assert (saat.saat_check_period, saat.saat_gamma, saat.saat_inner_attack) == (1, 1.2, "pgd")
+    assert saat.eps_raw == 30.0 and saat.eps_frac is None
+
+
+def test_one_class_per_name_found_again_by_pickle():
+    cls = getattr(trainers, "nnUNetTrainerPGDAT_eps-2")
+    assert getattr(trainers, "nnUNetTrainerPGDAT_eps-2") is cls
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nnUNetTrainerPGDAT_epz-8", "unknown setting 'epz' for nnUNetTrainerPGDAT; valid keys: adv, alpha"),
+    ("nnUNetTrainerPGDAT_eps-x", "eps takes float values"),
+    ("nnUNetTrainerPGDAT_randomstart-maybe", "randomstart takes true/false values"),
+])
+def test_bad_settings_are_one_line_user_errors(name, message):
+    with pytest.raises(UserError, match=message):
+        getattr(trainers, name)
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerSomethingElse_eps-8", "nnUNetTrainerPGDAT", "nnUNetTrainerPGDATx",
+                                  "nnUNetTrainerPGDAT_eps-8__x", "nnUNetTrainerPGDAT_nokeyvalue"])
+def test_names_that_are_not_ours_are_left_to_nnunet(name):
+    if name == "nnUNetTrainerPGDAT":
+        assert getattr(trainers, name) is trainers.nnUNetTrainerPGDAT
+        return
+    assert not hasattr(trainers, name)
+
+
+def test_every_recipe_has_the_common_keys():
+    for base in ("nnUNetTrainerPGDAT", "nnUNetTrainerVAFT", "nnUNetTrainerSAAT", "nnUNetTrainerDualBN",
+                 "nnUNetTrainerNLCE", "nnUNetTrainerFGSMAT", "nnUNetTrainerGNAug"):
+        keys = settings_of(getattr(trainers, base))
+        assert {"eps", "ep", "its", "lr", "clean", "adv", "valsteps"} <= set(keys), base
