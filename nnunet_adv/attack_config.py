@@ -389,12 +389,37 @@ class AttackConfig:
             raise UserError(f"attack {text!r}: {e}") from None
 
     @classmethod
+    def _parse_ensemble(cls, text: str, rest: str) -> "AttackConfig":
+        """``ensemble:members=pgd(steps=10)+apgd-ce+segpgd,eps=4,seed=1``: per case the member image
+        with the lowest Dice; eps/alpha/seed given here go to the members that leave theirs out."""
+        fields: Dict[str, object] = {}
+        members = None
+        for item in _split_top_level(rest) if rest.strip() else []:
+            key, eq, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if key == "members" and value:
+                members = parse_members(value)
+            elif key in ("eps", "alpha") and value:
+                fields[f"{key}_frac"] = _number(key, value) / 255.0
+            elif key == "eps_raw" and value:
+                fields["eps_raw"] = _number(key, value)
+            elif key == "seed" and value:
+                fields["seed"] = int(_number(key, value))
+            else:
+                raise UserError(f"ensemble takes members=A+B(KEY=VALUE,...)+..., eps, alpha, eps_raw and seed; "
+                                f"cannot use {item.strip()!r}")
+        if not members:
+            raise UserError("ensemble needs members=A+B+... (e.g. ensemble:members=pgd+apgd-ce+segpgd,eps=4)")
+        return cls("ensemble", members=tuple(members), text=text.strip(), **fields)
+
+    @classmethod
     def _parse(cls, text: str) -> "AttackConfig":
         name, _, rest = text.strip().partition(":")
         name = canonical_name(name)
-        if name not in attack_names() or name == "ensemble":
-            valid = [n for n in attack_names() if n != "ensemble"]
-            raise UserError(f"unknown attack {name!r}; valid attacks: {', '.join(valid)}")
+        if name not in attack_names():
+            raise UserError(f"unknown attack {name!r}; valid attacks: {', '.join(attack_names())}")
+        if name == "ensemble":
+            return cls._parse_ensemble(text, rest)
         defaults = attack_defaults(name)
         fields: Dict[str, object] = {}
         options: Dict[str, object] = {}
@@ -428,6 +453,27 @@ class AttackConfig:
             else:
                 options[key] = _option_value(name, key, value, defaults[key])
         return cls(name, options, text=text.strip(), **fields)
+
+
+def parse_members(text: str) -> List[AttackConfig]:
+    """``pgd(steps=10)+apgd-ce+segpgd`` -> member configurations (options in brackets, as in an
+    attack string)."""
+    members, depth, current = [], 0, ""
+    for ch in text + "+":
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "+" and depth == 0:
+            item = current.strip()
+            current = ""
+            if not item:
+                raise UserError(f"members {text!r}: an empty member; write NAME or NAME(KEY=VALUE,...) joined by +")
+            name, _, options = item.partition("(")
+            if options and not options.endswith(")"):
+                raise UserError(f"members {text!r}: cannot read {item!r}; write NAME(KEY=VALUE,...)")
+            members.append(AttackConfig.parse(name + (":" + options[:-1] if options[:-1].strip() else "")))
+        else:
+            current += ch
+    return members
 
 
 def _string_keys(name: str) -> List[str]:

@@ -136,3 +136,16 @@ def test_ensemble_members_share_its_budget_unless_they_set_their_own():
     eps = [float(m.options["eps"].flatten()[0]) for m in attack.members]
     assert eps == pytest.approx([8 / 255, 8 / 255, 2 / 255])
     assert [m.options["seed"] for m in attack.members] == [3, 3, 3]
+
+
+def test_ensemble_strings_and_flags():
+    config = AttackConfig.parse("ensemble:members=pgd(steps=10)+apgd-ce+segpgd(steps=3),eps=8,seed=1")
+    assert [m.label for m in config.members] == ["pgd:steps=10", "apgd-ce", "segpgd:steps=3"]
+    assert config.eps_frac == 8 / 255 and config.seed == 1
+    flagged = _from_flags(["--attack_name", "ensemble", "--members", "pgd(steps=10)", "apgd-ce", "segpgd(steps=3)",
+                           "--eps", "8", "--seed", "1"])
+    assert flagged.settings() == config.settings()
+    for bad, message in (("ensemble", "needs members"), ("ensemble:members=foo", "unknown attack 'foo'"),
+                         ("ensemble:members=pgd,steps=3", "cannot use 'steps=3'")):
+        with pytest.raises(UserError, match=message):
+            AttackConfig.parse(bad)

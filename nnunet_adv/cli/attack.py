@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kw in _ATTACK_FLAGS.items():
         kw = {"metavar": name.upper(), **kw} if "choices" not in kw else kw
         a.add_argument(f"--{name}", dest=f"attack_{name}", default=None, **kw)
+    a.add_argument("--members", nargs="+", default=None, metavar="NAME[(KEY=VALUE,...)]",
+                   help="ensemble only: the member attacks (e.g. 'pgd(steps=20)' apgd-ce segpgd); per case the member "
+                        "image with the lowest Dice is kept; --eps/--alpha/--seed go to members that leave theirs out")
     a.add_argument("--window_raw", nargs=2, type=float, default=None, metavar=("LOWER", "UPPER"),
                    help="CT only: the raw window (HU) that replaces the dataset's [p0.5, p99.5] for this attack's "
                         "budget and box, e.g. the VAFA reference code's -175 250")
@@ -135,9 +138,12 @@ def attack_config_from_args(a):
     from nnunet_adv.attacks import attack_defaults
 
     name = canonical_name(a.attack_name)
-    if name not in attack_names() or name == "ensemble":
-        valid = [n for n in attack_names() if n != "ensemble"]
-        raise CLIError(f"unknown attack {a.attack_name!r}; valid attacks: {', '.join(valid)}")
+    if name not in attack_names():
+        raise CLIError(f"unknown attack {a.attack_name!r}; valid attacks: {', '.join(attack_names())}")
+    if name == "ensemble":
+        return _ensemble_config(a)
+    if a.members is not None:
+        raise CLIError("--members is for --attack_name ensemble")
     accepted = set(attack_defaults(name))
     options, given_bad = {}, []
     for key in _ATTACK_FLAGS:
@@ -173,6 +179,25 @@ def attack_config_from_args(a):
         raise CLIError(f"attack '{name}': {e}") from None
 
 
+def _ensemble_config(a):
+    from nnunet_adv.attack_config import AttackConfig, parse_members
+
+    if not a.members:
+        raise CLIError("--attack_name ensemble needs --members (e.g. --members 'pgd(steps=20)' apgd-ce segpgd)")
+    given = [f"--{k}" for k in _ATTACK_FLAGS if getattr(a, f"attack_{k}") is not None and k != "alpha"]
+    if given or a.attack_option:
+        raise CLIError(f"option(s) {', '.join(given + ['--attack_option'] * bool(a.attack_option))} do not apply to "
+                       f"the ensemble: give them to its members, e.g. --members 'pgd(steps=20)'")
+    frac = lambda v: None if v is None else v / 255.0  # noqa: E731
+    try:
+        members = parse_members("+".join(a.members))
+        return AttackConfig("ensemble", members=tuple(members), eps_frac=frac(a.eps), eps_raw=a.eps_raw,
+                            alpha_frac=frac(a.attack_alpha), seed=a.seed,
+                            window_raw=None if a.window_raw is None else tuple(a.window_raw))
+    except UserError as e:
+        raise CLIError(f"attack 'ensemble': {e}") from None
+
+
 def say(text: str) -> None:
     print(f"[nnUNetv2_adv_attack] {text}", flush=True)
 
@@ -186,8 +211,9 @@ def run(args, argv: List[str]) -> int:
         from nnunet_adv.attacks import attack_class
 
         for name in attack_names():
-            if name != "ensemble":
-                print(f"{name}: {attack_class(name).summary}\n    options: {', '.join(_valid_flags(name))}")
+            flags = _valid_flags(name) if name != "ensemble" else ["--members A B(KEY=VALUE,...) ...", "--eps",
+                                                                   "--eps_raw", "--alpha", "--seed"]
+            print(f"{name}: {attack_class(name).summary}\n    options: {', '.join(flags)}")
         return 0
     missing = [flag for flag, value in (("-i", a.i), ("-o", a.o)) if value is None]
     if missing:

@@ -102,3 +102,21 @@ def test_a_mostly_constant_image_gets_a_warning(nnunet_tree, model, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("warning: flat_0000.nii.gz:") and "one value" in lines[0]
     engine.read(images)
     assert len(lines) == 1
+
+
+def test_ensemble_keeps_the_member_with_the_lowest_dice_on_a_whole_volume(nnunet_tree, model, tmp_path):
+    """nnUNetv2_adv_attack --attack_name ensemble: per case the member image with the lowest Dice
+    (AutoAttack's composition), each member run as it runs alone (same seed)."""
+    images, label = _case(nnunet_tree)
+    members = "fgsm+pgd(steps=2)+bim(steps=2)"
+    ensemble = AttackConfig.parse(f"ensemble:members={members},eps=8,seed=0")
+    record = VolumeAttack(model, ensemble, progress=False).run_case(images, label, [str(tmp_path / "e_0000.nii.gz")],
+                                                                    [str(tmp_path / "e_0000.nii.gz")])
+    alone = []
+    for i, member in enumerate(ensemble.members):
+        config = AttackConfig(member.name, member.options, eps_frac=8 / 255, seed=0)
+        out = [str(tmp_path / f"m{i}_0000.nii.gz")]
+        alone.append(VolumeAttack(model, config, progress=False).run_case(images, label, out, out)["dice_adv"])
+    assert record["dice_adv"] == pytest.approx(min(alone))
+    assert record["attack_forwards"] == (1 + 2 + 2) + 3  # every member's steps, then one Dice check per member
+    assert record["eps_raw"] is not None                 # the shared budget still bounds the exported image
