@@ -157,10 +157,10 @@ def _saat(rank, root):
     trajectories = [[] for _ in range(WORLD)]
     for epoch in range(len(local[0])):
         global_mean = sum(local[r][epoch] * counts[r] for r in range(WORLD)) / sum(counts.values())
-        expected.update(epoch, global_mean)
+        expected.update(epoch + 1, global_mean)  # SEAT's epochs count from 1
         assert decided[epoch] == (expected.m, round(expected.threshold, 9))
         for r in range(WORLD):
-            trajectories[r].append(alone[r].update(epoch, local[r][epoch]))
+            trajectories[r].append(alone[r].update(epoch + 1, local[r][epoch]))
     assert trajectories[0] != trajectories[1]  # rank-local decisions would have diverged
 
 

@@ -125,8 +125,10 @@ FAST_OPTIONS = {
     "ifgsm-targeted": {"steps": 2}, "pgd": {"steps": 2}, "segpgd": {"steps": 2},
     "vafa-2d": {"steps": 2}, "vafa-3d": {"steps": 2, "block_size": (8, 8, 8)},
     "ensemble": {"attacks": [("fgsm", {}), ("pgd", {"steps": 2})]},
+    "apgd-rog": {"steps": 2, "restarts": 2}, "vafa-3d-ref": {"steps": 2, "block_size": (8, 8, 8)},
+    "vafa-2d-ref": {"steps": 2}, "slice-rescale": {},
 }
-LP_ATTACKS = {"apgd-ce", "bim", "cospgd", "fgsm", "ifgsm-targeted", "pgd", "segpgd", "ensemble"}
+LP_ATTACKS = {"apgd-ce", "apgd-rog", "bim", "cospgd", "fgsm", "ifgsm-targeted", "pgd", "segpgd", "ensemble"}
 
 
 def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
@@ -139,8 +141,8 @@ def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
     x, target = batch["data"], batch["target"]
     budget = trainer.threat_model.budget(x, eps_frac=4 / 255)
     for name, options in FAST_OPTIONS.items():
-        if name == "vafa-2d":
-            continue  # needs a 2D configuration: covered by test_attacks.py
+        if name in ("vafa-2d", "vafa-2d-ref"):
+            continue  # needs a 2D configuration: covered by test_attacks.py / test_vafa_reference.py
         trainer.attack_name, trainer.attack_kwargs = name, options
         trainer.std_over_eps = 1.0 if name == "gn" else None
         trainer.alpha_over_eps = 0.5 if "alpha" in attack_defaults(name) else None
