@@ -74,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--nsd_tolerance", nargs="+", type=float, default=[1.0], metavar="MM",
                    help="tolerance of the normalised surface Dice in mm: one value, or one per foreground class "
                         "(default 1)")
-    a.add_argument("--eot_mirroring", action="store_true",
-                   help="attack the mirroring average (nnU-Net's test-time augmentation) instead of the plain network")
+    eot = a.add_mutually_exclusive_group()
+    eot.add_argument("--eot_mirroring", dest="eot_mirroring", action="store_true", default=None,
+                     help="attack the mirroring average (nnU-Net's test-time augmentation); the default whenever "
+                          "predictions use test-time mirroring, so the attacks see what they are measured on")
+    eot.add_argument("--no_eot_mirroring", dest="eot_mirroring", action="store_false",
+                     help="attack the plain network even though predictions use test-time mirroring (cheaper; the "
+                          "attacks' effect is then underestimated: the report says so)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     a.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
@@ -206,7 +211,8 @@ def run(a, argv: List[str]) -> int:
     evaluation = RobustnessEvaluation(EvaluationRun(
         models=models, settings=settings, images=Path(a.i), labels=Path(a.l), cases=cases, output=root,
         dataset_json=dataset_json, plans=plans, folds=[f if f == "all" else int(f) for f in a.f],
-        checkpoint=a.chk, device=device, transfer_from=source, eot_mirroring=a.eot_mirroring,
+        checkpoint=a.chk, device=device, transfer_from=source,
+        eot_mirroring=(not a.disable_tta) if a.eot_mirroring is None else a.eot_mirroring,
         tile_batch_size=a.tile_batch_size, tta=not a.disable_tta, saliency=a.saliency, num_examples=a.num_examples,
         progress=not a.disable_progress_bar, resume=a.resume or part is not None, seed=a.seed, part=part,
         nsd_tolerance=a.nsd_tolerance[0] if len(a.nsd_tolerance) == 1 else list(a.nsd_tolerance),

@@ -261,7 +261,10 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
              f"{len(ctx.cases)} test case(s); folds {', '.join(map(str, ctx.folds))} ({ctx.checkpoint}); prediction "
              f"with nnU-Net's predictor, test-time mirroring {'on' if ctx.tta else 'off'}; attacks on whole volumes "
              f"in nnU-Net's network space{' with mirroring EOT' if ctx.eot else ''}, written as images and predicted "
-             f"like any input; device {ctx.device}.", "",
+             f"like any input; device {ctx.device}."
+             + (" **The attacks did not see the test-time mirroring the predictions use: their effect is "
+                "underestimated** (the mirrored views rescue a non-robust model most); use the default adaptive "
+                "attack (EOT over the mirroring) or --disable_tta." if ctx.tta and not ctx.eot else ""), "",
              f"Command: `{ctx.command}`", ""]
     names = list(dict.fromkeys(s.attack.name for s in ctx.settings if s.attack is not None))
     if names:

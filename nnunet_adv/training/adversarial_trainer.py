@@ -89,6 +89,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
 
     # ---- the network (nnunet_adv.training.network_changes: NLCE, dual norm, BatchNorm, ...) ----
     network_changes: tuple = ()  # applied in order by build_network_architecture (also at prediction)
+    # -pretrained_weights keeps the checkpoint's segmentation heads (fine-tuning the same task)
+    keep_segmentation_heads: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -126,6 +128,9 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
         for change in changes:
             network = change.apply(network)
+        from nnunet_adv.training.pretrained import KEEP_HEADS_ATTRIBUTE
+
+        setattr(network, KEEP_HEADS_ATTRIBUTE, bool(cls.keep_segmentation_heads))
         return network
 
     # ------------------------------------------------------------------ configuration

@@ -118,3 +118,22 @@ def test_corruption_table_and_mean_corruption_dice(tmp_path):
     assert "| m | noise | 0.700 | 0.600 | 0.500 | 0.400 | 0.300 | 0.500 |" in text
     assert "| m | blur | n/a | 0.200 | n/a | n/a | n/a | 0.200 |" in text
     assert report.write_figures(ctx, {}, None, 0) == ["corruption_curve.png"]
+
+
+def test_a_non_adaptive_attack_under_test_time_mirroring_is_flagged(context):
+    """Predictions with test-time mirroring and attacks that did not see it underestimate the attacks
+    (the mirrored views rescue a non-robust model most): report.md says so."""
+    assert "underestimated" not in report.write_report_md(context, [])       # tta off
+    context.tta, context.eot = True, True
+    assert "underestimated" not in report.write_report_md(context, [])       # adaptive (EOT) attack
+    context.eot = False
+    assert "**The attacks did not see the test-time mirroring" in report.write_report_md(context, [])
+
+
+def test_evaluate_attacks_through_the_mirroring_whenever_predictions_use_it():
+    from nnunet_adv.cli.evaluate import build_parser
+
+    base = ["-i", "i", "-l", "l", "-o", "o", "-m", "m"]
+    assert build_parser().parse_args(base).eot_mirroring is None              # -> EOT when TTA is on
+    assert build_parser().parse_args(base + ["--no_eot_mirroring"]).eot_mirroring is False
+    assert build_parser().parse_args(base + ["--eot_mirroring"]).eot_mirroring is True

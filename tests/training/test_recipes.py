@@ -524,6 +524,25 @@ def test_nlce_network_is_identity_like_and_trains_every_parameter(nnunet_tree, m
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_finetuning_keeps_the_segmentation_heads_of_the_same_task(nnunet_tree, monkeypatch, tmp_path, keep):
+    """-pretrained_weights into a recipe without network changes: nnU-Net's rules, but the clean model's
+    segmentation heads are kept (keep_segmentation_heads, default); off: nnU-Net's re-initialised heads."""
+    from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort
+
+    cls = type("_PGDATHeads", (nnUNetTrainerPGDAT_TestShort,), {"keep_segmentation_heads": keep})
+    trainer = _make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
+    torch.manual_seed(5)
+    plain = _build(nnUNetTrainer, trainer, deep_supervision=True)
+    path = tmp_path / "clean.pth"
+    torch.save({"network_weights": plain.state_dict()}, path)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    run_training.load_pretrained_weights(trainer.network, str(path))
+    for key, value in trainer.network.state_dict().items():
+        expected = plain.state_dict()[key] if keep or ".seg_layers." not in key else before[key]
+        assert torch.equal(value, expected), key
+
+
 @pytest.mark.parametrize("cls, plain_cls", [(nnUNetTrainerNLCE_TestShort, nnUNetTrainer),
                                             (nnUNetTrainerDualBN_TestShort, nnUNetTrainerBN),
                                             (nnUNetTrainerDualNorm_TestShort, nnUNetTrainer)])
@@ -546,8 +565,9 @@ def test_finetuning_from_a_clean_checkpoint(nnunet_tree, monkeypatch, tmp_path, 
 
     net_state, plain_state = trainer.network.state_dict(), plain.state_dict()
     for key, value in plain_state.items():
-        if ".seg_layers." in key:
-            continue  # nnU-Net does not transfer segmentation layers
+        if ".seg_layers." in key:  # the same task: the clean model's heads are kept (nnU-Net's rule drops them)
+            assert torch.equal(net_state[key], value), key
+            continue
         if key in net_state:
             assert torch.equal(net_state[key], value), key
         else:  # a plain norm: copied into both dual branches
