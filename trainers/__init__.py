@@ -5,7 +5,7 @@ shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer), so every class exists 
 """
 from nnunet_adv.training import integration
 from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
-from .voxel_at import nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
+from .voxel_at import nnUNetTrainerClean, nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
 from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT
 from .saat import nnUNetTrainerSAAT
 from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm
@@ -32,6 +32,7 @@ integration.install()
 
 __all__ = [
     "nnUNetTrainerAdversarial",
+    "nnUNetTrainerClean",
     "nnUNetTrainerPGDAT",
     "nnUNetTrainerFGSMAT",
     "nnUNetTrainerGNAug",

@@ -37,3 +37,11 @@ class nnUNetTrainerGNAug(nnUNetTrainerAdversarial):
     alpha_over_eps = None
     std_over_eps = 1.0
     val_attack_overrides = {}
+
+
+class nnUNetTrainerClean(nnUNetTrainerAdversarial):
+    """nnU-Net's clean training, with the robust pseudo-Dice of PGD-AT's attack logged in validation:
+    the baseline that fine-tuned recipes are compared with (same schedule, same monitoring)."""
+
+    clean_loss_weight = 1.0
+    adversarial_loss_weight = 0.0

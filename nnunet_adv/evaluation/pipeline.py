@@ -85,7 +85,9 @@ class EvaluationRun:
                 "images": str(Path(self.images).resolve()), "labels": str(Path(self.labels).resolve()),
                 "cases": sorted(self.cases), "test_time_mirroring": bool(self.tta),
                 "eot_mirroring": bool(self.eot_mirroring), "tile_batch_size": self.tile_batch_size,
-                "nsd_tolerance_mm": self.nsd_tolerance, "corruption_seed": self.seed, "versions": versions()}
+                "nsd_tolerance_mm": self.nsd_tolerance, "versions": versions(),
+                # the seed draws the corruptions' noise; an attack's seed is in its own folder's tag
+                "corruption_seed": self.seed if any(s.corruption is not None for s in self.settings) else None}
 
 
 SETTINGS_JSON = "evaluation.json"

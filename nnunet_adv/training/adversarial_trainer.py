@@ -83,6 +83,9 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
 
     # ---- schedule (None keeps nnU-Net's: 1000 epochs of 250 iterations) ----
     training_schedule: Optional[dict] = None
+    # seeds Python, NumPy and torch when the trainer is created (network init, data order, augmentation);
+    # None keeps nnU-Net's unseeded runs. Repeatable with nnUNet_n_proc_DA=0 (worker processes draw their own)
+    training_seed: Optional[int] = None
 
     # keys drawn in an extra progress.png panel (recipes with per-epoch state, e.g. SAAT)
     progress_panel_keys: tuple = ()
@@ -94,6 +97,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        if self.training_seed is not None:
+            seed_everything(int(self.training_seed))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._apply_schedule()
         self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
@@ -397,6 +402,15 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             per_class = self.logger.get_value("robust_dice_per_class_or_region", step=-1)
             self.print_to_log_file("Robust pseudo dice", [np.round(i, decimals=4) for i in per_class])
         super().on_epoch_end()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def _clone_target(target):

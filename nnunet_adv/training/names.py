@@ -51,6 +51,8 @@ COMMON: List[NameSetting] = [
     NameSetting("lr", "schedule:initial_lr", float, "initial learning rate (nnU-Net's poly schedule)"),
     NameSetting("save", "schedule:save_every", int, "epochs between checkpoint_latest saves"),
     NameSetting("valsteps", "val:steps", int, "attack steps of the robust validation"),
+    NameSetting("seed", "attr:training_seed", int, "seeds Python, NumPy and torch when training starts "
+                                                   "(repeatable with nnUNet_n_proc_DA=0)"),
 ]
 #: short keys of recipe attributes (the long form, the name without underscores, works too)
 ALIASES: Dict[str, str] = {"fc": "frequency_consistency_weight", "variant": "vafa_variant",

@@ -244,7 +244,7 @@ def test_continuing_an_evaluation_with_another_checkpoint_is_refused(tree, tmp_p
     assert len(folders) == 2 and all(json.loads((out / "adversarial" / tree.model_folder(TRAINER).name / f /
                                                  "attack.json").read_text())["settings"]["attack"]["options"]["seed"]
                                      in (0, 5) for f in folders)
-    assert len(summary["results"]) == 2
+    assert [r["kind"] for r in summary["results"]][0::2] == ["clean", "worst case"] and len(summary["results"]) == 3
 
 
 # ----------------------------------------------------------------------------------- bad arguments

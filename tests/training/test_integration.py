@@ -99,3 +99,16 @@ def test_pretrained_weights_that_do_not_fit_raise_one_error_type():
     assert isinstance(e.value, AssertionError) and isinstance(e.value, UserError)
     with pytest.raises(PretrainedWeightsError, match="missing in the pretrained"):
         map_pretrained_state_dict(net, {"0.weight": torch.zeros(2, 1, 3, 3)})
+
+
+def test_seed_in_the_name_makes_the_initial_network_repeatable(nnunet_tree, monkeypatch):
+    import nnunet_adv.trainers as trainers
+
+    seeded = getattr(trainers, "nnUNetTrainerPGDAT_TestShort_seed-3")
+    assert seeded.training_seed == 3 and nnUNetTrainerPGDAT_TestShort.training_seed is None
+    weights = []
+    for cls in (seeded, seeded, getattr(trainers, "nnUNetTrainerPGDAT_TestShort_seed-4")):
+        torch.manual_seed(len(weights))  # whatever the global state was, the seed decides
+        trainer = _trainer(cls, nnunet_tree, monkeypatch)
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.network.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
