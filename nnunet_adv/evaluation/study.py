@@ -300,19 +300,25 @@ class Study:
         from nnunet_adv.evaluation.figures import plot_robustness_curve
 
         per_case: Dict[Tuple[str, str], List[float]] = {}
+        jaccard: Dict[Tuple[str, str], List[float]] = {}  # per case the mean foreground IoU
         for folder, _ in self.evaluations(s):
             summary = json.loads((out / "evaluation" / folder / "summary.json").read_text())
             for result in summary["results"]:
                 if result.get("kind") != "worst case":
-                    per_case[(result["model"], result["attack"])] = [c["foreground_dice"] for c in
-                                                                     result["metric_per_case"]]
+                    key = (result["model"], result["attack"])
+                    per_case[key] = [c["foreground_dice"] for c in result["metric_per_case"]]
+                    jaccard[key] = [_nanmean([m["IoU"] for m in c["metrics"].values()]) for c in result["metric_per_case"]]
         steps, e = s["attack_steps"], s["report_eps"]
         vafa = other_attacks(steps)[:2]
         mean = lambda values: float(np.nanmean(values))  # noqa: E731
 
-        def worst(model: str, attacks: Sequence[str]) -> float:
-            """AutoAttack's rule: per case the lowest foreground Dice over ``attacks``, then the mean."""
-            return mean(np.nanmin(np.array([per_case[(model, a)] for a in attacks], dtype=float), axis=0))
+        def worst(model: str, attacks: Sequence[str], metric: Optional[dict] = None) -> float:
+            """AutoAttack's rule: per case the attack of ``attacks`` with the lowest foreground Dice (NaN counts
+            as not lower), then the mean of its Dice, or of ``metric`` (e.g. Jaccard) of that attack."""
+            dice = np.array([per_case[(model, a)] for a in attacks], dtype=float)
+            chosen = np.argmin(np.where(np.isnan(dice), np.inf, dice), axis=0)
+            values = np.array([(metric or per_case)[(model, a)] for a in attacks], dtype=float)
+            return mean(values[chosen, np.arange(values.shape[1])])
 
         rows = []
         for m in models:
@@ -324,6 +330,9 @@ class Study:
                          "worst_case": worst(m.name, lp_attacks(e, steps) + vafa),
                          "worst_case_lp": worst(m.name, lp_attacks(e, steps)),
                          "worst_case_lp_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps)) for x in s["eps_sweep"]},
+                         "clean_jaccard": mean(jaccard[(m.name, "clean")]),
+                         "worst_case_lp_jaccard_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps), jaccard)
+                                                          for x in s["eps_sweep"]},
                          "train_seconds": timing["wall_seconds"], "iterations": iterations,
                          "attack_steps_per_iteration": timing.get("attack_steps"),
                          "seconds_per_iteration": per_it})
@@ -339,7 +348,8 @@ class Study:
         atomic_write_json(out / STUDY_JSON, record)
         curves = {r["model"]: {"eps": [0.0] + list(s["eps_sweep"]),
                                "dice": [r["clean"]] + list(r["worst_case_lp_vs_eps"].values()),
-                               "jaccard": [math.nan] * (1 + len(s["eps_sweep"]))} for r in rows}
+                               "jaccard": [r["clean_jaccard"]] + list(r["worst_case_lp_jaccard_vs_eps"].values())}
+                  for r in rows}
         plot_robustness_curve(curves, out / "worst_case_vs_eps.png", x_label="eps (x/255 of the intensity window)",
                               title="worst case over PGD, APGD, SegPGD, CosPGD")
         text = study_markdown(record, title=f"Robustness study: {self.results.name}, {self.configuration}, profile "
@@ -378,6 +388,12 @@ def _f(v, digits: int = 3) -> str:
 
 def _short(attack: str) -> str:
     return attack.split(":")[0]
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """The mean without NaN (nnU-Net's NaN: a class absent from reference and prediction); NaN if all are."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def study_markdown(record: dict, title: str) -> str:

@@ -37,6 +37,9 @@ def test_the_study_trains_fine_tunes_evaluates_and_writes_one_table(study):
         lp = [v for a, v in r["attacks"].items() if a.split(":")[0] in ("pgd", "apgd-rog", "segpgd", "cospgd")]
         assert r["worst_case_lp"] <= min(lp) + 1e-9 and r["worst_case"] <= r["worst_case_lp"] + 1e-9
         assert set(r["worst_case_lp_vs_eps"]) == {"4", "8"} and r["train_seconds"] > 0
+        # the curve's Jaccard panel: the Jaccard of each case's worst attack (it used to be left empty)
+        jaccard = [r["clean_jaccard"], *r["worst_case_lp_jaccard_vs_eps"].values()]
+        assert set(r["worst_case_lp_jaccard_vs_eps"]) == {"4", "8"} and all(0 <= j <= 1 for j in jaccard)
     assert rows["nnUNetTrainerPGDAT"]["attack_steps_per_iteration"] == 3.0
     assert rows["clean-continued"]["attack_steps_per_iteration"] == 0.0 and rows["clean-continued"]["cost_vs_clean"] == 1
     # the evaluation's own reports: one per eps (worst-case row over that eps' attacks) and VAFA/GN
