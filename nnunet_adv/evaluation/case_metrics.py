@@ -69,14 +69,15 @@ def summarize(per_case: List[dict], labels_or_regions: Sequence[LabelOrRegion]) 
     """nnU-Net's summary layout: ``{'metric_per_case', 'mean': {class: {metric: v}},
     'foreground_mean': {metric: v}}`` with nnU-Net's averaging (module docstring)."""
     metric_names = list(per_case[0]["metrics"][labels_or_regions[0]])
-    means = {label: {m: _nanmean([c["metrics"][label][m] for c in per_case]) for m in metric_names}
+    means = {label: {m: nan_mean([c["metrics"][label][m] for c in per_case]) for m in metric_names}
              for label in labels_or_regions}
     foreground = [label for label in labels_or_regions if label not in (0, "0")]
     foreground_mean = {m: float(np.mean([means[label][m] for label in foreground])) for m in metric_names}
     return {"metric_per_case": per_case, "mean": means, "foreground_mean": foreground_mean}
 
 
-def _nanmean(values) -> float:
+def nan_mean(values) -> float:
+    """The mean without NaN (nnU-Net's NaN: a class absent from reference and prediction); NaN if all are."""
     values = np.asarray(values, dtype=np.float64)
     return float("nan") if np.all(np.isnan(values)) else float(np.nanmean(values))
 

@@ -297,6 +297,7 @@ class Study:
     # ------------------------------------------------------------------------------ tables
     def write_tables(self, out: Path, models, timings: dict, s: dict, clean_val: Optional[float]) -> str:
         """study.json (every number), study.md (the table) and worst_case_vs_eps.png."""
+        from nnunet_adv.evaluation.case_metrics import nan_mean
         from nnunet_adv.evaluation.figures import plot_robustness_curve
 
         per_case: Dict[Tuple[str, str], List[float]] = {}
@@ -307,7 +308,7 @@ class Study:
                 if result.get("kind") != "worst case":
                     key = (result["model"], result["attack"])
                     per_case[key] = [c["foreground_dice"] for c in result["metric_per_case"]]
-                    jaccard[key] = [_nanmean([m["IoU"] for m in c["metrics"].values()]) for c in result["metric_per_case"]]
+                    jaccard[key] = [nan_mean([m["IoU"] for m in c["metrics"].values()]) for c in result["metric_per_case"]]
         steps, e = s["attack_steps"], s["report_eps"]
         vafa = other_attacks(steps)[:2]
         mean = lambda values: float(np.nanmean(values))  # noqa: E731
@@ -388,12 +389,6 @@ def _f(v, digits: int = 3) -> str:
 
 def _short(attack: str) -> str:
     return attack.split(":")[0]
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    """The mean without NaN (nnU-Net's NaN: a class absent from reference and prediction); NaN if all are."""
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def study_markdown(record: dict, title: str) -> str:
