@@ -442,7 +442,7 @@ class AttackConfig:
             elif key == "seed":
                 fields["seed"] = int(_number(key, value))
             elif key == "window_raw":
-                parsed = _option_value(name, key, value, None)
+                parsed = option_value(name, key, value, None)
                 if not (isinstance(parsed, (tuple, list)) and len(parsed) == 2):
                     raise UserError(f"window_raw must be (LOWER,UPPER) in raw units, e.g. window_raw=(-175,250); "
                                     f"got {value!r}")
@@ -451,7 +451,7 @@ class AttackConfig:
                 raise UserError(f"option {key!r} does not apply to attack '{name}'; valid options: "
                                 f"{', '.join(_string_keys(name))}")
             else:
-                options[key] = _option_value(name, key, value, defaults[key])
+                options[key] = option_value(name, key, value, defaults[key])
         return cls(name, options, text=text.strip(), **fields)
 
 
@@ -496,8 +496,9 @@ def _number(key: str, value: Optional[str]) -> float:
     return v
 
 
-def _option_value(name: str, key: str, value: Optional[str], default):
-    """A string option value, typed after the attack's default."""
+def option_value(name: str, key: str, value: Optional[str], default):
+    """A string option value of attack ``name``, typed after the attack's default (``block_size=8``:
+    8 on every blocked axis; ``rescale_tile=20``: 20^3). The attack string and the CLI flags both use it."""
     if isinstance(default, bool) or key in ("random_start", "targeted", "use_ssim_loss", "renormalize_slices"):
         try:
             return True if value is None else parse_bool(value)

@@ -18,6 +18,10 @@ def _from_flags(argv):
     ("vafa-3d:q_max=20,steps=20,block_size=32",  # one block size = every axis
      ["--attack_name", "vafa-3d", "--q_max", "20", "--steps", "20", "--block_size", "32", "32", "32"]),
     ("vafa-2d:block_size=8", ["--attack_name", "vafa-2d", "--block_size", "8", "8"]),
+    ("vafa-3d:block_size=8", ["--attack_name", "vafa-3d", "--block_size", "8"]),  # one flag value = every axis
+    ("vafa-2d:block_size=8", ["--attack_name", "vafa-2d", "--block_size", "8"]),
+    ("vafa-3d-ref:rescale_tile=20", ["--attack_name", "vafa-3d-ref", "--attack_option", "rescale_tile=20"]),  # 20^3
+    ("slice-rescale:rescale_tile=none", ["--attack_name", "slice-rescale", "--attack_option", "rescale_tile=none"]),
     ("vafa_3d:block_size=4x8x8,use_ssim_loss=false",
      ["--attack_name", "vafa-3d", "--block_size", "4", "8", "8", "--use_ssim_loss", "false"]),
     ("gn:std=4", ["--attack_name", "gn", "--std", "4"]),

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from nnunet_adv.attack_config import parse_bool
+from nnunet_adv.attack_config import option_value, parse_bool
 from nnunet_adv.attacks.options import canonical_name
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
 from nnunet_adv.errors import UserError
@@ -46,15 +46,6 @@ def _parse_bool(s: str) -> bool:
         return parse_bool(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _parse_value(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +135,8 @@ def attack_config_from_args(a):
         return _ensemble_config(a)
     if a.members is not None:
         raise CLIError("--members is for --attack_name ensemble")
-    accepted = set(attack_defaults(name))
+    defaults = attack_defaults(name)
+    accepted = set(defaults)
     options, given_bad = {}, []
     for key in _ATTACK_FLAGS:
         value = getattr(a, f"attack_{key}")
@@ -153,7 +145,9 @@ def attack_config_from_args(a):
         if key not in accepted:
             given_bad.append(f"--{key}")
         elif key not in ("alpha", "std"):
-            options[key] = tuple(value) if key == "block_size" else value
+            # one --block_size value is every blocked axis, as block_size=8 in an attack string
+            options[key] = option_value(name, key, "x".join(map(str, value)), defaults[key]) if key == "block_size" \
+                else value
     if (a.eps is not None or a.eps_raw is not None) and "eps" not in accepted:
         given_bad.append("--eps" if a.eps is not None else "--eps_raw")
     for item in a.attack_option:
@@ -165,7 +159,7 @@ def attack_config_from_args(a):
                                           "amp_loss_scale") or key in _ATTACK_FLAGS:
             given_bad.append(f"--attack_option {key}")
             continue
-        options[key] = _parse_value(value)
+        options[key] = option_value(name, key, value, defaults[key])
     if given_bad:
         raise CLIError(f"option(s) {', '.join(given_bad)} do not apply to attack '{name}'; valid options for "
                        f"{name}: {', '.join(_valid_flags(name))}")

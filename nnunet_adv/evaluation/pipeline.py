@@ -118,18 +118,18 @@ def _torchio_version():
         return {"torchio": None}
 
 
-def worst_case_summary(members: Sequence[Tuple[str, dict]], labels) -> dict:
+def worst_case_summary(members: Sequence[Tuple[str, dict]]) -> dict:
     """AutoAttack's rule per case: of the attacks' summaries (``(label, summary)``, same cases in the
     same order), each case keeps the entry of the attack with the lowest foreground Dice (ties: the
-    earlier attack; NaN Dice counts as not lower), recorded as ``worst_of``; then nnU-Net's averaging."""
+    earlier attack; NaN Dice, a case without foreground in reference and prediction, is never lower
+    than a number, so an attack that puts foreground there wins), recorded as ``worst_of``; then
+    nnU-Net's averaging over the chosen entries."""
     from nnunet_adv.evaluation.case_metrics import summarize
 
     chosen = []
     for entries in zip(*(summary["metric_per_case"] for _, summary in members)):
-        best = 0
-        for i, entry in enumerate(entries):
-            if entry["foreground_dice"] < entries[best]["foreground_dice"]:
-                best = i
+        dice = np.array([entry["foreground_dice"] for entry in entries], dtype=np.float64)
+        best = int(np.argmin(np.where(np.isnan(dice), np.inf, dice)))
         chosen.append({**entries[best], "worst_of": members[best][0]})
     keys = [k for k in chosen[0]["metrics"]]
     summary = summarize(chosen, keys)
@@ -201,7 +201,7 @@ class RobustnessEvaluation:
             if setting.worst:
                 for model in r.models:
                     summaries[(model.name, setting.tag)] = worst_case_summary(
-                        [(s.label, summaries[(model.name, s.tag)]) for s in members], labels)
+                        [(s.label, summaries[(model.name, s.tag)]) for s in members])
 
         context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=r.command,
                                        dataset=r.plans["dataset_name"], models=r.models, settings=r.settings,

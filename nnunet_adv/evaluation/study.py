@@ -299,39 +299,44 @@ class Study:
         """study.json (every number), study.md (the table) and worst_case_vs_eps.png."""
         from nnunet_adv.evaluation.case_metrics import nan_mean
         from nnunet_adv.evaluation.figures import plot_robustness_curve
+        from nnunet_adv.evaluation.pipeline import worst_case_summary
 
-        per_case: Dict[Tuple[str, str], List[float]] = {}
-        jaccard: Dict[Tuple[str, str], List[float]] = {}  # per case the mean foreground IoU
+        results: Dict[Tuple[str, str], dict] = {}  # (model, attack) -> that evaluation's summary
         for folder, _ in self.evaluations(s):
             summary = json.loads((out / "evaluation" / folder / "summary.json").read_text())
             for result in summary["results"]:
                 if result.get("kind") != "worst case":
-                    key = (result["model"], result["attack"])
-                    per_case[key] = [c["foreground_dice"] for c in result["metric_per_case"]]
-                    jaccard[key] = [nan_mean([m["IoU"] for m in c["metrics"].values()]) for c in result["metric_per_case"]]
+                    results[(result["model"], result["attack"])] = result
         steps, e = s["attack_steps"], s["report_eps"]
         vafa = other_attacks(steps)[:2]
-        mean = lambda values: float(np.nanmean(values))  # noqa: E731
 
-        def worst(model: str, attacks: Sequence[str], metric: Optional[dict] = None) -> float:
-            """AutoAttack's rule: per case the attack of ``attacks`` with the lowest foreground Dice (NaN counts
-            as not lower), then the mean of its Dice, or of ``metric`` (e.g. Jaccard) of that attack."""
-            dice = np.array([per_case[(model, a)] for a in attacks], dtype=float)
-            chosen = np.argmin(np.where(np.isnan(dice), np.inf, dice), axis=0)
-            values = np.array([(metric or per_case)[(model, a)] for a in attacks], dtype=float)
-            return mean(values[chosen, np.arange(values.shape[1])])
+        def dice(cases: List[dict]) -> float:
+            """Mean over cases of the per-case foreground Dice (NaN cases left out)."""
+            return nan_mean([c["foreground_dice"] for c in cases])
+
+        def jaccard(cases: List[dict]) -> float:
+            """Mean over cases of the per-case mean foreground IoU."""
+            return nan_mean([nan_mean([m["IoU"] for m in c["metrics"].values()]) for c in cases])
+
+        def worst(model: str, attacks: Sequence[str], metric: Callable[[List[dict]], float] = dice) -> float:
+            """The evaluation's worst-case rule (AutoAttack's, per case) over ``attacks`` of ``model``."""
+            chosen = worst_case_summary([(a, results[(model, a)]) for a in attacks])
+            return metric(chosen["metric_per_case"])
+
+        def mean(model: str, attack: str) -> float:
+            return dice(results[(model, attack)]["metric_per_case"])
 
         rows = []
         for m in models:
             timing = timings[m.name]
             iterations = s["finetune"]["ep"] * s["finetune"]["its"]
             per_it = (float(np.median(timing["epoch_seconds"])) / s["finetune"]["its"]) if timing["epoch_seconds"] else None
-            rows.append({"model": m.name, "folder": m.folder.name, "clean": mean(per_case[(m.name, "clean")]),
-                         "attacks": {a: mean(per_case[(m.name, a)]) for a in lp_attacks(e, steps) + other_attacks(steps)},
+            rows.append({"model": m.name, "folder": m.folder.name, "clean": mean(m.name, "clean"),
+                         "attacks": {a: mean(m.name, a) for a in lp_attacks(e, steps) + other_attacks(steps)},
                          "worst_case": worst(m.name, lp_attacks(e, steps) + vafa),
                          "worst_case_lp": worst(m.name, lp_attacks(e, steps)),
                          "worst_case_lp_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps)) for x in s["eps_sweep"]},
-                         "clean_jaccard": mean(jaccard[(m.name, "clean")]),
+                         "clean_jaccard": jaccard(results[(m.name, "clean")]["metric_per_case"]),
                          "worst_case_lp_jaccard_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps), jaccard)
                                                           for x in s["eps_sweep"]},
                          "train_seconds": timing["wall_seconds"], "iterations": iterations,
@@ -345,7 +350,7 @@ class Study:
             r["robust_dice_per_hour"] = None if r is base or not hours else (r["worst_case"] - base["worst_case"]) / hours
         record = {"settings": json.loads((out / STUDY_JSON).read_text())["settings"], "clean_model": {
             "validation_dice": clean_val, "train_seconds": timings["clean"]["wall_seconds"]}, "results": rows,
-            "cases": len(per_case[(rows[0]["model"], "clean")])}
+            "cases": len(results[(rows[0]["model"], "clean")]["metric_per_case"])}
         atomic_write_json(out / STUDY_JSON, record)
         curves = {r["model"]: {"eps": [0.0] + list(s["eps_sweep"]),
                                "dice": [r["clean"]] + list(r["worst_case_lp_vs_eps"].values()),

@@ -63,6 +63,19 @@ def test_report_md_tables(context):
     assert "| model | attack | Jaccard (IoU) | voxel ASR | robust fraction | SSIM | PSNR dB |" in text
 
 
+def test_worst_case_does_not_keep_a_first_nan_over_a_later_number():
+    """A case without foreground gives NaN Dice where the prediction is empty too; an attack that puts
+    foreground there (Dice 0) is the worse one, whichever order the attacks ran in."""
+    from nnunet_adv.evaluation.pipeline import worst_case_summary
+
+    nan = float("nan")
+    summary = worst_case_summary([("a", _summary([nan, 0.5])), ("b", _summary([0.0, 0.6])), ("c", _summary([nan, 0.7]))])
+    assert [c["worst_of"] for c in summary["metric_per_case"]] == ["b", "a"]
+    assert [c["foreground_dice"] for c in summary["metric_per_case"]] == [0.0, 0.5]
+    everywhere_nan = worst_case_summary([("a", _summary([nan])), ("b", _summary([nan]))])
+    assert everywhere_nan["metric_per_case"][0]["worst_of"] == "a"
+
+
 def test_worst_case_keeps_per_case_the_lowest_dice_attack(tmp_path):
     """AutoAttack's rule: per case the attack with the lowest Dice (and its name), then the means;
     the worst case is a row of summary.json, metrics.csv and a column of report.md."""
@@ -74,7 +87,7 @@ def test_worst_case_keeps_per_case_the_lowest_dice_attack(tmp_path):
     settings = [Setting("clean"), Setting(pgd.label, pgd), Setting(apgd.label, apgd), Setting(control.label, control)]
     worst = worst_case_setting(settings)
     assert [s.label for s in worst] == ["worst case"]
-    summary = worst_case_summary([(pgd.label, _summary([0.2, 0.5])), (apgd.label, _summary([0.3, 0.1]))], ["1"])
+    summary = worst_case_summary([(pgd.label, _summary([0.2, 0.5])), (apgd.label, _summary([0.3, 0.1]))])
     assert [c["worst_of"] for c in summary["metric_per_case"]] == [pgd.label, apgd.label]
     assert summary["foreground_mean"]["Dice"] == pytest.approx(0.15)
     models = [Model("m", tmp_path / "m")]
