@@ -32,7 +32,7 @@ _ATTACK_FLAGS = {
     "std": {"type": float, "help": "Gaussian-noise std (gn) in x/255 of the window (default 4)"},
     "q_max": {"type": float, "help": "VAFA: upper bound of the quantisation table (the budget)"},
     "q_min": {"type": float, "help": "VAFA: lower bound of the quantisation table"},
-    "block_size": {"type": int, "nargs": "+", "help": "VAFA: block size per axis (e.g. 32 32 32)"},
+    "block_size": {"type": int, "nargs": "+", "help": "VAFA: block size per axis (e.g. 32 32 32; one value: every axis)"},
     "use_ssim_loss": {**_BOOL, "help": "VAFA: add the SSIM term (flag alone = true)"},
     "random_start": {**_BOOL, "help": "random start in the eps-ball (flag alone = true)"},
     "restarts": {"type": int, "help": "restarts; the worst case per case is kept"},

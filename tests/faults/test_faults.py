@@ -180,9 +180,13 @@ def test_a_folder_of_other_files_is_not_written_into(tree, tmp_path):
 
 # ----------------------------------------------------------------------------------- interruption
 def _interrupt_when(args, env, ready, timeout=300):
-    """Start a command, SIGINT it once ``ready()`` holds, return (returncode, stderr)."""
+    """Start a command, SIGINT it once ``ready()`` holds, return (returncode, stderr). The command gets
+    SIGINT's default disposition, as in a terminal: a test run started in the background of a
+    non-interactive shell (``cmd &``) ignores SIGINT, children inherit that, and Python then never
+    raises KeyboardInterrupt."""
     proc = subprocess.Popen([str(BIN / args[0]), *map(str, args[1:])], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = time.time()
     while not ready() and proc.poll() is None and time.time() - started < timeout:
         time.sleep(0.2)
