@@ -1,9 +1,20 @@
+"""Shared fixtures. The suite runs in two pytest-xdist workers (README: ``-n 2 --dist loadfile``):
+each test file stays on one worker (its module fixtures are computed once), and the session's
+nnU-Net tree and its trained model are made once for both workers, under a file lock, in the
+run's common temporary folder."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from filelock import FileLock
 
-from nnunet_tree import make_tree
+from nnunet_tree import DATASET_ID, SHARED_TRAINER, NNUNetTree, make_tree
 
-torch.set_num_threads(2)
+#: intra-op threads per test process: the two cores shared by the xdist workers (OpenMP threads
+#: that wait for a busy core spin and slow every process down several times)
+THREADS = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +27,34 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _run_folder(tmp_path_factory) -> Path:
+    """The temporary folder of the whole run: the workers' common parent under xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(tmp_path_factory, key: str, make) -> None:
+    """Run ``make()`` once in the whole run: under xdist one worker makes it while the other waits
+    on the lock, then both go on (a marker file in the run folder says it is made)."""
+    folder = _run_folder(tmp_path_factory)
+    with FileLock(str(folder / f"{key}.lock")):
+        if not (folder / f"{key}.done").is_file():
+            make()
+            (folder / f"{key}.done").touch()
+
+
 @pytest.fixture(scope="session")
 def nnunet_tree(tmp_path_factory):
     """A preprocessed real-MRI nnU-Net dataset (3d_fullres and 2d) shared by the tests."""
-    return make_tree(tmp_path_factory.mktemp("nnunet"))
+    root = _run_folder(tmp_path_factory) / "nnunet"
+    _once(tmp_path_factory, "nnunet_tree", lambda: make_tree(root, threads=THREADS))
+    return NNUNetTree(root, threads=THREADS)
+
+
+@pytest.fixture(scope="session")
+def shared_model(nnunet_tree, tmp_path_factory):
+    """The tree with :data:`SHARED_TRAINER` trained once on 3d_fullres fold 0 by the stock
+    ``nnUNetv2_train``: the model every end-to-end module attacks, evaluates or predicts with."""
+    _once(tmp_path_factory, "shared_model", lambda: nnunet_tree.run(
+        "nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", SHARED_TRAINER, "-device", "cpu"))
+    return nnunet_tree

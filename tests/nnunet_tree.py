@@ -4,23 +4,27 @@ The nnU-Net commands run as subprocesses with an environment that does NOT conta
 ``nnUNet_extTrainer`` (our start-up hook must set it in the child by itself), and with
 the settings that make nnU-Net fast on a 2-core CPU (see DESIGN.md).
 """
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from nnunet_adv.demo.data import build_demo_dataset
 
 DATASET_ID = 901
 DATASET_NAME = "Dataset901_AdvTestMRI"
 BIN = Path(sys.executable).parent
+#: the one adversarially trained model the end-to-end tests attack, evaluate and predict with (the
+#: session fixture ``shared_model`` trains it once)
+SHARED_TRAINER = "nnUNetTrainerPGDAT_TestShort"
 
 
 class NNUNetTree:
     """Folders ``raw``, ``preprocessed``, ``results`` under ``root`` and a clean environment."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, threads: int = 2):
         self.root = Path(root)
         self.raw, self.preprocessed, self.results = (self.root / n for n in ("raw", "preprocessed", "results"))
         for p in (self.raw, self.preprocessed, self.results):
@@ -28,7 +32,7 @@ class NNUNetTree:
         env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
         env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
                    nnUNet_results=str(self.results), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
-                   nnUNet_compile="f", OMP_NUM_THREADS="2", MPLBACKEND="agg", PYTHONUNBUFFERED="1")
+                   nnUNet_compile="f", OMP_NUM_THREADS=str(threads), MPLBACKEND="agg", PYTHONUNBUFFERED="1")
         self.env = env
 
     @property
@@ -48,13 +52,34 @@ class NNUNetTree:
         return self.results / DATASET_NAME / f"{trainer}__nnUNetPlans__{configuration}"
 
 
-def make_tree(root: Path, configurations=("3d_fullres", "2d")) -> NNUNetTree:
-    """Build the real-MRI dataset (6 training, 2 test cases of 32^3 voxels) and preprocess it."""
-    tree = NNUNetTree(root)
+#: features per stage of the test tree's networks (nnU-Net plans 32, 64, 128, 256 for these volumes)
+TINY_FEATURES = [4, 8, 16, 32, 32, 32, 32, 32]
+
+
+def shrink_networks(plans_file: Path, plans_name: Optional[str] = None) -> dict:
+    """Give every configuration of a plans file :data:`TINY_FEATURES` (same topology, stages, patch
+    and preprocessing); write it as ``plans_name`` (default: in place) and return it. The suite checks
+    behaviour, not accuracy: the network costs a quarter per step (fwd+bwd of a 32^3 volume on one
+    CPU thread: 136 ms instead of 601 ms) and every command keeps its whole pipeline."""
+    plans = json.loads(plans_file.read_text())
+    plans["plans_name"] = plans_name or plans["plans_name"]
+    for cfg in plans["configurations"].values():
+        arch = cfg.get("architecture", {}).get("arch_kwargs")
+        if arch:
+            arch["features_per_stage"] = TINY_FEATURES[:arch["n_stages"]]
+    plans_file.with_name(f"{plans['plans_name']}.json").write_text(json.dumps(plans, indent=1))
+    return plans
+
+
+def make_tree(root: Path, configurations=("3d_fullres", "2d"), threads: int = 2) -> NNUNetTree:
+    """Build the real-MRI dataset (6 training, 2 test cases of 32^3 voxels), plan and preprocess it with
+    nnU-Net's commands, and shrink the planned networks (:func:`shrink_networks`)."""
+    tree = NNUNetTree(root, threads)
     build_demo_dataset(tree.raw, DATASET_ID, name="AdvTestMRI", num_train=6, num_test=2, crop_size=32, seed=0)
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 here
     tree.run("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", *configurations, "-np", 1, "-npfp", 1,
              extra_env={"nnUNet_n_proc_DA": "1"})
+    shrink_networks(tree.preprocessed / DATASET_NAME / "nnUNetPlans.json")
     return tree
 
 
@@ -73,9 +98,3 @@ def predict_and_check(tree: NNUNetTree, trainer: str, configuration: str, out: P
     ref = nib.load(tree.dataset / "labelsTs" / written[0])
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
-
-
-def copy_tree_without_results(src: NNUNetTree, dst_root: Path) -> NNUNetTree:
-    shutil.copytree(src.raw, Path(dst_root) / "raw")
-    shutil.copytree(src.preprocessed, Path(dst_root) / "preprocessed")
-    return NNUNetTree(dst_root)

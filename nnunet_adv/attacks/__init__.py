@@ -34,8 +34,6 @@ name                what                                                        
 """
 from __future__ import annotations
 
-from typing import Dict, List, Type
-
 from .apgd import APGDCE, APGDROG
 from .base import Attack
 from .cospgd import CosPGD
@@ -44,46 +42,16 @@ from .fgsm import FGSM
 from .noise import GaussianNoise
 from .options import canonical_name
 from .pgd import BIM, PGD
+from .registry import attack_class, attack_defaults, available_attacks, build_attack, register
 from .segpgd import SegPGD
 from .targeted import TargetedIFGSM, nlcen_iterations
 from .vafa import VAFA2D, VAFA3D, VAFA2DRef, VAFA3DRef, SliceRescale
 
-_REGISTRY: Dict[str, Type[Attack]] = {
-    cls.name: cls
-    for cls in (FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, VAFA3D, VAFA2D,
-                VAFA3DRef, VAFA2DRef, SliceRescale, Ensemble)
-}
-
-
-def available_attacks() -> List[str]:
-    """Sorted names accepted by :func:`build_attack`."""
-    return sorted(_REGISTRY)
-
-
-def attack_class(name: str) -> Type[Attack]:
-    """The class of attack ``name``; names are case-insensitive and ``_`` may stand for ``-``
-    (``"VAFA_3D"`` == ``"vafa-3d"``). ``ValueError`` for unknown names."""
-    if not isinstance(name, str):
-        raise ValueError(f"attack name must be a string, got {name!r}; valid: {available_attacks()}")
-    cls = _REGISTRY.get(canonical_name(name))
-    if cls is None:
-        raise ValueError(f"unknown attack {name!r}; valid attacks: {available_attacks()}")
-    return cls
-
-
-def build_attack(name: str, **options) -> Attack:
-    """Build the attack ``name`` with ``options`` (``ValueError`` for unknown names/options)."""
-    return attack_class(name)(**options)
-
-
-def attack_defaults(name: str) -> dict:
-    """The published defaults (and every accepted option) of attack ``name``."""
-    return dict(attack_class(name).defaults)
-
+register(FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, VAFA3D, VAFA2D, VAFA3DRef,
+         VAFA2DRef, SliceRescale, Ensemble)
 
 __all__ = [
-    "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE",
-    "VAFA3D", "VAFA2D", "VAFA3DRef", "VAFA2DRef", "SliceRescale", "APGDROG", "Ensemble", "build_attack", "available_attacks", "attack_defaults", "attack_class",
-    "canonical_name",
-    "nlcen_iterations",
+    "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE", "APGDROG",
+    "VAFA3D", "VAFA2D", "VAFA3DRef", "VAFA2DRef", "SliceRescale", "Ensemble", "build_attack", "available_attacks",
+    "attack_defaults", "attack_class", "canonical_name", "nlcen_iterations", "register",
 ]

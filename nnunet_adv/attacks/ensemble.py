@@ -8,6 +8,7 @@ import torch
 
 from .base import Attack, AttackContext
 from .options import canonical_name
+from .registry import attack_class, available_attacks, build_attack
 from .selection import PerSampleBest
 
 
@@ -34,8 +35,6 @@ class Ensemble(Attack):
     defaults = {"attacks": None}
 
     def __init__(self, attacks=None, **shared):
-        from . import _REGISTRY, build_attack  # registry lives in the package __init__
-
         if not isinstance(attacks, (list, tuple)) or len(attacks) == 0:
             raise ValueError("ensemble needs attacks=[...]: a non-empty list of names, (name, options) "
                              "pairs or Attack instances")
@@ -54,9 +53,9 @@ class Ensemble(Attack):
             else:
                 raise ValueError(f"ensemble member must be a name, a (name, options) pair or an Attack, "
                                  f"got {item!r}")
-            cls = _REGISTRY.get(canonical_name(name))
+            cls = attack_class(name) if canonical_name(name) in available_attacks() else None
             if cls is None or cls is Ensemble:
-                valid = sorted(n for n, c in _REGISTRY.items() if c is not Ensemble)
+                valid = [n for n in available_attacks() if attack_class(n) is not Ensemble]
                 raise ValueError(f"unknown ensemble member {name!r}; valid: {valid}")
             accepted = {k: v for k, v in shared.items() if k in cls.defaults}
             used |= set(accepted)

@@ -17,20 +17,17 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_adv.metrics import dice_per_class
-from nnunet_tree import DATASET_ID
+from nnunet_tree import DATASET_ID, SHARED_TRAINER
 
 pytestmark = pytest.mark.e2e
 
-TRAINER = "nnUNetTrainerPGDAT_TestShort"
+TRAINER = SHARED_TRAINER
 CLASSES = [1, 2]
 
 
 @pytest.fixture(scope="module")
-def trained(nnunet_tree):
-    tree = nnunet_tree
-    if not (tree.model_folder(TRAINER) / "fold_0" / "checkpoint_final.pth").is_file():
-        tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu")
-    return tree
+def trained(shared_model):
+    return shared_model
 
 
 def _model_args(tree):

@@ -5,9 +5,9 @@ Every ``*_TestShort`` recipe trains with ``nnUNetv2_train`` and its model predic
 (``-pretrained_weights``), and an SAAT run that stopped after its second epoch continues with
 ``--c`` from the state it saved.
 
-To keep the file short on a 2-core CPU, the runs use a copy of the fixture's plans with a
-tiny network (plans identifier ``nnUNetPlansTiny``; the same preprocessed data, nnU-Net's
-full pipeline), and most run the 3d_fullres configuration (one 32^3 patch per case).
+The runs use a copy of the shared tree's (tiny-network) plans under another plans name
+(``nnUNetPlansTiny``; the same preprocessed data, nnU-Net's full pipeline), so every recipe also
+works with ``-p``; most run the 3d_fullres configuration (one 32^3 patch per case).
 """
 import ast
 import json
@@ -17,25 +17,18 @@ import textwrap
 import pytest
 import torch
 
-from nnunet_tree import DATASET_ID, DATASET_NAME, predict_and_check
+from nnunet_tree import DATASET_ID, DATASET_NAME, predict_and_check, shrink_networks
 
 pytestmark = pytest.mark.e2e
 
 PLANS = "nnUNetPlansTiny"
-TINY_FEATURES = [8, 16, 16, 16, 16, 16, 16, 16]
 
 
 @pytest.fixture(scope="module")
 def tree(nnunet_tree):
-    """The shared tree plus a tiny-network copy of its plans (same data_identifier: same data)."""
-    folder = nnunet_tree.preprocessed / DATASET_NAME
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS
-    for cfg in plans["configurations"].values():
-        arch = cfg.get("architecture", {}).get("arch_kwargs")
-        if arch:
-            arch["features_per_stage"] = TINY_FEATURES[:arch["n_stages"]]
-    (folder / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
+    """The shared tree plus a copy of its plans under another name (same data_identifier: same data),
+    so that every recipe also runs with ``-p`` naming plans other than nnU-Net's default."""
+    shrink_networks(nnunet_tree.preprocessed / DATASET_NAME / "nnUNetPlans.json", PLANS)
     return nnunet_tree
 
 

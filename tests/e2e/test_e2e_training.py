@@ -9,22 +9,15 @@ import textwrap
 import pytest
 import torch
 
-from nnunet_tree import DATASET_ID, predict_and_check
+from nnunet_tree import DATASET_ID, SHARED_TRAINER, predict_and_check
 
 pytestmark = pytest.mark.e2e
 
-PGD_SHORT = "nnUNetTrainerPGDAT_TestShort"
+PGD_SHORT = SHARED_TRAINER
 
 
-@pytest.fixture(scope="module")
-def pgd_model(nnunet_tree):
-    tree = nnunet_tree
-    proc = tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", PGD_SHORT, "-device", "cpu")
-    return tree, proc
-
-
-def test_train_pgdat_without_any_environment_setup(pgd_model):
-    tree, proc = pgd_model
+def test_train_pgdat_without_any_environment_setup(shared_model):
+    tree = shared_model
     assert "nnUNet_extTrainer" not in tree.env
     fold = tree.model_folder(PGD_SHORT) / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
@@ -44,14 +37,14 @@ def test_train_pgdat_without_any_environment_setup(pgd_model):
     assert len(robust) == 1 and 0.0 <= robust[0] <= 1.0
 
 
-def test_stock_predict_loads_the_model(pgd_model, tmp_path):
-    tree, _ = pgd_model
+def test_stock_predict_loads_the_model(shared_model, tmp_path):
+    tree = shared_model
     predict_and_check(tree, PGD_SHORT, "3d_fullres", tmp_path / "pred")
 
 
-def test_predictor_api_and_class_identity(pgd_model):
+def test_predictor_api_and_class_identity(shared_model):
     """nnU-Net's lookup returns our canonical class, also in a spawned process."""
-    tree, _ = pgd_model
+    tree = shared_model
     code = textwrap.dedent(f"""
         import multiprocessing as mp, sys
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

@@ -8,19 +8,17 @@ import subprocess
 import pytest
 import SimpleITK as sitk
 
-from nnunet_tree import BIN, DATASET_ID, predict_and_check
+from nnunet_tree import BIN, DATASET_ID, SHARED_TRAINER, predict_and_check
 
 pytestmark = pytest.mark.e2e
 
-TRAINER = "nnUNetTrainerPGDAT_TestShort"
+TRAINER = SHARED_TRAINER
 NAMED = f"{TRAINER}_eps-8_steps-1_its-3"
 
 
 @pytest.fixture(scope="module")
-def tree(nnunet_tree):
-    if not (nnunet_tree.model_folder(TRAINER) / "fold_0" / "checkpoint_final.pth").is_file():
-        nnunet_tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu")
-    return nnunet_tree
+def tree(shared_model):
+    return shared_model
 
 
 # ----------------------------------------------------------------------------------- settings by name

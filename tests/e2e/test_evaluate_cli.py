@@ -17,11 +17,11 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_adv.evaluation.figures import curve_figure_size, examples_figure_size, saliency_figure_size
-from nnunet_tree import DATASET_ID
+from nnunet_tree import DATASET_ID, SHARED_TRAINER
 
 pytestmark = pytest.mark.e2e
 
-MODELS = ["nnUNetTrainerPGDAT_TestShort", "nnUNetTrainerPGDATCopy"]
+MODELS = [SHARED_TRAINER, "nnUNetTrainerPGDATCopy"]
 ATTACKS = ["pgd:eps=16,steps=2,alpha=8", "vafa-3d:q_max=20,steps=2,block_size=16",
            # the authors' VAFA (per-slice rescale inside 16^3 tiles of the 32^3 volumes) and its control
            "vafa-3d-ref:q_max=20,steps=2,block_size=16,rescale_tile=16", "slice-rescale:rescale_tile=16"]
@@ -36,10 +36,8 @@ def _evaluate_args(tree, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def report(nnunet_tree, tmp_path_factory):
-    tree = nnunet_tree
-    if not (tree.model_folder(MODELS[0]) / "fold_0" / "checkpoint_final.pth").is_file():
-        tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", MODELS[0], "-device", "cpu")
+def report(shared_model, tmp_path_factory):
+    tree = shared_model
     if not tree.model_folder(MODELS[1]).is_dir():
         shutil.copytree(tree.model_folder(MODELS[0]), tree.model_folder(MODELS[1]))
     out = tmp_path_factory.mktemp("evaluate") / "report"

@@ -20,18 +20,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_tree import BIN, DATASET_ID
+from nnunet_tree import BIN, DATASET_ID, SHARED_TRAINER
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-TRAINER = "nnUNetTrainerPGDAT_TestShort"
+TRAINER = SHARED_TRAINER
 
 
 @pytest.fixture(scope="module")
-def tree(nnunet_tree):
-    if not (nnunet_tree.model_folder(TRAINER) / "fold_0" / "checkpoint_final.pth").is_file():
-        nnunet_tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu")
-    return nnunet_tree
+def tree(shared_model):
+    return shared_model
 
 
 def _digest(folder: Path) -> dict:
