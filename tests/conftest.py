@@ -17,6 +17,19 @@ THREADS = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKE
 torch.set_num_threads(THREADS)
 
 
+#: the longest files first, so that the two workers end together (xdist hands out files in this order)
+LONGEST_FIRST = ("e2e/test_attack_cli.py", "e2e/test_e2e_recipes.py", "e2e/test_study.py", "faults/",
+                 "e2e/test_ecosystem.py", "e2e/test_e2e_training.py", "e2e/test_evaluate_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.path.as_posix()
+        return next((i for i, part in enumerate(LONGEST_FIRST) if f"/tests/{part}" in path), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the order inside a file stays
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for modules of tiny tensors: thread hand-offs cost more than they

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from nnunet_adv.attacks import attack_class
 from nnunet_adv.metrics import lpips_available, robust_fraction
 from nnunet_adv.files import atomic_write_text
 
@@ -252,11 +253,23 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 
 def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
-    """``report.md``; returns its text."""
+    """``report.md``, one section per function below; returns its text."""
     main = [s for s in ctx.settings if not s.sweep and s.corruption is None]
-    sweep = [s for s in ctx.settings if s.sweep]
-    corrupted = [s for s in ctx.settings if s.corruption is not None]
-    transfer = [ev for ev in ctx.evaluations if ev.transfer]
+    attacked = [s for s in ctx.settings if s.attack is not None]
+    lines = (_header_section(ctx) + _dice_section(ctx, main) + _nsd_section(ctx, main)
+             + _worst_case_lines(ctx, main) + _attack_effect_section(ctx, attacked)
+             + _corruption_section(ctx, [s for s in ctx.settings if s.corruption is not None])
+             + _sweep_section(ctx, [s for s in ctx.settings if s.sweep])
+             + _transfer_section(ctx, attacked))
+    for name in figures:
+        lines += [f"![{name}]({name})", ""]
+    text = "\n".join(lines)
+    atomic_write_text(ctx.root / "report.md", text)
+    return text
+
+
+def _header_section(ctx: ReportContext) -> List[str]:
+    """Title, what was run and how, the command and the attacks' one-line summaries."""
     lines = [f"# Robustness report: {ctx.dataset}", "",
              f"{len(ctx.cases)} test case(s); folds {', '.join(map(str, ctx.folds))} ({ctx.checkpoint}); prediction "
              f"with nnU-Net's predictor, test-time mirroring {'on' if ctx.tta else 'off'}; attacks on whole volumes "
@@ -268,10 +281,13 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
              f"Command: `{ctx.command}`", ""]
     names = list(dict.fromkeys(s.attack.name for s in ctx.settings if s.attack is not None))
     if names:
-        from nnunet_adv.attacks import attack_class
-
         lines += ["Attacks: " + "; ".join(f"`{n}` {attack_class(n).summary}" for n in names) + ".", ""]
-    lines += ["## Mean foreground Dice (HD95 in mm)", ""]
+    return lines
+
+
+def _dice_section(ctx: ReportContext, main: list) -> List[str]:
+    """Mean foreground Dice (HD95) per model and setting: the paper table."""
+    lines = ["## Mean foreground Dice (HD95 in mm)", ""]
     lines += _table(["model"] + [s.label for s in main],
                     [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} ({_f(ctx.fg(m.name, s.tag, 'HD95'), 1)})" for s in main]
                      for m in ctx.models])
@@ -280,68 +296,90 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
               + (" **worst case**: per case the attack with the lowest foreground Dice (AutoAttack's rule; "
                  "controls such as `slice-rescale` left out): a robustness claim is this column, not one attack."
                  if any(s.worst for s in main) else ""), ""]
-    lines += ["## Mean foreground normalised surface Dice", ""]
+    return lines
+
+
+def _nsd_section(ctx: ReportContext, main: list) -> List[str]:
+    lines = ["## Mean foreground normalised surface Dice", ""]
     lines += _table(["model"] + [s.label for s in main],
                     [[m.name] + [_f(ctx.fg(m.name, s.tag, "NSD")) for s in main] for m in ctx.models])
-    lines += ["", "NSD at the tolerance of evaluation.json (mm), MONAI's implementation of DeepMind's surface Dice.", ""]
-    if any(s.worst for s in main):
-        lines += ["Worst case, the attack that achieved it per case: "
-                  + "; ".join(f"{m.name}: " + ", ".join(f"{case} {entry.get('worst_of')}" for case, entry in
-                                                       zip(ctx.cases, ctx.summary(m.name, 'worst-case')["metric_per_case"]))
-                              for m in ctx.models) + ".", ""]
-    attacked = [s for s in ctx.settings if s.attack is not None]
-    if attacked:
-        lines += ["## Attack effect", ""]
-        with_lpips = lpips_available()  # slice-wise LPIPS, only where the package and its weights are installed
-        rows = []
-        for m in ctx.models:
-            for s in attacked:
-                rows.append([m.name, s.label, _f(ctx.fg(m.name, s.tag, "IoU")),
-                             _f(ctx.per_case_mean(m.name, s.tag, "ASR")),
-                             _f(ctx.robust_fraction(m.name, s.tag), 2),
-                             _f(ctx.per_case_mean(m.name, s.tag, "SSIM")),
-                             _f(ctx.per_case_mean(m.name, s.tag, "PSNR"), 1)]
-                            + ([_f(ctx.per_case_mean(m.name, s.tag, "LPIPS"))] if with_lpips else []))
-        header = ["model", "attack", "Jaccard (IoU)", "voxel ASR", "robust fraction", "SSIM", "PSNR dB"]
-        lines += _table(header + (["LPIPS"] if with_lpips else []), rows)
-        clean = ", ".join(f"{m.name} {_f(ctx.robust_fraction(m.name, 'clean'), 2)}" for m in ctx.models)
-        lines += ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
-                      f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: {_lpips_note()}.", ""]
-    if corrupted:
-        names = list(dict.fromkeys(s.corruption[0] for s in corrupted))
-        severities = sorted({s.corruption[1] for s in corrupted})
-        lines += ["## Natural corruptions (TorchIO): mean foreground Dice", ""]
-        header = ["model", "corruption"] + [f"severity {v}" for v in severities] + ["mean"]
-        rows = []
-        for m in ctx.models:
-            for name in names:
-                values = {s.corruption[1]: ctx.fg(m.name, s.tag) for s in corrupted if s.corruption[0] == name}
-                finite = [v for v in values.values() if math.isfinite(v)]
-                rows.append([m.name, name] + [_f(values.get(v)) for v in severities]
-                            + [_f(float(np.mean(finite)) if finite else float("nan"))])
-        lines += _table(header, rows)
-        lines += ["", "Mean corruption Dice (over every corruption and severity, ImageNet-C's summary): "
-                  + ", ".join(f"{m.name} {_f(ctx.mean_corruption(m.name))}" for m in ctx.models)
-                  + f" (clean: " + ", ".join(f"{m.name} {_f(ctx.fg(m.name, 'clean'))}" for m in ctx.models) + "). "
-                  "Severities: nnunet_adv.evaluation.corruptions (docs/evaluate.md).", ""]
-    if sweep:
-        lines += [f"## eps sweep ({sweep[0].attack.name}): mean foreground Dice / Jaccard", ""]
-        lines += _table(["model", "clean"] + [f"eps {s.eps:g}" for s in sweep],
-                        [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} / {_f(ctx.fg(m.name, s.tag, 'IoU'))}"
-                                     for s in [ctx.settings[0]] + sweep] for m in ctx.models])
-        lines += ["", "eps in x/255 of each channel's intensity window.", ""]
-    if transfer:
-        source = transfer[0].source.name
-        lines += [f"## Transfer attacks (crafted on {source}): mean foreground Dice", ""]
-        lines += _table(["model"] + [s.label for s in attacked],
-                        [[m.name] + [_f(ctx.fg(m.name, f"{s.tag}__from_{source}")) for s in attacked]
-                         for m in ctx.models if m.name != source])
-        lines.append("")
-    for name in figures:
-        lines += [f"![{name}]({name})", ""]
-    text = "\n".join(lines)
-    atomic_write_text(ctx.root / "report.md", text)
-    return text
+    return lines + ["", "NSD at the tolerance of evaluation.json (mm), MONAI's implementation of DeepMind's surface "
+                        "Dice.", ""]
+
+
+def _worst_case_lines(ctx: ReportContext, main: list) -> List[str]:
+    """Per model and case, the attack that gave the worst case."""
+    if not any(s.worst for s in main):
+        return []
+    return ["Worst case, the attack that achieved it per case: "
+            + "; ".join(f"{m.name}: " + ", ".join(f"{case} {entry.get('worst_of')}" for case, entry in
+                                                 zip(ctx.cases, ctx.summary(m.name, 'worst-case')["metric_per_case"]))
+                        for m in ctx.models) + ".", ""]
+
+
+def _attack_effect_section(ctx: ReportContext, attacked: list) -> List[str]:
+    """Jaccard, voxel ASR, ROG's robust fraction and image similarity per model and attack."""
+    if not attacked:
+        return []
+    with_lpips = lpips_available()  # slice-wise LPIPS, only where the package and its weights are installed
+    rows = []
+    for m in ctx.models:
+        for s in attacked:
+            rows.append([m.name, s.label, _f(ctx.fg(m.name, s.tag, "IoU")),
+                         _f(ctx.per_case_mean(m.name, s.tag, "ASR")),
+                         _f(ctx.robust_fraction(m.name, s.tag), 2),
+                         _f(ctx.per_case_mean(m.name, s.tag, "SSIM")),
+                         _f(ctx.per_case_mean(m.name, s.tag, "PSNR"), 1)]
+                        + ([_f(ctx.per_case_mean(m.name, s.tag, "LPIPS"))] if with_lpips else []))
+    header = ["model", "attack", "Jaccard (IoU)", "voxel ASR", "robust fraction", "SSIM", "PSNR dB"]
+    lines = ["## Attack effect", ""] + _table(header + (["LPIPS"] if with_lpips else []), rows)
+    clean = ", ".join(f"{m.name} {_f(ctx.robust_fraction(m.name, 'clean'), 2)}" for m in ctx.models)
+    return lines + ["", f"Robust fraction: cases whose foreground Dice exceeds {ROG_FACTOR} x the model's mean clean "
+                        f"Dice (ROG); clean: {clean}. SSIM / PSNR: adversarial vs clean image. LPIPS: "
+                        f"{_lpips_note()}.", ""]
+
+
+def _corruption_section(ctx: ReportContext, corrupted: list) -> List[str]:
+    """Mean foreground Dice per corruption and severity, and each model's mean corruption Dice."""
+    if not corrupted:
+        return []
+    names = list(dict.fromkeys(s.corruption[0] for s in corrupted))
+    severities = sorted({s.corruption[1] for s in corrupted})
+    header = ["model", "corruption"] + [f"severity {v}" for v in severities] + ["mean"]
+    rows = []
+    for m in ctx.models:
+        for name in names:
+            values = {s.corruption[1]: ctx.fg(m.name, s.tag) for s in corrupted if s.corruption[0] == name}
+            finite = [v for v in values.values() if math.isfinite(v)]
+            rows.append([m.name, name] + [_f(values.get(v)) for v in severities]
+                        + [_f(float(np.mean(finite)) if finite else float("nan"))])
+    lines = ["## Natural corruptions (TorchIO): mean foreground Dice", ""] + _table(header, rows)
+    return lines + ["", "Mean corruption Dice (over every corruption and severity, ImageNet-C's summary): "
+                    + ", ".join(f"{m.name} {_f(ctx.mean_corruption(m.name))}" for m in ctx.models)
+                    + " (clean: " + ", ".join(f"{m.name} {_f(ctx.fg(m.name, 'clean'))}" for m in ctx.models) + "). "
+                    "Severities: nnunet_adv.evaluation.corruptions (docs/evaluate.md).", ""]
+
+
+def _sweep_section(ctx: ReportContext, sweep: list) -> List[str]:
+    if not sweep:
+        return []
+    lines = [f"## eps sweep ({sweep[0].attack.name}): mean foreground Dice / Jaccard", ""]
+    lines += _table(["model", "clean"] + [f"eps {s.eps:g}" for s in sweep],
+                    [[m.name] + [f"{_f(ctx.fg(m.name, s.tag))} / {_f(ctx.fg(m.name, s.tag, 'IoU'))}"
+                                 for s in [ctx.settings[0]] + sweep] for m in ctx.models])
+    return lines + ["", "eps in x/255 of each channel's intensity window.", ""]
+
+
+def _transfer_section(ctx: ReportContext, attacked: list) -> List[str]:
+    transfer = [ev for ev in ctx.evaluations if ev.transfer]
+    if not transfer:
+        return []
+    source = transfer[0].source.name
+    lines = [f"## Transfer attacks (crafted on {source}): mean foreground Dice", ""]
+    lines += _table(["model"] + [s.label for s in attacked],
+                    [[m.name] + [_f(ctx.fg(m.name, f"{s.tag}__from_{source}")) for s in attacked]
+                     for m in ctx.models if m.name != source])
+    return lines + [""]
 
 
 def _lpips_note() -> str:

@@ -44,7 +44,7 @@ from nnunet_adv.attacks import attack_defaults
 from nnunet_adv.errors import UserError
 from nnunet_adv.threat_model import ThreatModel, ThreatModelError
 from nnunet_adv.outputs import split_batch
-from nnunet_adv.training.network import network_mode, unwrap_network
+from nnunet_adv.network import network_mode, unwrap_network
 from nnunet_adv.training.progress import AdversarialLocalLogger
 
 class RecipeError(UserError):

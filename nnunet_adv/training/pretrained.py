@@ -36,7 +36,7 @@ from torch import nn
 from nnunet_adv.errors import UserError
 from nnunet_adv.modules.dual_norm import DualNorm
 from nnunet_adv.modules.nlce import NLCE
-from nnunet_adv.training.network import unwrap_network
+from nnunet_adv.network import unwrap_network
 
 _SKIP_IN_PRETRAINED = (".seg_layers.",)
 #: set on networks built by our trainers with ``keep_segmentation_heads`` (see :func:`keeps_heads`)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunet_adv.training.network import unwrap_network
+from nnunet_adv.network import unwrap_network
 
 
 @dataclass

@@ -33,7 +33,7 @@ from nnunet_adv.trainers import (
     nnUNetTrainerSAAT_TestShort,
     nnUNetTrainerVAFT_TestShort,
 )
-from nnunet_adv.training.network import network_mode, unwrap_network
+from nnunet_adv.network import network_mode, unwrap_network
 
 REGIONS = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}
 REGION_LABELS = [(1, 2), (2,)]   # label values of each region, in channel order

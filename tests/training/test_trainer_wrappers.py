@@ -38,7 +38,7 @@ from nnunet_adv.trainers import (
     nnUNetTrainerPGDAT_TestShort,
     nnUNetTrainerVAFT_TestShort,
 )
-from nnunet_adv.training.network import unwrap_network
+from nnunet_adv.network import unwrap_network
 from test_recipes import _make_trainer
 from trainer_batch import make_batch
 

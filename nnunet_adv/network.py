@@ -1,4 +1,4 @@
-"""Small helpers for handling nnU-Net's (possibly wrapped) networks during attacks."""
+"""Small helpers for nnU-Net's (possibly wrapped) networks, used by training/ and volume/ alike."""
 from contextlib import contextmanager
 
 from torch import nn
