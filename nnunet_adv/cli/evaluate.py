@@ -151,6 +151,13 @@ def settings_of(a) -> List[Setting]:
     duplicates = sorted({t for t in tags if tags.count(t) > 1})
     if duplicates:
         raise CLIError(f"attack {duplicates[0]!r} is given twice")
+    seen = {}  # canonical settings -> label: pgd:eps=4 and pgd:eps=4.0 are one attack, computed once
+    for s in out:
+        if s.attack is not None:
+            canonical = json.dumps(s.attack.settings(), sort_keys=True, default=repr)
+            if canonical in seen:
+                raise CLIError(f"attacks {seen[canonical]!r} and {s.label!r} are the same setting; give it once")
+            seen[canonical] = s.label
     return out
 
 
@@ -198,7 +205,7 @@ def run(a, argv: List[str]) -> int:
     for setting in settings:
         if setting.attack is not None:
             try:
-                setting.attack.check_for(plans, configuration_of(models[0].folder))
+                setting.attack.check_for(plans, configuration_of(models[0].folder), dataset_json)
             except UserError as e:
                 raise CLIError(f"attack {setting.label!r}: {e}") from None
     rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()

@@ -162,6 +162,9 @@ class Study:
             if any(int(v) < 1 for v in s[which].values()):
                 raise UserError(f"the {which} schedule must have at least one epoch of one iteration, got "
                                 f"{s[which]['ep']}x{s[which]['its']}")
+        repeated = sorted({e for e in s["eps_sweep"] if s["eps_sweep"].count(e) > 1})
+        if repeated:  # one report per eps: a second one would overwrite the first after minutes of work
+            raise UserError(f"--eps_sweep gives eps {repeated[0]:g} twice; give each eps once")
         if not all(math.isfinite(e) and e > 0 for e in s["eps_sweep"]) or (s["attack_steps"] or 1) < 1 \
                 or s["tile_batch_size"] < 1:
             raise UserError(f"eps values must be > 0, attack steps and tiles per call >= 1, got {s['eps_sweep']}, "

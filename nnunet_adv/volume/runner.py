@@ -51,9 +51,10 @@ def check_part(num_parts: int, part_id: int) -> Optional[Tuple[int, int]]:
     """``(num_parts, part_id)`` checked as nnU-Net's predictor does; None for a single run."""
     if num_parts == 1 and part_id == 0:
         return None
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise UserError(f"-part_id must be in [0, -num_parts) = [0, {num_parts}), got -num_parts {num_parts} "
-                        f"-part_id {part_id}")
+    if num_parts < 1:
+        raise UserError(f"-num_parts must be >= 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise UserError(f"-part_id must be 0..{num_parts - 1} for -num_parts {num_parts}, got {part_id}")
     return num_parts, part_id
 
 
