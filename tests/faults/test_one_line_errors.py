@@ -72,12 +72,16 @@ def test_evaluate_refuses_duplicate_attacks_and_bad_targets_up_front(tree, tmp_p
 
 
 def test_negative_seeds_are_one_line_and_leave_nothing(tmp_path, capsys):
+    from nnunet_adv.cli.demo import main as demo
     from nnunet_adv.cli.make_demo_dataset import main as make_dataset
 
     raw = tmp_path / "raw"
     raw.mkdir()
     in_process(make_dataset, ["-o", raw, "--seed", -5], capsys, "--seed must be an integer in 0..4294967295, got -5")
     assert not any(raw.iterdir())
+    out = tmp_path / "demo"
+    in_process(demo, ["-o", out, "-device", "cpu", "--seed", -1], capsys, "--seed must be an integer in 0..")
+    assert not out.exists()
 
 
 def test_a_study_with_an_eps_twice_is_refused_before_training(nnunet_env, tmp_path):
