@@ -312,13 +312,23 @@ class AttackConfig:
                          f"alpha=2.55)")
         return notes
 
-    def check_for(self, plans: dict, configuration: str) -> None:
+    def check_for(self, plans: dict, configuration: str, dataset_json: Optional[dict] = None) -> None:
         """What can be checked before a model is loaded: the configuration's threat model accepts
-        this attack's raw window (:class:`UserError` otherwise)."""
+        this attack's raw window, and a targeted attack's class ``target`` is one of the model's
+        output classes (with ``dataset_json``); :class:`UserError` otherwise."""
         if self.window_raw is not None:
             ThreatModel.from_plans(plans, configuration).with_raw_window(*self.window_raw)
+        target = self.options.get("target")
+        if dataset_json is not None and isinstance(target, numbers.Integral) and not isinstance(target, bool):
+            from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+            labels = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+            classes = labels.num_segmentation_heads
+            if not 0 <= target < classes:
+                raise UserError(f"target={target} is not a class of the model: its classes are 0..{classes - 1} "
+                                f"(dataset.json labels)")
         for member in self.members:
-            member.check_for(plans, configuration)
+            member.check_for(plans, configuration, dataset_json)
 
     # ------------------------------------------------------------------ building
     def _placeholder_options(self) -> dict:
@@ -394,7 +404,9 @@ class AttackConfig:
         with the lowest Dice; eps/alpha/seed given here go to the members that leave theirs out."""
         fields: Dict[str, object] = {}
         members = None
-        for item in _split_top_level(rest) if rest.strip() else []:
+        items = _split_top_level(rest) if rest.strip() else []
+        _refuse_duplicate_keys(items)
+        for item in items:
             key, eq, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if key == "members" and value:
@@ -423,7 +435,9 @@ class AttackConfig:
         defaults = attack_defaults(name)
         fields: Dict[str, object] = {}
         options: Dict[str, object] = {}
-        for item in _split_top_level(rest) if rest.strip() else []:
+        items = _split_top_level(rest) if rest.strip() else []
+        _refuse_duplicate_keys(items)
+        for item in items:
             key, eq, value = item.partition("=")
             key = key.strip()
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or (eq and not value.strip()):
@@ -476,6 +490,18 @@ def parse_members(text: str) -> List[AttackConfig]:
     return members
 
 
+def _refuse_duplicate_keys(items: Sequence[str]) -> None:
+    """``eps=4,eps=8``: a key given twice (the later would silently win) is refused; ``eps`` and
+    ``eps_raw`` set one budget, so both count as the same key."""
+    seen: Dict[str, str] = {}
+    for item in items:
+        key = item.partition("=")[0].strip()
+        group = "eps" if key == "eps_raw" else key
+        if group in seen:
+            raise UserError(f"{seen[group]!r} and {item.strip()!r} set the same option; give it once")
+        seen[group] = item.strip()
+
+
 def _string_keys(name: str) -> List[str]:
     d = attack_defaults(name)
     keys = [k for k in d if k not in COMPUTED_KEYS]
@@ -524,11 +550,18 @@ def option_value(name: str, key: str, value: Optional[str], default):
 
 
 def _check_budget_value(key: str, value) -> None:
+    """A budget must be finite and >= 0; the message gives a fraction of the window (``eps_frac``) in
+    the units users write it in (``eps -1 (x/255)``), not as the fraction ``-0.0039``."""
     if value is None:
         return
     values = value if isinstance(value, (list, tuple)) else [value]
     for v in values:
         if not (_is_number(v) and math.isfinite(v) and v >= 0):
+            if key.endswith("_frac") and all(_is_number(x) for x in values):
+                quantity = key[:-len("_frac")]
+                shown = _fmt_value(_x255(value)) if isinstance(value, (list, tuple)) else f"{_x255(value):g}"
+                raise UserError(f"{quantity} must be a finite number >= 0 (x/255 of the window), got {quantity} "
+                                f"{shown} (x/255)")
             raise UserError(f"{key} must be a finite number >= 0, got {value!r}")
 
 

@@ -155,6 +155,8 @@ def attack_config_from_args(a):
             raise CLIError(f"--attack_option expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         key = key.strip()
+        if key in options:
+            raise CLIError(f"--attack_option {key} is given twice; give it once")
         if key not in accepted or key in ("eps", "alpha", "std", "seed", "lower", "upper", "loss",
                                           "amp_loss_scale") or key in _ATTACK_FLAGS:
             given_bad.append(f"--attack_option {key}")
@@ -220,16 +222,15 @@ def run(args, argv: List[str]) -> int:
     config = attack_config_from_args(a)
     folder = folders.model_folder(a.m, a.d, a.c, a.tr, a.p)
     folds = folders.resolve_folds(folder, a.f, a.chk)
+    dataset_json = json.loads((folder / "dataset.json").read_text())
     try:
-        config.check_for(json.loads((folder / "plans.json").read_text()), folders.configuration_of(folder))
+        config.check_for(json.loads((folder / "plans.json").read_text()), folders.configuration_of(folder), dataset_json)
     except UserError as e:
         raise CLIError(f"attack '{config.name}': {e}") from None
     input_folder, output_folder = Path(a.i), Path(a.o)
     labels_folder = None if a.l is None else Path(a.l)
-    if not input_folder.is_dir():
-        raise CLIError(f"input folder {input_folder} does not exist")
+    folders.require_folder(input_folder, "input folder")
     folders.check_folders(input_folder, output_folder, labels_folder)
-    dataset_json = json.loads((folder / "dataset.json").read_text())
     folders.find_cases(input_folder, dataset_json["file_ending"],
                        len(dataset_json.get("channel_names", dataset_json.get("modality", {}))))
     device = pick_device(a.device)

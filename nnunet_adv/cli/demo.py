@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a real-MRI nnU-Net dataset, train a clean and a PGD-AT model with nnU-Net's own "
                     "commands, attack both and print clean vs adversarial Dice.")
     p.add_argument("-o", "--output", default="nnunet_adv_demo",
-                   help="new folder for everything the demo writes (default: ./nnunet_adv_demo); must not exist")
+                   help="new folder for everything the demo writes (default: ./nnunet_adv_demo); must not exist, "
+                        "except with --continue")
     p.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
                    help="device for training and attacks (default: cuda if available, else cpu). "
                         "The schedule is short on cpu and longer on cuda.")
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_train", type=int, default=20, help="training cases (default 20)")
     p.add_argument("--num_test", type=int, default=4, help="held-out test cases (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset's augmentations and of the attacks")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="resume an interrupted demo in -o (same options): finished steps are reused, an unfinished "
+                        "training continues from its latest checkpoint")
     return p
 
 
@@ -28,7 +32,7 @@ def run(args) -> int:
     from nnunet_adv.demo.pipeline import Demo, DemoRun
 
     demo_run = DemoRun(output=args.output, device=pick_device(args.device), dataset_id=args.dataset_id,
-                       num_train=args.num_train, num_test=args.num_test, seed=args.seed)
+                       num_train=args.num_train, num_test=args.num_test, seed=args.seed, resume=args.resume)
     demo_run.validate()
     text = Demo(demo_run, log=lambda line: print(line, flush=True)).execute()
     print("\n" + text)
@@ -36,7 +40,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return cli_main(lambda: run(build_parser().parse_args(argv)))
+    return cli_main(lambda: run(build_parser().parse_args(argv)),
+                    resume_hint="re-run the same command with --continue to resume (finished steps are kept)")
 
 
 if __name__ == "__main__":  # pragma: no cover

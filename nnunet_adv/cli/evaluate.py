@@ -16,7 +16,9 @@ similarity. Writes into the report folder:
     predictions/MODEL/SETTING/      nnU-Net's predictions
     metrics/MODEL/SETTING.json      per-case metrics
 
-Everything is kept, so ``--continue`` recomputes nothing that exists. See docs/evaluate.md.
+Everything is kept, so ``--continue`` recomputes nothing that exists and is still valid: results made
+from an image or label that changed since (SHA-256) are recomputed, saying so, and a cached result
+that no longer matches its checksum is recomputed with a warning. See docs/evaluate.md.
 """
 from __future__ import annotations
 
@@ -151,6 +153,13 @@ def settings_of(a) -> List[Setting]:
     duplicates = sorted({t for t in tags if tags.count(t) > 1})
     if duplicates:
         raise CLIError(f"attack {duplicates[0]!r} is given twice")
+    seen = {}  # canonical settings -> label: pgd:eps=4 and pgd:eps=4.0 are one attack, computed once
+    for s in out:
+        if s.attack is not None:
+            canonical = json.dumps(s.attack.settings(), sort_keys=True, default=repr)
+            if canonical in seen:
+                raise CLIError(f"attacks {seen[canonical]!r} and {s.label!r} are the same setting; give it once")
+            seen[canonical] = s.label
     return out
 
 
@@ -198,11 +207,11 @@ def run(a, argv: List[str]) -> int:
     for setting in settings:
         if setting.attack is not None:
             try:
-                setting.attack.check_for(plans, configuration_of(models[0].folder))
+                setting.attack.check_for(plans, configuration_of(models[0].folder), dataset_json)
             except UserError as e:
                 raise CLIError(f"attack {setting.label!r}: {e}") from None
     rw = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
-    cases = labelled_cases(Path(a.i), Path(a.l), dataset_json, rw)
+    cases = labelled_cases(Path(a.i), Path(a.l), dataset_json, rw, attacked=any(s.attack for s in settings))
     classes = len(_foreground(dataset_json))
     if len(a.nsd_tolerance) not in (1, classes):
         raise CLIError(f"--nsd_tolerance takes one value or one per foreground class ({classes}), got "

@@ -452,7 +452,7 @@ def _normalise_size(crop_size: Union[int, Sequence[int]]) -> Tuple[int, int, int
 
 
 def _validate(raw_root: Path, dataset_id: int, name: str, num_train: int, num_test: int,
-              source: str) -> None:
+              source: str, seed: int = 0) -> None:
     if not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
         raise DemoDataConfigError(f"dataset id must be an integer in 1..999, got {dataset_id!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name or ""):
@@ -463,8 +463,11 @@ def _validate(raw_root: Path, dataset_id: int, name: str, num_train: int, num_te
         raise DemoDataConfigError(f"number of test cases must be >= 0, got {num_test!r}")
     if source not in SOURCES:
         raise DemoDataConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:  # NumPy's seeds
+        raise DemoDataConfigError(f"--seed must be an integer in 0..{2 ** 32 - 1}, got {seed!r}")
     if not raw_root.is_dir():
-        raise DemoDataConfigError(f"raw folder does not exist: {raw_root}")
+        raise DemoDataConfigError(f"raw folder {raw_root} is a file, not a folder" if raw_root.exists()
+                                  else f"raw folder does not exist: {raw_root}")
 
 
 def existing_datasets(raw_root: Union[str, os.PathLike], dataset_id: int) -> List[str]:
@@ -579,7 +582,7 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
     under the final name (a killed process may leave the hidden folder behind).
     """
     raw_root = Path(raw_root)
-    _validate(raw_root, dataset_id, name, num_train, num_test, source)
+    _validate(raw_root, dataset_id, name, num_train, num_test, source, seed)
     size = _normalise_size(crop_size)
     final = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
     _refuse_existing(raw_root, int(dataset_id))

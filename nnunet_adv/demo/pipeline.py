@@ -5,12 +5,17 @@ preprocess it with ``nnUNetv2_plan_and_preprocess``, train a clean model and a P
 trained one (fine-tuned from the clean model, as the papers do) with ``nnUNetv2_train``, then
 attack both on the held-out test cases and write the robustness report with
 :class:`nnunet_adv.evaluation.pipeline.RobustnessEvaluation`. nnU-Net's steps run through
-nnU-Net's own commands (subprocesses, as a user runs them); the evaluation runs in process.
+nnU-Net's own commands (subprocesses, as a user runs them, each in its own process group so that
+Ctrl-C ends it quietly: :mod:`nnunet_adv.subprocesses`); the evaluation runs in process.
+
+``demo.json`` records the demo's settings and its finished steps: an interrupted demo resumed with
+``resume`` (``nnUNetv2_adv_demo --continue``) skips the finished steps, continues an unfinished
+training from its latest checkpoint (``nnUNetv2_train --c``) and reuses every finished result of
+the evaluation.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,21 +49,51 @@ class DemoRun:
     num_train: int = 20
     num_test: int = 4
     seed: int = 0
+    resume: bool = False
+
+    def settings(self) -> dict:
+        """What a resumed demo must share with the run that made its folder (``demo.json``)."""
+        return {"device": self.device, "dataset_id": self.dataset_id, "num_train": self.num_train,
+                "num_test": self.num_test, "seed": self.seed}
 
     def validate(self) -> None:
         """Every argument checked before anything is created (a refused run leaves nothing)."""
         from nnunet_adv.demo.data import DEFAULT_NAME, _validate
 
-        if Path(self.output).exists():
-            raise UserError(f"{Path(self.output).resolve()} already exists; choose a new folder with -o "
+        output = Path(self.output).resolve()
+        if output.exists() and not output.is_dir():
+            raise UserError(f"{output} is a file, not a folder; choose a new folder with -o (nothing was changed)")
+        if output.exists() and not self.resume:
+            raise UserError(f"{output} already exists; resume it with --continue, or choose a new folder with -o "
                             f"(nothing was changed)")
         if not isinstance(self.num_test, int) or self.num_test < 1:
             raise UserError(f"--num_test must be >= 1 (the report attacks the held-out test cases), got {self.num_test}")
-        from nnunet_adv.volume.runner import ensure_writable
+        from nnunet_adv.volume.runner import ensure_writable, first_difference
 
-        parent = Path(self.output).resolve().parent
-        _validate(parent, self.dataset_id, DEFAULT_NAME, self.num_train, self.num_test, "auto")
-        ensure_writable(Path(self.output).resolve())
+        _validate(output.parent, self.dataset_id, DEFAULT_NAME, self.num_train, self.num_test, "auto", self.seed)
+        if output.exists():
+            recorded = _read_state(output).get("settings")
+            difference = first_difference(recorded, self.settings())
+            if difference is not None:
+                raise UserError(f"{output} is a demo with other settings ({difference}); resume it with the same "
+                                f"options, or choose a new folder (nothing was changed)")
+        ensure_writable(output)
+
+
+DEMO_JSON = "demo.json"
+
+
+def _read_state(root: Path) -> dict:
+    """``demo.json`` of a demo folder: ``{'settings': ..., 'done': [finished steps]}``."""
+    import json
+
+    try:
+        return json.loads((root / DEMO_JSON).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{root} is not a demo folder (no {DEMO_JSON}); choose a new folder (nothing was "
+                        f"changed)") from None
+    except (ValueError, OSError) as e:
+        raise UserError(f"{root / DEMO_JSON} cannot be read ({type(e).__name__}); choose a new folder") from None
 
 
 class Demo:
@@ -81,13 +116,16 @@ class Demo:
         self.log(f"\n[nnunet_adv demo {time.time() - self.started:6.0f} s] {text}")
 
     def nnunet(self, *args, extra_env=None) -> None:
-        """Run one of nnU-Net's commands as a user would (its output goes to the terminal)."""
+        """Run one of nnU-Net's commands as a user would (its output goes to the terminal; Ctrl-C ends it
+        quietly, :func:`nnunet_adv.subprocesses.run_command`)."""
+        from nnunet_adv.subprocesses import run_command
+
         cmd = [str(a) for a in args]
         self.log("$ " + " ".join(cmd))
         exe = Path(sys.executable).parent / cmd[0]
-        proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env=dict(self.env, **(extra_env or {})))
-        if proc.returncode != 0:
-            raise UserError(f"'{' '.join(cmd)}' failed with exit code {proc.returncode} (see its output above)")
+        code = run_command([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env=dict(self.env, **(extra_env or {})))
+        if code != 0:
+            raise UserError(f"'{' '.join(cmd)}' failed with exit code {code} (see its output above)")
 
     def dataset_folder(self) -> Path:
         return next(self.raw.glob(f"Dataset{self.run.dataset_id:03d}_*"))
@@ -96,30 +134,70 @@ class Demo:
         return self.results / self.dataset_folder().name / f"{trainer}__nnUNetPlans__{self.configuration}"
 
     def execute(self) -> str:
-        """Run every step; returns the report's text."""
-        from nnunet_adv.demo.data import build_demo_dataset
+        """Run every step not finished yet (the demo folder locked against a second run,
+        :mod:`nnunet_adv.locks`); returns the report's text."""
+        from nnunet_adv.locks import folder_lock
 
         self.run.validate()
+        with folder_lock(self.root, command=f"nnUNetv2_adv_demo -o {self.root}"):
+            return self._execute()
+
+    def _execute(self) -> str:
+        from nnunet_adv.demo.data import build_demo_dataset
+
+        state = _read_state(self.root) if (self.root / DEMO_JSON).is_file() else {"settings": self.run.settings(),
+                                                                                   "done": []}
+        self._save(state)
         for folder in (self.raw, self.pre, self.results):
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
         d = self.run.dataset_id
-        self.step(f"building the real-MRI demo dataset in {self.raw}")
-        build_demo_dataset(self.raw, d, num_train=self.run.num_train, num_test=self.run.num_test,
-                           seed=self.run.seed, progress=True)
-        self.step("planning and preprocessing with nnU-Net")
-        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 there
-        self.nnunet("nnUNetv2_plan_and_preprocess", "-d", d, "-c", self.configuration, "-np", 1, "-npfp", 1,
-                    extra_env={"nnUNet_n_proc_DA": "1"} if self.run.device == "cpu" else None)
-        self.step(f"training the clean model ({self.clean_trainer})")
-        self.nnunet("nnUNetv2_train", d, self.configuration, 0, "-tr", self.clean_trainer, "-device", self.run.device)
+        if self._todo(state, "dataset", f"building the real-MRI demo dataset in {self.raw}"):
+            build_demo_dataset(self.raw, d, num_train=self.run.num_train, num_test=self.run.num_test,
+                               seed=self.run.seed, progress=True)
+            self._finished(state, "dataset")
+        if self._todo(state, "preprocessing", "planning and preprocessing with nnU-Net"):
+            # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 there
+            self.nnunet("nnUNetv2_plan_and_preprocess", "-d", d, "-c", self.configuration, "-np", 1, "-npfp", 1,
+                        extra_env={"nnUNet_n_proc_DA": "1"} if self.run.device == "cpu" else None)
+            self._finished(state, "preprocessing")
+        if self._todo(state, "clean model", f"training the clean model ({self.clean_trainer})"):
+            self.train(self.clean_trainer)
+            self._finished(state, "clean model")
         clean_ckpt = self.model_folder(self.clean_trainer) / "fold_0" / "checkpoint_final.pth"
-        self.step(f"PGD adversarial training ({self.robust_trainer}), fine-tuned from the clean model")
-        self.nnunet("nnUNetv2_train", d, self.configuration, 0, "-tr", self.robust_trainer, "-device", self.run.device,
-                    "-pretrained_weights", clean_ckpt)
+        if self._todo(state, "robust model", f"PGD adversarial training ({self.robust_trainer}), fine-tuned from "
+                                             f"the clean model"):
+            self.train(self.robust_trainer, pretrained=clean_ckpt)
+            self._finished(state, "robust model")
         self.step("attacking both models on the held-out test cases and writing the robustness report")
         text = self.evaluate() + "\n" + self.headline()
         self.step(f"done; the report (report.md, summary.json, metrics.csv, figures) is in {self.root / 'report'}")
         return text
+
+    def train(self, trainer: str, pretrained: Optional[Path] = None) -> None:
+        """``nnUNetv2_train`` of one model; an interrupted run continues from its latest checkpoint
+        (``--c``, which nnU-Net does not combine with ``-pretrained_weights``: the checkpoint holds them)."""
+        fold = self.model_folder(trainer) / "fold_0"
+        started = any((fold / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_final.pth"))
+        extra = ["--c"] if started else ([] if pretrained is None else ["-pretrained_weights", pretrained])
+        self.nnunet("nnUNetv2_train", self.run.dataset_id, self.configuration, 0, "-tr", trainer,
+                    "-device", self.run.device, *extra)
+
+    def _todo(self, state: dict, step: str, text: str) -> bool:
+        """Whether ``step`` still has to run; says which, and that a finished one is reused."""
+        if step in state["done"]:
+            self.step(f"{step}: finished by an earlier run, reused")
+            return False
+        self.step(text)
+        return True
+
+    def _finished(self, state: dict, step: str) -> None:
+        state["done"].append(step)
+        self._save(state)
+
+    def _save(self, state: dict) -> None:
+        from nnunet_adv.files import atomic_write_json
+
+        atomic_write_json(self.root / DEMO_JSON, state)
 
     def evaluate(self) -> str:
         import json

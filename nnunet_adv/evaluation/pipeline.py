@@ -25,7 +25,7 @@ from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM
 from nnunet_adv.evaluation import report
 from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of, worst_case_members
 from nnunet_adv.evaluation.report import ReportFolder
-from nnunet_adv.files import atomic_write_json
+from nnunet_adv.files import atomic_write_checked_json, atomic_write_json
 
 
 @dataclass
@@ -91,6 +91,7 @@ class EvaluationRun:
 
 
 SETTINGS_JSON = "evaluation.json"
+INPUTS_KEY = "inputs"  # evaluation.json: the SHA-256 of every case's image(s) and label at the last run
 PREDICTION_JSON = "prediction.json"
 CORRUPTION_JSON = "corruption.json"
 
@@ -136,15 +137,20 @@ def worst_case_summary(members: Sequence[Tuple[str, dict]]) -> dict:
     return {**summary, "mean": {str(k): v for k, v in summary["mean"].items()}}
 
 
-def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer) -> Dict[str, dict]:
-    """case -> ``{'images': [files], 'label': file}``; every case needs a label holding only the
-    dataset's label values (:class:`UserError` otherwise)."""
+def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer,
+                   attacked: bool = True) -> Dict[str, dict]:
+    """case -> ``{'images': [files], 'label': file, 'inputs': their SHA-256}``, checked before any model
+    loads: every case needs a complete label file on its image holding only the dataset's label values
+    (and, when ``attacked``, not the ignore label, which the attacks refuse); every file complete
+    (:func:`nnunet_adv.volume.inputs.precheck_case`). :class:`UserError` otherwise."""
     from nnunet_adv.volume.folders import find_cases
+    from nnunet_adv.volume.inputs import case_inputs, precheck_case
 
     ending = dataset_json["file_ending"]
     channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     found = find_cases(Path(images), ending, channels)
     allowed = _label_values(dataset_json)
+    ignore = dataset_json["labels"].get("ignore") if attacked else None
     cases = {}
     for case, info in found.items():
         if info["problem"] is not None:
@@ -152,12 +158,11 @@ def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer
         label = Path(labels) / f"{case}{ending}"
         if not label.is_file():
             raise UserError(f"case {case}: no label file {label}")
-        values = np.unique(reader_writer.read_seg(str(label))[0])
-        unknown = sorted(set(values.tolist()) - allowed)
-        if unknown:
-            raise UserError(f"case {case}: label file {label} has value(s) {unknown} that dataset.json does not "
-                            f"define (labels: {sorted(allowed)})")
-        cases[case] = {"images": info["files"], "label": str(label)}
+        try:
+            precheck_case(info["files"], label, reader_writer, allowed, ignore)
+        except UserError as e:
+            raise UserError(f"case {case}: {e}") from None
+        cases[case] = {"images": info["files"], "label": str(label), "inputs": case_inputs(info["files"], label)}
     return cases
 
 
@@ -173,7 +178,16 @@ class RobustnessEvaluation:
         self._attack_models: Dict[str, object] = {}  # model name -> TrainedModel (saliency)
 
     def execute(self) -> str:
-        """Compute what is missing and write the report; returns report.md's text."""
+        """Compute what is missing and write the report (the report folder locked against a second
+        run, :mod:`nnunet_adv.locks`); returns report.md's text."""
+        from nnunet_adv.locks import folder_lock
+        from nnunet_adv.volume.runner import ensure_writable
+
+        ensure_writable(Path(self.run.output))
+        with folder_lock(self.run.output, self.run.part, self.run.command):
+            return self._execute()
+
+    def _execute(self) -> str:
         from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
         r = self.run
@@ -224,22 +238,34 @@ class RobustnessEvaluation:
 
         root, settings = Path(self.run.output), self.run.recorded_settings()
         recorded = root / SETTINGS_JSON
+        inputs = {case: info["inputs"] for case, info in self.run.cases.items()}
         if recorded.is_file():
             try:
                 old = json.loads(recorded.read_text())
             except (ValueError, OSError) as e:
                 raise UserError(f"{recorded} cannot be read ({type(e).__name__}); choose a new report folder") from None
+            old_inputs = old.pop(INPUTS_KEY, {})  # the inputs are no setting: a change is recomputed, not refused
             difference = first_difference(old, settings)
             if difference is not None:
                 raise UserError(f"{root} is a report made with other settings ({difference}); resume only with "
                                 f"the same settings, or choose a new folder (nothing was changed)")
-            return
-        if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
+            self._say_changed_inputs(old_inputs, inputs)
+        elif root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
             raise UserError(f"{root} is not a report of nnUNetv2_adv_evaluate (no {SETTINGS_JSON}); choose a new "
                             f"folder (nothing was changed)")
         ensure_writable(root)
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(recorded, settings)
+        atomic_write_json(recorded, {**settings, INPUTS_KEY: inputs})
+
+    def _say_changed_inputs(self, recorded: dict, inputs: dict) -> None:
+        """One line naming the cases whose image or label changed since the report's last run: each step
+        recomputes exactly what was made from them (attacks, corruptions, predictions, metrics)."""
+        from nnunet_adv.volume.inputs import changes_line, input_change
+
+        changed = {case: input_change(recorded.get(case), now) for case, now in inputs.items()}
+        changed = {case: change for case, change in changed.items() if change is not None}
+        if changed:
+            self.log(f"--continue: {changes_line(changed, 'the last run')}; recomputing what was made from them")
 
     # ------------------------------------------------------------------------------ steps
     def image_folder(self, ev: Evaluation) -> Optional[Path]:
@@ -283,15 +309,16 @@ class RobustnessEvaluation:
         """Every case of this run (or part) is there as the records say, made with this run's settings
         (other settings: one line, as a resumed nnUNetv2_adv_attack). A run without parts merges the
         parts' records into attack.json."""
-        from nnunet_adv.volume.runner import ATTACK_JSON, prior_report, run_settings, verified_cases
+        from nnunet_adv.volume.runner import ATTACK_JSON, prior_report, resumable_cases, run_settings
 
         prior = prior_report(out, run_settings(attack_run), resume=True)
         if prior is None:
             return False
         wanted = set(self.run.part_cases)
-        done = verified_cases(out, prior, self._names(wanted)) == wanted
+        inputs = {c: self.run.cases[c]["inputs"] for c in wanted}
+        done = resumable_cases(out, prior, self._names(wanted), inputs)[0] == wanted
         if done and attack_run.part is None and not (out / ATTACK_JSON).is_file():
-            atomic_write_json(out / ATTACK_JSON, prior, indent=2, default=str)
+            atomic_write_checked_json(out / ATTACK_JSON, prior, indent=2, default=str)
         return done
 
     def corrupt(self, setting: Setting) -> None:
@@ -314,10 +341,11 @@ class RobustnessEvaluation:
                                 f"report folder (nothing was changed)")
         records = dict((prior or {}).get("cases", {}))
         wanted = r.part_cases
-        todo = [c for c in wanted if not _files_verified(out, records.get(c))]
+        todo = [c for c in wanted if not _files_verified(out, records.get(c))
+                or records[c].get("inputs") != r.cases[c]["inputs"]["images"]]  # made from other images: redo
         if not todo:
             if r.part is None and not (out / CORRUPTION_JSON).is_file():
-                atomic_write_json(out / CORRUPTION_JSON, {"settings": settings, "cases": records})
+                atomic_write_checked_json(out / CORRUPTION_JSON, {"settings": settings, "cases": records})
             return
         self.log(f"corrupting {len(todo)} case(s) with {name} at severity {severity}")
         rw_class = _reader_writer(r.plans)
@@ -339,11 +367,13 @@ class RobustnessEvaluation:
                                  f"(is the disk full?)")
             from nnunet_adv.volume.engine import _similarity
 
-            mine[case] = {"status": "ok", "files": {t.name: file_digest(t) for t in tmp}, **_similarity(raw, image),
+            mine[case] = {"status": "ok", "files": {t.name: file_digest(t) for t in tmp},
+                          "inputs": r.cases[case]["inputs"]["images"], **_similarity(raw, image),
                           "linf_raw": np.abs(image.astype(np.float64) - raw).reshape(raw.shape[0], -1).max(1).tolist()}
             for t in tmp:
                 os.replace(t, out / t.name)
-            atomic_write_json(out / record_name, {"settings": settings, "cases": mine if r.part else {**records, **mine}})
+            atomic_write_checked_json(out / record_name, {"settings": settings,
+                                                     "cases": mine if r.part else {**records, **mine}})
         shutil.rmtree(partial, ignore_errors=True)
         self.done_work.append(f"corruption {setting.label}")
 
@@ -369,22 +399,26 @@ class RobustnessEvaluation:
         out = self.folder.predictions(ev.model.name, ev.key)
         provenance = self.provenance(ev)
         old = load_records(out, PREDICTION_JSON) if out.is_dir() else None
+        wanted = {c: f"{c}{self.file_ending}" for c in r.part_cases}
+        inputs = {wanted[c]: d for c, d in self.input_digests(ev, list(wanted)).items()}  # prediction -> its images
         verified = {}
         if old is not None:
             difference = first_difference(old.get("provenance"), provenance)
             if difference is not None:
                 raise UserError(f"{out} holds predictions made with other settings ({difference}); choose a new "
                                 f"report folder (nothing was changed)")
-            verified = {n: d for n, d in old.get("files", {}).items() if (out / n).is_file() and file_digest(out / n) == d}
-        wanted = {c: f"{c}{self.file_ending}" for c in r.part_cases}
+            made_from = old.get("inputs", {})
+            verified = {n: d for n, d in old.get("files", {}).items() if n in inputs and made_from.get(n) == inputs[n]
+                        and (out / n).is_file() and file_digest(out / n) == d}
         missing = [c for c, n in wanted.items() if n not in verified]
         record_name = PREDICTION_JSON if r.part is None else part_record_name(PREDICTION_JSON, r.part)
         record = {"provenance": provenance, "settings": provenance,
                   "files": verified if r.part is None else {wanted[c]: verified[wanted[c]] for c in wanted
-                                                             if wanted[c] in verified}}
+                                                             if wanted[c] in verified},
+                  "inputs": {n: inputs[n] for n in verified}}
         if not missing:
             if r.part is None and not (out / PREDICTION_JSON).is_file():
-                atomic_write_json(out / PREDICTION_JSON, record)
+                atomic_write_checked_json(out / PREDICTION_JSON, record)
             return
         self.log(f"predicting {len(missing)} case(s) of {ev.setting.label}"
                  + (f" crafted on {ev.source.name}" if ev.transfer else "") + f" with {ev.model.name}")
@@ -399,10 +433,23 @@ class RobustnessEvaluation:
         for c in missing:
             name = wanted[c]
             record["files"][name] = file_digest(partial / name)
+            record["inputs"][name] = inputs[name]
             os.replace(partial / name, out / name)
-            atomic_write_json(out / record_name, record)
+            atomic_write_checked_json(out / record_name, record)
         shutil.rmtree(partial, ignore_errors=True)
         self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
+
+    def input_digests(self, ev: Evaluation, cases: Sequence[str]) -> Dict[str, Dict[str, str]]:
+        """case -> SHA-256 per file name of the images ``ev`` predicts: the clean images (hashed by
+        :func:`labelled_cases`), or the adversarial / corrupted images as their run records hold them
+        (verified against the files by the attack and corruption steps of this run)."""
+        folder = self.image_folder(ev)
+        if folder is None:
+            return {c: self.run.cases[c]["inputs"]["images"] for c in cases}
+        from nnunet_adv.volume.runner import load_records
+
+        records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None else "attack.json")["cases"]
+        return {c: dict(records[c]["files"]) for c in cases}
 
     def predictor(self, model: Model):
         """nnU-Net's predictor of ``model`` (cached)."""
@@ -426,11 +473,11 @@ class RobustnessEvaluation:
 
         cache = self.folder.metrics(ev.model.name, ev.key)
         computed_from = {"prediction": self._prediction_record(ev),
-                         "clean_prediction": self._prediction_record(Evaluation(ev.model, Setting("clean"), None))}
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.pop("computed_from", None) == computed_from:
-                return cached
+                         "clean_prediction": self._prediction_record(Evaluation(ev.model, Setting("clean"), None)),
+                         "labels": {c: info["inputs"]["label"] for c, info in self.run.cases.items()}}
+        cached = self._cached(cache, computed_from)
+        if cached is not None:
+            return cached
         cases, ending = self.run.cases, self.file_ending
         pred = self.folder.predictions(ev.model.name, ev.key)
         clean = self.folder.predictions(ev.model.name, "clean")
@@ -452,15 +499,30 @@ class RobustnessEvaluation:
                 entry["Linf_raw"] = _channel_mean(rec.get("linf_raw"), np.max)
                 entry["LPIPS"] = image_lpips(cases[case]["images"], self.images_of(ev, case), rw)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, {**summary, "computed_from": computed_from})
+        atomic_write_checked_json(cache, {**summary, "computed_from": computed_from})
         self.done_work.append(f"metrics {ev.key} of {ev.model.name}")
         return summary
+
+    def _cached(self, cache: Path, computed_from: dict) -> Optional[dict]:
+        """A cached result made from ``computed_from``, read only if it matches its checksum (one warning
+        line otherwise: it is recomputed); None when there is none to reuse."""
+        from nnunet_adv.files import ChecksumMismatch, read_checked_json
+
+        if not cache.is_file():
+            return None
+        try:
+            cached = read_checked_json(cache)
+        except ChecksumMismatch as e:
+            self.log(f"warning: {e}; recomputing it")
+            return None
+        return cached if cached.pop("computed_from", None) == json.loads(json.dumps(computed_from)) else None
 
     def _prediction_record(self, ev: Evaluation) -> dict:
         from nnunet_adv.volume.runner import load_records
 
         record = load_records(self.folder.predictions(ev.model.name, ev.key), PREDICTION_JSON)
-        return {"provenance": record["provenance"], "files": record["files"], "nsd_tolerance_mm": self.run.nsd_tolerance}
+        return {"provenance": record["provenance"], "files": record["files"], "inputs": record.get("inputs", {}),
+                "nsd_tolerance_mm": self.run.nsd_tolerance}
 
     def saliency(self, context) -> str:
         """saliency.png for the first ``num_examples`` cases (maps cached in saliency/MODEL/CASE.npz)."""
@@ -473,8 +535,12 @@ class RobustnessEvaluation:
 
     def saliency_slices(self, model: Model, case: str):
         """(image, saliency) central slices of one case, computed once and cached."""
+        from nnunet_adv.files import file_digest
+
         cache = self.folder.saliency(model.name, case)
-        if not cache.is_file():
+        record, inputs = cache.with_suffix(".json"), self.run.cases[case]["inputs"]
+        expected = {"inputs": inputs, "npz": file_digest(cache)} if cache.is_file() else None
+        if expected is None or self._cached(record, expected) is None:  # the maps' checksum is in the record
             import torch
 
             from nnunet_adv.evaluation.saliency import saliency_slices
@@ -489,6 +555,7 @@ class RobustnessEvaluation:
             image, saliency = saliency_slices(self._attack_models[model.name], files["images"], files["label"], device)
             cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(cache, image=image, saliency=saliency)
+            atomic_write_checked_json(record, {"computed_from": {"inputs": inputs, "npz": file_digest(cache)}})
             self.done_work.append(f"saliency {case} of {model.name}")
         data = np.load(cache)
         return data["image"], data["saliency"]

@@ -162,6 +162,9 @@ class Study:
             if any(int(v) < 1 for v in s[which].values()):
                 raise UserError(f"the {which} schedule must have at least one epoch of one iteration, got "
                                 f"{s[which]['ep']}x{s[which]['its']}")
+        repeated = sorted({e for e in s["eps_sweep"] if s["eps_sweep"].count(e) > 1})
+        if repeated:  # one report per eps: a second one would overwrite the first after minutes of work
+            raise UserError(f"--eps_sweep gives eps {repeated[0]:g} twice; give each eps once")
         if not all(math.isfinite(e) and e > 0 for e in s["eps_sweep"]) or (s["attack_steps"] or 1) < 1 \
                 or s["tile_batch_size"] < 1:
             raise UserError(f"eps values must be > 0, attack steps and tiles per call >= 1, got {s['eps_sweep']}, "
@@ -186,7 +189,7 @@ class Study:
         out = Path(r.output)
         if out.exists() and not out.is_dir():
             raise UserError(f"the study path {out} is a file, not a folder")
-        if out.is_dir() and any(out.iterdir()) and not r.resume:
+        if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not r.resume:
             raise UserError(f"study folder {out} exists and is not empty: use --continue to resume it or choose a "
                             f"new folder (nothing was changed)")
         images = Path(r.images) if r.images else self.raw / "imagesTs"
@@ -241,13 +244,21 @@ class Study:
                 + [("vafa-gn", other_attacks(s["attack_steps"]))])
 
     def execute(self) -> str:
+        """Train, evaluate and write the tables (the study folder locked against a second run,
+        :mod:`nnunet_adv.locks`); returns study.md's text."""
+        from nnunet_adv.locks import folder_lock
+
+        settings = self.validate()
+        with folder_lock(self.run.output, command=" ".join(sys.argv)):
+            return self._execute(settings)
+
+    def _execute(self, settings: dict) -> str:
         from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
         from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
         from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, worst_case_setting
 
         r = self.run
-        settings = self.validate()
         out = Path(r.output)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / STUDY_JSON, {"settings": settings})

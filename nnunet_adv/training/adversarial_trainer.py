@@ -47,6 +47,18 @@ from nnunet_adv.outputs import split_batch
 from nnunet_adv.network import network_mode, unwrap_network
 from nnunet_adv.training.progress import AdversarialLocalLogger
 
+def _existing_run_folders(trainer: str, plans: dict, configuration: str, fold) -> set:
+    """Which of the run's folders (nnU-Net's ``results/DATASET``, ``.../TRAINER__PLANS__CONFIG`` and
+    its ``fold_X``, as nnUNetTrainer names them) exist before nnU-Net's constructor makes them."""
+    from nnunetv2.paths import nnUNet_results
+
+    if not nnUNet_results.is_set():
+        return set()
+    dataset = os.path.join(nnUNet_results.get(), plans["dataset_name"])
+    base = os.path.join(dataset, f"{trainer}__{plans['plans_name']}__{configuration}")
+    return {f for f in (dataset, base, os.path.join(base, f"fold_{fold}")) if os.path.isdir(f)}
+
+
 class RecipeError(UserError):
     """An invalid trainer setting (``nnUNetv2_train`` prints it as one line, see
     :mod:`nnunet_adv.training.integration`)."""
@@ -99,15 +111,34 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         if self.training_seed is not None:
             seed_everything(int(self.training_seed))
+        existed = _existing_run_folders(type(self).__name__, plans, configuration, fold)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self._apply_schedule()
-        self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
         try:
-            self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager)
-        except ThreatModelError as e:
-            raise RecipeError(type(self).__name__, str(e)) from None
-        self.configure_attack()
-        self._check_recipe()
+            self._apply_schedule()
+            self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
+            try:
+                self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager)
+            except ThreatModelError as e:
+                raise RecipeError(type(self).__name__, str(e)) from None
+            self.configure_attack()
+            self._check_recipe()
+        except RecipeError:
+            self._remove_what_init_created(existed)
+            raise
+
+    def _remove_what_init_created(self, existed: set) -> None:
+        """A refused setting leaves nothing behind: nnU-Net's constructor has already made the run's
+        folders and its training log; remove the folders that did not exist before, else the log."""
+        import shutil
+
+        if self.output_folder is None:
+            return
+        for folder in (os.path.dirname(self.output_folder_base), self.output_folder_base, self.output_folder):
+            if folder not in existed:
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+        if os.path.isfile(self.log_file):
+            os.remove(self.log_file)
 
     # ------------------------------------------------------------------ the network
     @classmethod

@@ -16,9 +16,15 @@ Keys: :data:`COMMON` (every adversarial trainer), the options of the trainer's a
 ``qmax``, ``blocksize``, ``randomstart``, ...), :data:`ALIASES` of recipe attributes (``fc``,
 ``variant``, ``period``, ...), and every other number, switch or word attribute of the recipe by its
 name without underscores (``saatgamma``).
+
+A name that starts with one of our recipes and ``_`` is ours: breaking the grammar (an empty item,
+an item that is not ``KEY-VALUE``), giving a key twice (``eps-8_eps-4``; ``eps`` and ``epsraw``
+both), or a value out of its range (``ep-0``, ``lr-nan``, ``steps-0``) is a one-line
+:class:`UserError` when nnU-Net looks the name up, before nnU-Net creates any folder.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,25 +41,40 @@ class NameSetting:
     kind: type           # int, float, bool, str, tuple
     doc: str
     convert: Optional[Callable] = None  # user value -> stored value (eps: x/255 -> fraction)
+    valid: Optional[Tuple[str, Callable]] = None  # (what is valid, test of the user value); None: see _in_range
+
+
+_NON_NEGATIVE = ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+_AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
 
 
 COMMON: List[NameSetting] = [
     NameSetting("eps", "attr:eps_frac", float, "L-inf radius in x/255 of each channel's intensity window",
-                lambda v: v / 255.0),
-    NameSetting("epsraw", "attr:eps_raw", float, "radius in raw intensity units (HU); replaces eps"),
-    NameSetting("alpha", "attr:alpha_over_eps", float, "attack step as a multiple of eps"),
-    NameSetting("std", "attr:std_over_eps", float, "Gaussian-noise std as a multiple of eps"),
-    NameSetting("clean", "attr:clean_loss_weight", float, "weight of the clean loss"),
-    NameSetting("adv", "attr:adversarial_loss_weight", float, "weight of the adversarial loss"),
-    NameSetting("ep", "schedule:num_epochs", int, "epochs (nnU-Net's num_epochs)"),
-    NameSetting("its", "schedule:num_iterations_per_epoch", int, "training iterations per epoch"),
-    NameSetting("valits", "schedule:num_val_iterations_per_epoch", int, "validation iterations per epoch"),
-    NameSetting("lr", "schedule:initial_lr", float, "initial learning rate (nnU-Net's poly schedule)"),
-    NameSetting("save", "schedule:save_every", int, "epochs between checkpoint_latest saves"),
-    NameSetting("valsteps", "val:steps", int, "attack steps of the robust validation"),
+                lambda v: v / 255.0, _NON_NEGATIVE),
+    NameSetting("epsraw", "attr:eps_raw", float, "radius in raw intensity units (HU); replaces eps",
+                valid=_NON_NEGATIVE),
+    NameSetting("alpha", "attr:alpha_over_eps", float, "attack step as a multiple of eps", valid=_NON_NEGATIVE),
+    NameSetting("std", "attr:std_over_eps", float, "Gaussian-noise std as a multiple of eps", valid=_NON_NEGATIVE),
+    NameSetting("clean", "attr:clean_loss_weight", float, "weight of the clean loss", valid=_NON_NEGATIVE),
+    NameSetting("adv", "attr:adversarial_loss_weight", float, "weight of the adversarial loss", valid=_NON_NEGATIVE),
+    # nnU-Net divides by the iteration counts and indexes the last epoch's log: 0 crashes inside it
+    NameSetting("ep", "schedule:num_epochs", int, "epochs (nnU-Net's num_epochs)", valid=_AT_LEAST_ONE),
+    NameSetting("its", "schedule:num_iterations_per_epoch", int, "training iterations per epoch",
+                valid=_AT_LEAST_ONE),
+    NameSetting("valits", "schedule:num_val_iterations_per_epoch", int, "validation iterations per epoch",
+                valid=_AT_LEAST_ONE),
+    # a NaN or infinite rate trains a NaN model without an error; 0 trains nothing
+    NameSetting("lr", "schedule:initial_lr", float, "initial learning rate (nnU-Net's poly schedule)",
+                valid=("a finite number > 0", lambda v: math.isfinite(v) and v > 0)),
+    NameSetting("save", "schedule:save_every", int, "epochs between checkpoint_latest saves", valid=_AT_LEAST_ONE),
+    NameSetting("valsteps", "val:steps", int, "attack steps of the robust validation", valid=_AT_LEAST_ONE),
+    # NumPy's seed takes 0 .. 2**32 - 1
     NameSetting("seed", "attr:training_seed", int, "seeds Python, NumPy and torch when training starts "
-                                                   "(repeatable with nnUNet_n_proc_DA=0)"),
+                                                   "(repeatable with nnUNet_n_proc_DA=0)",
+                valid=(f"an integer in 0..{2 ** 32 - 1}", lambda v: 0 <= v < 2 ** 32)),
 ]
+#: keys that set the same thing: at most one of them in a name
+_SAME_TARGET = {"attr:eps_raw": "attr:eps_frac"}
 #: short keys of recipe attributes (the long form, the name without underscores, works too)
 ALIASES: Dict[str, str] = {"fc": "frequency_consistency_weight", "variant": "vafa_variant",
                            "period": "saat_check_period", "gamma": "saat_gamma", "mmax": "saat_m_max",
@@ -114,8 +135,8 @@ def _value(setting: NameSetting, text: str, name: str):
 
             return parse_bool(text)
         if setting.kind is int:
-            return int(text)
-        if setting.kind is float:
+            value = int(text)
+        elif setting.kind is float:
             value = float(text)
         elif setting.kind is tuple:
             value = tuple(int(v) for v in text.lower().split("x"))
@@ -125,19 +146,49 @@ def _value(setting: NameSetting, text: str, name: str):
     except ValueError:
         raise UserError(f"trainer {name!r}: {setting.key}-{text}: {setting.key} takes "
                         f"{'true/false' if setting.kind is bool else setting.kind.__name__} values ({setting.doc})") from None
+    valid = _in_range(setting)
+    if valid is not None and not valid[1](value):
+        raise UserError(f"trainer {name!r}: {setting.key}-{text}: {setting.key} must be {valid[0]} ({setting.doc})")
     return setting.convert(value) if setting.convert else value
+
+
+def _in_range(setting: NameSetting) -> Optional[Tuple[str, Callable]]:
+    """What values of a key are valid (user units): its own rule, else every number of a recipe
+    attribute finite and >= 0 (no recipe attribute means anything negative; the recipe's constructor
+    checks the finer rules), attack options by the attack itself (:func:`_check_attack`)."""
+    if setting.valid is not None:
+        return setting.valid
+    if setting.kind in (int, float) and setting.target.startswith("attr:"):
+        return _NON_NEGATIVE
+    if setting.kind is float:
+        return ("a finite number", math.isfinite)
+    return None
 
 
 def split_name(name: str, bases: Dict[str, type]) -> Optional[Tuple[type, List[Tuple[str, str]]]]:
     """``(base class, [(key, value text), ...])`` when ``name`` is one of ``bases`` followed by
-    ``_KEY-VALUE`` items; None when the name is not ours to resolve."""
-    for base_name in sorted(bases, key=len, reverse=True):
-        if name.startswith(base_name + "_"):
-            rest = name[len(base_name) + 1:]
-            items = rest.split("_")
-            if items and all("-" in item for item in items):
-                return bases[base_name], [tuple(item.split("-", 1)) for item in items]
-    return None
+    ``_KEY-VALUE`` items; None when the name does not start with one of ``bases`` and ``_`` (not
+    ours to resolve). A name that does, but breaks the grammar, is a :class:`UserError` naming the
+    item: nnU-Net would otherwise report only that it found no such trainer."""
+    base_name = next((b for b in sorted(bases, key=len, reverse=True) if name.startswith(b + "_")), None)
+    if base_name is None:
+        return None
+    example = f"e.g. {base_name}_eps-8_steps-5"
+    if "__" in name:
+        raise UserError(f"trainer {name!r}: '__' cannot be in a trainer name (nnU-Net's folders are "
+                        f"TRAINER__PLANS__CONFIGURATION); items are joined by one '_' ({example})")
+    items = name[len(base_name) + 1:].split("_")
+    for item in items:
+        if not item:
+            raise UserError(f"trainer {name!r}: an empty item (a '_' at the end); items are KEY-VALUE joined by "
+                            f"'_' ({example})")
+        if "--" in item:
+            raise UserError(f"trainer {name!r}: {item}: a negative value; every value in a trainer name is >= 0")
+        if not _ITEM.fullmatch(item):
+            raise UserError(f"trainer {name!r}: cannot read {item!r}; items are KEY-VALUE joined by '_', keys "
+                            f"have no underscores (randomstart-true, not random_start-true; {example}; "
+                            f"nnUNetv2_adv_trainer_settings {base_name} lists the keys)")
+    return bases[base_name], [tuple(item.split("-", 1)) for item in items]
 
 
 def trainer_from_name(name: str, bases: Dict[str, type]) -> type:
@@ -147,8 +198,6 @@ def trainer_from_name(name: str, bases: Dict[str, type]) -> type:
         AttributeError: the name is not a recipe name of ours (nnU-Net then looks elsewhere);
         UserError: it is ours, but a key or value is bad (one line naming the valid keys).
     """
-    if "__" in name:
-        raise AttributeError(name)
     found = split_name(name, bases)
     if found is None:
         raise AttributeError(name)
@@ -157,14 +206,16 @@ def trainer_from_name(name: str, bases: Dict[str, type]) -> type:
     attrs: Dict[str, object] = {"name_settings": {}}
     schedule = dict(base.training_schedule or {})
     attack_kwargs, val_overrides = dict(base.attack_kwargs), dict(base.val_attack_overrides)
+    given: Dict[str, str] = {}  # target -> the item that set it
     for key, text in items:
-        if not _ITEM.fullmatch(f"{key}-{text}"):
-            raise UserError(f"trainer {name!r}: cannot read {key}-{text!r}; items are KEY-VALUE "
-                            f"(e.g. {base.__name__}_eps-8_steps-5)")
         setting = known.get(key)
         if setting is None:
             raise UserError(f"trainer {name!r}: unknown setting {key!r} for {base.__name__}; valid keys: "
                             f"{', '.join(sorted(known))} (nnUNetv2_adv_trainer_settings {base.__name__})")
+        target = _SAME_TARGET.get(setting.target, setting.target)
+        if target in given:
+            raise UserError(f"trainer {name!r}: {given[target]} and {key}-{text} set the same setting; give it once")
+        given[target] = f"{key}-{text}"
         value = _value(setting, text, name)
         where, _, target = setting.target.partition(":")
         if where == "attr":
@@ -184,4 +235,19 @@ def trainer_from_name(name: str, bases: Dict[str, type]) -> type:
                  __module__="nnunet_adv.trainers", __qualname__=name,
                  __doc__=f"{base.__name__} with {', '.join(f'{k}={v}' for k, v in attrs['name_settings'].items())} "
                          f"(recipe settings by name, nnunet_adv.training.names).")
-    return type(name, (base,), attrs)
+    cls = type(name, (base,), attrs)
+    _check_attack(cls, name)
+    return cls
+
+
+def _check_attack(cls: type, name: str) -> None:
+    """The attack options a name sets (``steps-0``) checked by the attack itself, for training and
+    for the robust validation, before nnU-Net creates the run's folder (the trainer checks them
+    again with the configuration's threat model)."""
+    from dataclasses import replace
+
+    try:
+        config = cls.attack_config.fget(cls)  # the property on the class: its attributes are class attributes
+        replace(config, options={**config.options, **cls.val_attack_overrides})
+    except UserError as e:
+        raise UserError(f"trainer {name!r}: attack {cls.attack_name!r}: {e}") from None

@@ -37,14 +37,11 @@ from nnunet_adv.metrics import dice_per_class, psnr, ssim
 from nnunet_adv.threat_model import ThreatModel
 from nnunet_adv.volume.export import (WriteError, capture_c_stderr, apply_raw_budget, labels_to_network, perturbation_norms,
                                       perturbation_to_raw, raw_intensity_maps, supported_writer, write_image_like)
+from nnunet_adv.volume.inputs import CaseError, check_label
 from nnunet_adv.volume.sliding_window import SlidingWindowModel
 from nnunet_adv.volume.trained_model import TrainedModel
 
 __all__ = ["CaseError", "VolumeAttack"]
-
-
-class CaseError(UserError):
-    """A problem with one case (bad file, NaN, shape mismatch): the case fails, others go on."""
 
 
 class _Monitored(nn.Module):
@@ -138,21 +135,8 @@ class VolumeAttack:
             seg, seg_props = self.rw_class().read_seg(str(label_file))
         except Exception as e:
             raise CaseError(f"cannot read label file {Path(label_file).name}: {type(e).__name__} {e}".rstrip())
-        if tuple(seg.shape[1:]) != tuple(raw_shape[1:]):
-            raise CaseError(f"{Path(label_file).name}: shape {tuple(seg.shape[1:])} != image shape {tuple(raw_shape[1:])}")
-        geometry = _geometry_difference(image_props, seg_props)
-        if geometry:
-            raise CaseError(f"{Path(label_file).name}: {geometry} differs from its image's; the label does not "
-                            f"lie on the image")
-        values = set(np.unique(seg).astype(int).tolist())
         ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
-        if ignore is not None and ignore in values:
-            raise CaseError(f"{Path(label_file).name}: contains the ignore label {ignore}; attacking partially "
-                            f"annotated references is not supported (omit -l to attack the clean prediction)")
-        allowed = set(int(v) for v in self.label_manager.all_labels)
-        if not values <= allowed:
-            raise CaseError(f"{Path(label_file).name}: label values {sorted(values - allowed)} are not labels of the "
-                            f"dataset {sorted(allowed)}")
+        check_label(seg, seg_props, raw_shape, image_props, Path(label_file).name, self.label_manager.all_labels, ignore)
         return labels_to_network(seg, properties, self.plans_manager, self.configuration, net_shape)
 
     # ------------------------------------------------------------------------------ one case
@@ -289,23 +273,6 @@ DEGENERATE_SHARE = 0.9
 def _most_common_share(channel: np.ndarray) -> float:
     values, counts = np.unique(channel, return_counts=True)
     return float(counts.max()) / float(channel.size) if channel.size else 1.0
-
-
-def _geometry_difference(image_props: dict, seg_props: dict) -> Optional[str]:
-    """The first of spacing / origin / direction in which a label's reader properties differ from
-    its image's (relative tolerance 1e-4), or None."""
-    for stuff in ("sitk_stuff", "nibabel_stuff"):
-        a, b = image_props.get(stuff), seg_props.get(stuff)
-        if a is None or b is None:
-            continue
-        for key in ("spacing", "origin", "direction", "original_affine"):
-            if key in a and key in b and not np.allclose(np.asarray(a[key], float), np.asarray(b[key], float),
-                                                         rtol=1e-4, atol=1e-4):
-                return key.replace("original_", "")
-    if not np.allclose(np.asarray(image_props.get("spacing", ()), float), np.asarray(seg_props.get("spacing", ()), float),
-                       rtol=1e-4, atol=1e-6):
-        return "spacing"
-    return None
 
 
 def _nonfinite_in_nifti(path) -> int:

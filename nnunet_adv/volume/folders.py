@@ -54,9 +54,18 @@ def configuration_of(folder: Path) -> str:
     return parts[2]
 
 
+def require_folder(path: Path, what: str) -> None:
+    """``path`` must be a folder; one line saying whether it is missing or a file (``what``: e.g.
+    'input folder')."""
+    if Path(path).is_dir():
+        return
+    if Path(path).exists():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    raise UserError(f"{what} {path} does not exist")
+
+
 def check_model_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise UserError(f"model folder {path} does not exist")
+    require_folder(path, "model folder")
     for required in ("plans.json", "dataset.json"):
         if not (path / required).is_file():
             raise UserError(f"{path} is not a trained nnU-Net model folder (no {required})")
@@ -94,8 +103,7 @@ def find_cases(input_folder: Path, file_ending: str, num_channels: int) -> Dict[
         case id -> ``{'files': [one file per channel] or None, 'names': [file names], 'problem':
         None or a one-line reason}`` (a case with a problem is reported, the others go on).
     """
-    if not input_folder.is_dir():
-        raise UserError(f"input folder {input_folder} does not exist")
+    require_folder(input_folder, "input folder")
     files = sorted(p.name for p in input_folder.iterdir() if p.is_file() and not p.name.startswith("."))
     other = [f for f in files if not f.endswith(file_ending) and f.lower().endswith(IMAGE_ENDINGS)]
     if other:
@@ -117,9 +125,13 @@ def find_cases(input_folder: Path, file_ending: str, num_channels: int) -> Dict[
         problem = None
         extra = sorted(c for c in chans if c >= num_channels)
         missing = [c for c in range(num_channels) if c not in chans]
-        if extra:
-            problem = (f"{chans[extra[0]]}: channel {extra[0]} but the dataset has {num_channels} channel(s) "
-                       f"(_0000.._{num_channels - 1:04d})")
+        if extra:  # e.g. a label file case_0006.nii.gz among the images: case 'case', channel 6
+            name = chans[extra[0]]
+            hint = "" if 0 in chans else (f"; name images {name[:-len(file_ending)]}_0000{file_ending} (label "
+                                          f"files belong in the labels folder)")
+            problem = (f"{name}: nnU-Net's image naming CASE_XXXX{file_ending} (XXXX: the 4-digit channel) reads it "
+                       f"as case {case!r}, channel {extra[0]}, but the dataset has {num_channels} channel(s) "
+                       f"(_0000.._{num_channels - 1:04d}){hint}")
         elif missing:
             problem = f"{case}_{missing[0]:04d}{file_ending} is missing: the dataset has {num_channels} channel(s)"
         files_ = [str(input_folder / chans[c]) for c in range(num_channels)] if problem is None else None
@@ -138,8 +150,7 @@ def check_folders(input_folder: Path, output_folder: Path, labels_folder: Option
         raise UserError(f"the output folder {output_folder} is inside the input folder {input_folder} "
                         f"(the input folder is never modified); choose another")
     if labels_folder is not None:
+        require_folder(labels_folder, "labels folder")
         lab = labels_folder.resolve()
-        if not lab.is_dir():
-            raise UserError(f"labels folder {labels_folder} does not exist")
         if o == lab or o in lab.parents or lab in o.parents:
             raise UserError(f"the output folder {output_folder} overlaps the labels folder {labels_folder}")

@@ -4,15 +4,19 @@ For every case of the input folder (nnU-Net's naming): the whole-volume attack o
 :class:`nnunet_adv.volume.engine.VolumeAttack`, the adversarial image written with the input's
 name and geometry (into a hidden partial folder, then renamed into place), and a record in
 ``attack.json`` (the command, the model, every attack option, per case norms, similarities,
-losses and timings). One bad case fails alone; the others go on. With ``resume`` cases whose
-images exist are skipped.
+losses and timings). One bad case fails alone; the others go on; what can be checked without the
+model (a truncated file, a label off its image or with fractional or unknown values) fails a case
+before the model loads. With ``resume`` cases whose images exist as recorded and whose input files
+(image and label, by SHA-256) are unchanged are skipped; the others are attacked again, saying so.
+A resumed folder holding files this run would not write is refused, and one output folder is
+written by one run at a time (:mod:`nnunet_adv.locks`).
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -22,10 +26,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.errors import UserError
-from nnunet_adv.files import atomic_write_json
-from nnunet_adv.volume.engine import CaseError, VolumeAttack
+from nnunet_adv.files import ChecksumMismatch, atomic_write_checked_json, file_digest, verify_checked_json
+from nnunet_adv.locks import folder_lock
+from nnunet_adv.volume.engine import VolumeAttack
 from nnunet_adv.volume.export import WriteError
 from nnunet_adv.volume.folders import check_folders, configuration_of, find_cases
+from nnunet_adv.volume.inputs import CaseError, case_inputs, changes_line, input_change, precheck_case
 from nnunet_adv.volume.trained_model import load_trained_model
 
 ATTACK_JSON = "attack.json"
@@ -51,9 +57,10 @@ def check_part(num_parts: int, part_id: int) -> Optional[Tuple[int, int]]:
     """``(num_parts, part_id)`` checked as nnU-Net's predictor does; None for a single run."""
     if num_parts == 1 and part_id == 0:
         return None
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise UserError(f"-part_id must be in [0, -num_parts) = [0, {num_parts}), got -num_parts {num_parts} "
-                        f"-part_id {part_id}")
+    if num_parts < 1:
+        raise UserError(f"-num_parts must be >= 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise UserError(f"-part_id must be 0..{num_parts - 1} for -num_parts {num_parts}, got {part_id}")
     return num_parts, part_id
 
 
@@ -65,7 +72,10 @@ def load_records(folder: Path, name: str = ATTACK_JSON) -> Optional[dict]:
     merged = None
     for f in files:
         try:
-            record = json.loads(f.read_text())
+            record = verify_checked_json(f, json.loads(f.read_text()))
+        except ChecksumMismatch as e:  # it vouches for images and holds numbers the report reads
+            raise UserError(f"{e}: delete {folder} to recompute what it holds, or choose a new folder (nothing was "
+                            f"changed)") from None
         except (ValueError, OSError) as e:
             raise UserError(f"{f} cannot be read ({type(e).__name__}); choose a new folder (nothing was changed)") from None
         if merged is None:
@@ -81,7 +91,9 @@ def load_records(folder: Path, name: str = ATTACK_JSON) -> Optional[dict]:
     return merged
 
 
-_MERGED_KEYS = ("cases", "files")  # per-case records (attack.json, corruption.json), per-file digests (prediction.json)
+# per-case records (attack.json, corruption.json), per-file digests of the files and of what they were made
+# from (prediction.json)
+_MERGED_KEYS = ("cases", "files", "inputs")
 
 
 @dataclass
@@ -130,30 +142,50 @@ class AttackResult:
 
 def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResult:
     """Attack every case of ``run.input_folder``; see the module docstring."""
-    import torch
-    from tqdm import tqdm
-
     started = time.time()
     if run.tile_batch_size < 1:
         raise UserError(f"--tile_batch_size must be >= 1, got {run.tile_batch_size}")
     dataset_json = json.loads((Path(run.model_folder) / "dataset.json").read_text())
-    run.attack.check_for(json.loads((Path(run.model_folder) / "plans.json").read_text()),
-                         configuration_of(Path(run.model_folder)))
+    plans = json.loads((Path(run.model_folder) / "plans.json").read_text())
+    run.attack.check_for(plans, configuration_of(Path(run.model_folder)), dataset_json)
     file_ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output_folder = Path(run.output_folder)
     check_folders(Path(run.input_folder), output_folder, run.labels_folder)
-    cases = find_cases(Path(run.input_folder), file_ending, num_channels)
-    cases = {c: cases[c] for c in split_cases(cases, run.part)}
+    all_cases = find_cases(Path(run.input_folder), file_ending, num_channels)
+    cases = {c: all_cases[c] for c in split_cases(all_cases, run.part)}
 
     for note in run.attack.warnings():
         log(f"warning: {note}")
     settings = run_settings(run)
-    prior = prior_report(output_folder, settings, run.resume or run.part is not None)
-    done = verified_cases(output_folder, prior, cases) if run.resume else set()
     ensure_writable(output_folder)
+    with folder_lock(output_folder, run.part, run.command):
+        prior = prior_report(output_folder, settings, run.resume or run.part is not None)
+        check_leftovers(output_folder, prior, all_cases)
+        label_of = (lambda case: None) if run.labels_folder is None else \
+            (lambda case: Path(run.labels_folder) / f"{case}{file_ending}")
+        inputs, problems = _inputs_of(cases, label_of)
+        done = set()
+        if run.resume:
+            done, changed = resumable_cases(output_folder, prior, cases, inputs)
+            if changed:
+                log(f"{changes_line(changed, 'they were attacked')}; attacking them again")
+        problems.update(_precheck(cases, [c for c in inputs if c not in done], label_of, plans, dataset_json))
+        return _attack_cases(run, cases, done, problems, inputs, prior, settings, label_of, started, log)
+
+
+def _attack_cases(run: AttackRun, cases: Dict[str, dict], done: set, problems: Dict[str, str],
+                  inputs: Dict[str, dict], prior: Optional[dict], settings: dict, label_of: Callable,
+                  started: float, log: Callable[[str], None]) -> AttackResult:
+    """The loop over the cases (the folder locked, every check done): ``done`` are reused as recorded,
+    ``problems`` fail with their reason, the others are attacked (the model loads only for them)."""
+    import torch
+    from tqdm import tqdm
+
+    output_folder = Path(run.output_folder)
+    todo = [c for c in cases if c not in done and c not in problems]
     model = engine = None
-    if len(done) < len(cases):
+    if todo:
         log(f"model {run.model_folder} folds {run.folds} ({run.checkpoint}) on {run.device}")
         try:
             model = load_trained_model(run.model_folder, run.folds, run.checkpoint, device=torch.device(run.device))
@@ -166,7 +198,7 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
                               progress=run.progress, log=log, tile_batch_size=run.tile_batch_size)
         if run.labels_folder is None:
             log("no labels (-l): the attack targets the model's own clean prediction")
-    else:
+    elif len(done) == len(cases):
         log(f"--continue_prediction: all {len(cases)} case(s) are done in {output_folder}; nothing to attack")
 
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -185,21 +217,18 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
             rec = dict(previous.get(case, {}))
             rec.update(status=rec.get("status", "ok"), skipped=True)
             records[case] = rec
-            atomic_write_json(output_folder / run.record_name, report, indent=2, default=str)
+            atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
             continue
         case_started = time.perf_counter()
         try:
-            if info["problem"] is not None:
-                raise CaseError(info["problem"])
-            label_file = None
-            if run.labels_folder is not None:
-                label_file = Path(run.labels_folder) / f"{case}{file_ending}"
-                if not label_file.is_file():
-                    raise CaseError(f"no label file {label_file} for case {case}")
+            if case in problems:
+                raise CaseError(problems[case])
+            label_file = label_of(case)
             partial.mkdir(exist_ok=True)
             tmp_files = [partial / n for n in info["names"]]
             rec = engine.run_case(info["files"], None if label_file is None else str(label_file), outputs, tmp_files)
             rec["files"] = {Path(f).name: file_digest(f) for f in tmp_files}  # verified: see VolumeAttack.run_case
+            rec["inputs"] = inputs[case]  # what a resume compares (resumable_cases)
             for src, dst in zip(tmp_files, outputs):
                 os.replace(src, dst)
             records[case] = rec
@@ -211,7 +240,7 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
             records[case] = {"status": "failed", "reason": reason,
                              "seconds": round(time.perf_counter() - case_started, 3)}
             tqdm.write(f"error: case {case} failed: {reason}", file=sys.stderr)
-        atomic_write_json(output_folder / run.record_name, report, indent=2, default=str)
+        atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
     bar.close()
     shutil.rmtree(partial, ignore_errors=True)
 
@@ -221,8 +250,42 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
                          "skipped": len(skipped), "failed_cases": failed, "skipped_cases": skipped,
                          "seconds": round(time.time() - started, 1)}
     report["finished"] = _now()
-    atomic_write_json(output_folder / run.record_name, report, indent=2, default=str)
+    atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
     return AttackResult(report=report, failed=failed, new=new, record=run.record_name)
+
+
+def _inputs_of(cases: Dict[str, dict], label_of: Callable) -> Tuple[Dict[str, dict], Dict[str, str]]:
+    """``(inputs, problems)``: per case the SHA-256 of its input files (:func:`case_inputs`), or the
+    one-line reason it cannot be attacked (its naming, a missing label file)."""
+    inputs, problems = {}, {}
+    for case, info in cases.items():
+        label = label_of(case)
+        if info["problem"] is not None:
+            problems[case] = info["problem"]
+        elif label is not None and not label.is_file():
+            problems[case] = f"no label file {label} for case {case}"
+        else:
+            inputs[case] = case_inputs(info["files"], label)
+    return inputs, problems
+
+
+def _precheck(cases: Dict[str, dict], todo: Sequence[str], label_of: Callable, plans: dict,
+              dataset_json: dict) -> Dict[str, str]:
+    """The cases of ``todo`` whose files fail the checks that need no model (truncated files, a label
+    off its image or with values that are not the dataset's classes), with their reasons."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    labels = manager.get_label_manager(dataset_json)
+    ignore = labels.ignore_label if labels.has_ignore_label else None
+    reader_writer = manager.image_reader_writer_class()
+    problems = {}
+    for case in todo:
+        try:
+            precheck_case(cases[case]["files"], label_of(case), reader_writer, labels.all_labels, ignore)
+        except CaseError as e:
+            problems[case] = one_line(e)
+    return problems
 
 
 def versions() -> dict:
@@ -287,6 +350,47 @@ def first_difference(old, new, path: str = "") -> Optional[str]:
     return None
 
 
+def resumable_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, dict],
+                    inputs: Dict[str, dict]) -> Tuple[set, Dict[str, str]]:
+    """``(done, changed)``: the cases whose images are on disk as recorded (:func:`verified_cases`)
+    and were made from the case's input files as they are now (``inputs``, :func:`case_inputs`);
+    ``changed``: case -> what changed (:func:`input_change`) for verified cases made from other inputs."""
+    records = (prior or {}).get("cases", {})
+    done, changed = set(), {}
+    for case in verified_cases(output_folder, prior, cases) & set(inputs):  # the others fail with their problem
+        change = input_change(records[case].get("inputs"), inputs[case])
+        if change is None:
+            done.add(case)
+        else:
+            changed[case] = change
+    return done, changed
+
+
+def check_leftovers(output_folder: Path, prior: Optional[dict], all_cases: Dict[str, dict]) -> None:
+    """A folder with an earlier run's results may hold only what this run writes: the images of the
+    input's cases and the run records. Anything else (the images of a case no longer in the input, a
+    file added since) would be read by ``nnUNetv2_predict`` with the results: one line naming it, and
+    nothing is changed."""
+    if prior is None:
+        return
+    expected = {n for info in all_cases.values() for n in info["names"]}
+    ours = {n for rec in prior.get("cases", {}).values() for n in (rec.get("files") or {})}
+    stray = sorted(p.name for p in output_folder.iterdir()
+                   if not p.name.startswith(".") and p.name not in expected and not _is_record(p.name))
+    if stray:
+        described = [f"{n} ({'its case is no longer in the input' if n in ours else 'not written by nnunet_adv'})"
+                     for n in stray[:3]] + ([f"{len(stray) - 3} more"] if len(stray) > 3 else [])
+        raise UserError(f"{output_folder} holds file(s) that are not results of this input folder: "
+                        f"{', '.join(described)}; nnUNetv2_predict would read them with the results: move them "
+                        f"out, or choose a new folder (nothing was changed)")
+
+
+def _is_record(name: str) -> bool:
+    """attack.json or one part's record (``attack.partI-of-N.json``)."""
+    stem, _, ext = ATTACK_JSON.rpartition(".")
+    return name == ATTACK_JSON or re.fullmatch(rf"{re.escape(stem)}\.part\d+-of-\d+\.{ext}", name) is not None
+
+
 def verified_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, dict]) -> set:
     """Cases whose every image is on disk exactly as the earlier run recorded it (SHA-256)."""
     records = (prior or {}).get("cases", {})
@@ -298,15 +402,6 @@ def verified_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, 
                 all((output_folder / n).is_file() and file_digest(output_folder / n) == d for n, d in digests.items()):
             done.add(case)
     return done
-
-
-def file_digest(path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ensure_writable(folder: Path) -> None:

@@ -319,7 +319,8 @@ def test_bad_cases_fail_alone_and_the_others_continue(attacked, tmp_path):
     cases = report["cases"]
     assert cases["good"]["status"] == "ok"
     assert cases["nan"]["status"] == "failed" and "nan_0000.nii.gz: 1 voxel(s) are NaN or Inf" in cases["nan"]["reason"]
-    assert "twochan_0001.nii.gz: channel 1 but the dataset has 1 channel(s)" in cases["twochan"]["reason"]
+    assert "twochan_0001.nii.gz: nnU-Net's image naming" in cases["twochan"]["reason"]
+    assert "case 'twochan', channel 1, but the dataset has 1 channel(s)" in cases["twochan"]["reason"]
     assert "no label file" in cases["nolabel"]["reason"] and "nolabel.nii.gz" in cases["nolabel"]["reason"]
     assert report["summary"]["failed_cases"] == ["nan", "nolabel", "twochan"]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -110,4 +110,5 @@ def test_attack_parts_merge_into_the_single_run(tree, tmp_path):
     merged, alone = (json.loads((p / "attack.json").read_text())["cases"] for p in (split, single))
     assert {c: r["files"] for c, r in merged.items()} == {c: r["files"] for c, r in alone.items()}
     bad = tree.run(*attack(tmp_path / "bad", "-num_parts", 2, "-part_id", 2), check=False)
-    assert bad.returncode == 2 and "-part_id must be in [0, -num_parts)" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "-part_id must be 0..1 for -num_parts 2, got 2" in bad.stderr
+    assert "Traceback" not in bad.stderr

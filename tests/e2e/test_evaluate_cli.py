@@ -205,7 +205,7 @@ def _bad_label_value(tree, tmp_path):
     bad = sitk.GetImageFromArray(array)
     bad.CopyInformation(image)
     sitk.WriteImage(bad, str(first))
-    return {"-i": [images], "-l": [labels]}, f"{first.name[:-7]}: label file"
+    return {"-i": [images], "-l": [labels]}, f"case {first.name[:-7]}: {first.name}: label values [7] are not labels"
 
 
 def _missing_label(tree, tmp_path):

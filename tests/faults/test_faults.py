@@ -7,7 +7,6 @@ Run alone with ``python -m pytest -m faults``. The tmpfs tests mount a small tmp
 sandbox can); where mounting is not permitted they are skipped and the in-process fault-injecting
 writer below still covers the full disk.
 """
-import hashlib
 import json
 import shutil
 import signal
@@ -20,42 +19,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_tree import BIN, DATASET_ID, SHARED_TRAINER
+from fault_helpers import TRAINER, _attack_args, _digest, _evaluate_args, _one_error_line
+from nnunet_tree import BIN
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
-
-TRAINER = SHARED_TRAINER
-
-
-@pytest.fixture(scope="module")
-def tree(shared_model):
-    return shared_model
-
-
-def _digest(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _attack_args(tree, out, *extra):
-    return ["nnUNetv2_adv_attack", "-i", tree.dataset / "imagesTs", "-o", out, "-l", tree.dataset / "labelsTs",
-            "-m", tree.model_folder(TRAINER), "-f", 0, "-device", "cpu", "--disable_progress_bar",
-            "--attack_name", "pgd", "--steps", 1, *extra]
-
-
-def _evaluate_args(tree, out, *extra):
-    return ["nnUNetv2_adv_evaluate", "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs", "-o", out,
-            "-m", tree.model_folder(TRAINER), "-f", 0, "--disable_tta", "-device", "cpu", "--disable_progress_bar",
-            "--attacks", "pgd:eps=8,steps=1", *extra]
-
-
-def _one_error_line(proc, *expected, code=2):
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert all(text in lines[0] for text in expected), lines[0]
-    return lines[0]
 
 
 def _inputs_unchanged(tree, before):

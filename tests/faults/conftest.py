@@ -1,0 +1,16 @@
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tree(shared_model):
+    """The session's real-MRI tree with its one trained model (tests/conftest.py)."""
+    return shared_model
+
+
+@pytest.fixture
+def nnunet_env(tree, monkeypatch):
+    """The tree's nnU-Net environment in this process, for commands run through their main()."""
+    for key, value in tree.env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    return tree
