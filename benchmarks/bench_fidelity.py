@@ -97,7 +97,8 @@ def nnunet_rows(dataset: Path, seed: int, env: dict, workdir: Path) -> dict:
         log(f"{dataset.name}: trained in {time.time() - started:.0f} s")
     report = workdir / f"report_{dataset.name}"
     run("nnUNetv2_adv_evaluate", "-i", dataset / "imagesTs", "-l", dataset / "labelsTs", "-o", report,
-        "-m", model, "-f", 0, "--attacks", *ATTACKS, "--seed", seed, "--disable_tta", "--tile_batch_size", TILE_BATCH_SIZE,
+        "-m", model, "-f", 0, "--attacks", *ATTACKS, "--seed", seed, "--disable_tta",
+        "--tile_batch_size", TILE_BATCH_SIZE,
         "-device", "cpu", "--disable_progress_bar", "--num_examples", 0, *(["--continue"] if report.exists() else []),
         env=env)
     summary = json.loads((report / "summary.json").read_text())
@@ -142,8 +143,8 @@ def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
     import nibabel as nib
     import numpy as np
     import torch
-    from torch import nn
     import torch.nn.functional as F
+    from torch import nn
 
     from nnunet_adv.attack_config import AttackConfig
     from nnunet_adv.metrics import dice_per_class, ssim
@@ -164,8 +165,10 @@ def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.enc = nn.Sequential(nn.Conv3d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1), nn.ReLU())
-            self.mid = nn.Sequential(nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv3d(32, 32, 3, padding=1), nn.ReLU())
+            self.enc = nn.Sequential(nn.Conv3d(1, 16, 3, padding=1), nn.ReLU(),
+                                     nn.Conv3d(16, 16, 3, padding=1), nn.ReLU())
+            self.mid = nn.Sequential(nn.Conv3d(16, 32, 3, padding=1), nn.ReLU(),
+                                     nn.Conv3d(32, 32, 3, padding=1), nn.ReLU())
             self.dec = nn.Sequential(nn.Conv3d(48, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 3, 1))
 
         def forward(self, x):
@@ -225,7 +228,8 @@ def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
 # --------------------------------------------------------------------------------------- table
 def table(title: str, rows: dict) -> str:
     clean = rows["clean"]["dice"]
-    lines = [f"### {title}", "", "| attack | Dice | change | RMS (x/255) | L-inf (x/255) | SSIM |", "|---|---|---|---|---|---|"]
+    lines = [f"### {title}", "", "| attack | Dice | change | RMS (x/255) | L-inf (x/255) | SSIM |",
+             "|---|---|---|---|---|---|"]
     for attack, r in rows.items():
         f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(f"| {attack} | {f(r['dice'])} | {f(r['dice'] - clean, 3) if attack != 'clean' else ''} | "
@@ -236,7 +240,8 @@ def table(title: str, rows: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     workdir = Path(args.workdir).resolve()
-    env = dict(os.environ, nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
+    env = dict(os.environ, nnUNet_raw=str(workdir / "nnUNet_raw"),
+               nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
                nnUNet_results=str(workdir / "nnUNet_results"), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
                nnUNet_compile="f", MPLBACKEND="agg")
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -253,7 +258,8 @@ def main(argv=None) -> int:
     (workdir / "fidelity.md").write_text("\n".join(parts))
     if not args.skip_nnunet:
         for dataset, kind in ((mr, "MR, ZScoreNormalization"), (ct, "CT-normalised copy, CTNormalization")):
-            parts.append(table(f"nnU-Net {CONFIGURATION} ({TRAINER}), {kind}", nnunet_rows(dataset, args.seed, env, workdir)))
+            parts.append(table(f"nnU-Net {CONFIGURATION} ({TRAINER}), {kind}",
+                               nnunet_rows(dataset, args.seed, env, workdir)))
             (workdir / "fidelity.md").write_text("\n".join(parts))
     print("\n".join(parts))
     return 0

@@ -149,8 +149,8 @@ def evaluate(model_folder: Path, dataset: Path, log: Path) -> dict:
     import torch
 
     from nnunet_adv.attack_config import AttackConfig
-    from nnunet_adv.volume.trained_model import load_trained_model
     from nnunet_adv.volume.dice import evaluate_under_attacks
+    from nnunet_adv.volume.trained_model import load_trained_model
 
     torch.manual_seed(0)
     labels = sorted((dataset / "labelsTs").glob("*.nii.gz"))
@@ -225,16 +225,17 @@ def main(argv=None) -> int:
 
     clean_time = rows["nnUNetTrainer"]["sec_per_iter"]
     settings = ["clean", "PGD-10 4/255", "VAFA q20"]
-    lines = [f"| trainer | s / iteration | cost vs clean | " + " | ".join(f"Dice {s}" for s in settings) + " |",
+    lines = ["| trainer | s / iteration | cost vs clean | " + " | ".join(f"Dice {s}" for s in settings) + " |",
              "|---|---|---|" + "---|" * len(settings)]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['sec_per_iter']:.2f} | {r['sec_per_iter'] / clean_time:.1f}x | "
                      + " | ".join(f"{r[s]:.3f}" for s in settings) + " |")
     notes = [f"{n}: {r['note']}" for n, r in rows.items() if r["note"]]
     print("\n" + "\n".join(lines))
+    plans = json.loads((Path(env['nnUNet_preprocessed']) / dataset.name / 'nnUNetPlans.json').read_text())
     print(f"\nSchedule: clean pre-training {args.pretrain_iters} iterations (nnUNetTrainer, and nnUNetTrainerBN for "
           f"dual BN), then every row {args.epochs} epochs x {args.iters_per_epoch} iterations from that checkpoint "
-          f"(batch {json.loads((Path(env['nnUNet_preprocessed']) / dataset.name / 'nnUNetPlans.json').read_text())['configurations'][CONFIGURATION]['batch_size']}, "
+          f"(batch {plans['configurations'][CONFIGURATION]['batch_size']}, "
           f"{args.crop}^3 cases, PlainConvUNet features {args.features or 'as planned'}). Dice: mean foreground Dice "
           f"over {args.num_test} held-out whole volumes. s / iteration: median of the train_step calls after the "
           f"first. SAAT check period {args.saat_check_period} epoch(s).")

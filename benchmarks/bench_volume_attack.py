@@ -242,7 +242,7 @@ def main(args):
               f'{r["t_forward"]:6.2f} {r["t_backward"]:6.2f} {r["t_step"] / r["n_tiles"]:6.3f} '
               f'{r["t_vm_nograd"]:9.2f} {r["t_step"] / r["t_vm_nograd"]:12.2f} {r["t_step"] / nnunet:12.2f} '
               f'{r["wall_step"]:7.2f}')
-    print(f'nnU-Net predictor (batch 1, float16 buffers): ' +
+    print('nnU-Net predictor (batch 1, float16 buffers): ' +
           ', '.join(f'{"x".join(map(str, k))}: {v:.2f} s' for k, v in predictor.items()))
 
     for tb, (r1, r4) in sizes.items():

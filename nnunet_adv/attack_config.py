@@ -23,21 +23,36 @@ is 32 on every blocked axis, ``block_size=16x32x32`` per axis; brackets keep com
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
 import numbers
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from nnunet_adv.attacks import attack_class, attack_defaults, available_attacks, build_attack, canonical_name
+from nnunet_adv.attack_strings import (
+    Items,
+    number,
+    option_value,
+    parse_bool,
+    refuse_duplicate_keys,
+    split_attack_string,
+    split_members,
+    split_top_level,
+)
+from nnunet_adv.attacks import (
+    attack_class,
+    attack_defaults,
+    available_attacks,
+    build_attack,
+    canonical_name,
+)
 from nnunet_adv.errors import UserError
-from nnunet_adv.threat_model import ThreatModel
+from nnunet_adv.threat_model import ThreatModel, from_x255, to_x255
 
 __all__ = ["AttackConfig", "attack_names", "parse_bool", "WINDOW_UNITS", "RAW_UNITS"]
 
@@ -47,22 +62,6 @@ WINDOW_UNIT_KEYS = ("eps", "alpha", "std")
 COMPUTED_KEYS = ("lower", "upper", "loss", "amp_loss_scale")
 WINDOW_UNITS = "x/255 of each channel's intensity window (the papers' and reference code's units)"
 RAW_UNITS = "raw image intensity units (e.g. HU)"
-
-_TRUE = ("1", "true", "yes", "y", "on")
-_FALSE = ("0", "false", "no", "n", "off")
-
-
-def parse_bool(value) -> bool:
-    """``True``/``False`` from a bool or the usual spellings (true/false, 1/0, yes/no, on/off)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
 
 def attack_names() -> List[str]:
     """Every attack a configuration can name (``ensemble`` with ``members``)."""
@@ -204,7 +203,7 @@ class AttackConfig:
         """eps in x/255 of the window (None: raw units, or an attack without eps)."""
         if self.eps_frac is None or not _is_number(self.eps_frac) or not self.uses("eps"):
             return None
-        return _x255(self.eps_frac)
+        return to_x255(self.eps_frac)
 
     @property
     def label(self) -> str:
@@ -215,7 +214,7 @@ class AttackConfig:
         for key in ("eps", "alpha", "std"):
             v = getattr(self, f"{key}_frac")
             if v is not None and key in self.given_budget_keys():
-                parts.append(f"{key}={_x255(v)}")
+                parts.append(f"{key}={to_x255(v)}")
         if self.eps_raw is not None:
             parts.append(f"eps_raw={_fmt_value(self.eps_raw)}")
         if self.window_raw is not None:
@@ -228,7 +227,8 @@ class AttackConfig:
         d = self.defaults
         return tuple(k for k in ("eps", "alpha", "std")
                      if getattr(self, f"{k}_frac") is not None and k in d
-                     and not (_is_number(getattr(self, f"{k}_frac")) and float(getattr(self, f"{k}_frac")) == float(d[k])))
+                     and not (_is_number(getattr(self, f"{k}_frac"))
+                              and float(getattr(self, f"{k}_frac")) == float(d[k])))
 
     def settings(self) -> dict:
         """Everything that determines the attack's result, JSON-ready: name, every option after
@@ -254,7 +254,7 @@ class AttackConfig:
         if self.text:
             name, _, rest = self.text.strip().partition(":")
             parts = [canonical_name(name)]
-            for item in _split_top_level(rest) if rest.strip() else []:
+            for item in split_top_level(rest) if rest.strip() else []:
                 key, eq, value = item.partition("=")
                 parts.append(key.strip() if not eq else f"{key.strip()}-{value.strip()}")
         else:
@@ -273,7 +273,7 @@ class AttackConfig:
                     else repr(self.options[key])
             elif key in WINDOW_UNIT_KEYS:
                 frac, over = getattr(self, f"{key}_frac"), getattr(self, f"{key}_over_eps", None)
-                out[key] = _jsonable(_x255(frac)) if frac is not None else None
+                out[key] = _jsonable(to_x255(frac)) if frac is not None else None
                 if over is not None:
                     out[f"{key}_over_eps"] = over
             elif key == "seed":
@@ -302,12 +302,13 @@ class AttackConfig:
         notes = []
         frac = self.eps_frac if _is_number(self.eps_frac) else None
         if frac is not None and self.uses("eps") and frac > 1.0:
-            notes.append(f"eps {_x255(frac):g}/255 exceeds the whole intensity window (255/255): the perturbation "
+            notes.append(f"eps {to_x255(frac):g}/255 exceeds the whole intensity window (255/255): the perturbation "
                          f"is bounded by the window only")
         steps = self.options.get("steps", self.defaults.get("steps"))
         if frac and frac <= 1.0 and self.alpha_frac is not None and self.uses("alpha") and isinstance(steps, int) \
                 and self.alpha_frac * steps < frac and self.name not in ("apgd-ce", "apgd-rog"):
-            notes.append(f"alpha {_x255(self.alpha_frac):g}/255 x {steps} steps cannot reach eps {_x255(frac):g}/255; "
+            notes.append(f"alpha {to_x255(self.alpha_frac):g}/255 x {steps} steps cannot reach eps "
+                         f"{to_x255(frac):g}/255; "
                          f"alpha is in x/255 of the window (the reference code's alpha 0.01 on [0, 1] images is "
                          f"alpha=2.55)")
         return notes
@@ -388,118 +389,80 @@ class AttackConfig:
             changes["seed"] = self.seed
         return replace(member, **changes) if changes else member
 
-    # ------------------------------------------------------------------ strings
+    # ------------------------------------------------------------------ strings and flags
     @classmethod
     def parse(cls, text: str) -> "AttackConfig":
         """An attack string (module docstring) -> configuration; :class:`UserError` naming the
         string and the problem if it is bad."""
         try:
-            return cls._parse(text)
+            name, items = split_attack_string(text)
+            return cls.from_options(name, items, text=text.strip())
         except UserError as e:
             raise UserError(f"attack {text!r}: {e}") from None
 
     @classmethod
-    def _parse_ensemble(cls, text: str, rest: str) -> "AttackConfig":
-        """``ensemble:members=pgd(steps=10)+apgd-ce+segpgd,eps=4,seed=1``: per case the member image
-        with the lowest Dice; eps/alpha/seed given here go to the members that leave theirs out."""
-        fields: Dict[str, object] = {}
-        members = None
-        items = _split_top_level(rest) if rest.strip() else []
-        _refuse_duplicate_keys(items)
-        for item in items:
-            key, eq, value = item.partition("=")
-            key, value = key.strip(), value.strip()
-            if key == "members" and value:
-                members = parse_members(value)
-            elif key in ("eps", "alpha") and value:
-                fields[f"{key}_frac"] = _number(key, value) / 255.0
-            elif key == "eps_raw" and value:
-                fields["eps_raw"] = _number(key, value)
-            elif key == "seed" and value:
-                fields["seed"] = int(_number(key, value))
-            else:
-                raise UserError(f"ensemble takes members=A+B(KEY=VALUE,...)+..., eps, alpha, eps_raw and seed; "
-                                f"cannot use {item.strip()!r}")
-        if not members:
-            raise UserError("ensemble needs members=A+B+... (e.g. ensemble:members=pgd+apgd-ce+segpgd,eps=4)")
-        return cls("ensemble", members=tuple(members), text=text.strip(), **fields)
-
-    @classmethod
-    def _parse(cls, text: str) -> "AttackConfig":
-        name, _, rest = text.strip().partition(":")
+    def from_options(cls, name: str, items: Items, text: Optional[str] = None) -> "AttackConfig":
+        """The one way in for attack strings and the commands' flags: ``items`` are
+        ``(key, value text)`` pairs as a string writes them (eps/alpha/std in x/255 of the window,
+        ``eps_raw`` in raw units, ``window_raw=(LO,HI)``, ``seed``, the attack's options; for the
+        ensemble ``members=A+B(...)``); :class:`UserError` for anything the attack does not take."""
         name = canonical_name(name)
         if name not in attack_names():
             raise UserError(f"unknown attack {name!r}; valid attacks: {', '.join(attack_names())}")
+        refuse_duplicate_keys(items)
         if name == "ensemble":
-            return cls._parse_ensemble(text, rest)
+            return cls._ensemble_from_options(items, text)
         defaults = attack_defaults(name)
         fields: Dict[str, object] = {}
         options: Dict[str, object] = {}
-        items = _split_top_level(rest) if rest.strip() else []
-        _refuse_duplicate_keys(items)
-        for item in items:
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or (eq and not value.strip()):
-                raise UserError(f"cannot parse {item.strip()!r}; expected KEY=VALUE (e.g. 'pgd:eps=4,steps=20')")
-            value = value.strip() if eq else None
-            if key in ("eps", "alpha", "std"):
-                if key not in defaults:
+        for key, value in items:
+            if key in WINDOW_UNIT_KEYS or key == "eps_raw":
+                quantity = "eps" if key == "eps_raw" else key
+                if quantity not in defaults:
                     raise UserError(f"{key} does not apply to attack '{name}'; valid options: "
                                     f"{', '.join(_string_keys(name))}")
-                fields[f"{key}_frac"] = _number(key, value) / 255.0
-            elif key == "eps_raw":
-                if "eps" not in defaults:
-                    raise UserError(f"eps_raw does not apply to attack '{name}'; valid options: "
-                                    f"{', '.join(_string_keys(name))}")
-                fields["eps_raw"] = _number(key, value)
-            elif key == "seed":
-                fields["seed"] = int(_number(key, value))
-            elif key == "window_raw":
-                parsed = option_value(name, key, value, None)
-                if not (isinstance(parsed, (tuple, list)) and len(parsed) == 2):
-                    raise UserError(f"window_raw must be (LOWER,UPPER) in raw units, e.g. window_raw=(-175,250); "
-                                    f"got {value!r}")
-                fields["window_raw"] = tuple(parsed)
+                fields[f"{key}_frac" if key != "eps_raw" else key] = \
+                    number(key, value) if key == "eps_raw" else from_x255(number(key, value))
+            elif key in ("seed", "window_raw"):
+                fields[key] = _field_value(name, key, value)
             elif key not in defaults or key in COMPUTED_KEYS:
                 raise UserError(f"option {key!r} does not apply to attack '{name}'; valid options: "
                                 f"{', '.join(_string_keys(name))}")
             else:
                 options[key] = option_value(name, key, value, defaults[key])
-        return cls(name, options, text=text.strip(), **fields)
+        return cls(name, options, text=text, **fields)
+
+    @classmethod
+    def _ensemble_from_options(cls, items: Items, text: Optional[str]) -> "AttackConfig":
+        """``ensemble:members=pgd(steps=10)+apgd-ce+segpgd,eps=4,seed=1``: per case the member image
+        with the lowest Dice; eps/alpha/seed given here go to the members that leave theirs out."""
+        fields: Dict[str, object] = {}
+        members = None
+        for key, value in items:
+            if key == "members" and value:
+                members = [cls.parse(member) for member in split_members(value)]
+            elif key in ("eps", "alpha") and value:
+                fields[f"{key}_frac"] = from_x255(number(key, value))
+            elif key == "eps_raw" and value:
+                fields["eps_raw"] = number(key, value)
+            elif key in ("seed", "window_raw") and value:
+                fields[key] = _field_value("ensemble", key, value)
+            else:
+                raise UserError(f"ensemble takes members=A+B(KEY=VALUE,...)+..., eps, alpha, eps_raw, seed and "
+                                f"window_raw; cannot use {key if value is None else f'{key}={value}'!r}")
+        if not members:
+            raise UserError("ensemble needs members=A+B+... (e.g. ensemble:members=pgd+apgd-ce+segpgd,eps=4)")
+        return cls("ensemble", members=tuple(members), text=text, **fields)
 
 
-def parse_members(text: str) -> List[AttackConfig]:
-    """``pgd(steps=10)+apgd-ce+segpgd`` -> member configurations (options in brackets, as in an
-    attack string)."""
-    members, depth, current = [], 0, ""
-    for ch in text + "+":
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "+" and depth == 0:
-            item = current.strip()
-            current = ""
-            if not item:
-                raise UserError(f"members {text!r}: an empty member; write NAME or NAME(KEY=VALUE,...) joined by +")
-            name, _, options = item.partition("(")
-            if options and not options.endswith(")"):
-                raise UserError(f"members {text!r}: cannot read {item!r}; write NAME(KEY=VALUE,...)")
-            members.append(AttackConfig.parse(name + (":" + options[:-1] if options[:-1].strip() else "")))
-        else:
-            current += ch
-    return members
-
-
-def _refuse_duplicate_keys(items: Sequence[str]) -> None:
-    """``eps=4,eps=8``: a key given twice (the later would silently win) is refused; ``eps`` and
-    ``eps_raw`` set one budget, so both count as the same key."""
-    seen: Dict[str, str] = {}
-    for item in items:
-        key = item.partition("=")[0].strip()
-        group = "eps" if key == "eps_raw" else key
-        if group in seen:
-            raise UserError(f"{seen[group]!r} and {item.strip()!r} set the same option; give it once")
-        seen[group] = item.strip()
+def _field_value(name: str, key: str, value: Optional[str]):
+    """``seed`` (an integer >= 0) or ``window_raw`` (``(LOWER,UPPER)`` in raw units) from its text."""
+    if key == "seed":
+        return int(number(key, value))
+    parsed = option_value(name, key, value, None)
+    if not (isinstance(parsed, (tuple, list)) and len(parsed) == 2):
+        raise UserError(f"window_raw must be (LOWER,UPPER) in raw units, e.g. window_raw=(-175,250); got {value!r}")
+    return tuple(parsed)
 
 
 def _string_keys(name: str) -> List[str]:
@@ -508,45 +471,6 @@ def _string_keys(name: str) -> List[str]:
     if "eps" in d:
         keys.append("eps_raw")
     return sorted(keys + ["window_raw"])
-
-
-def _number(key: str, value: Optional[str]) -> float:
-    if value is None:
-        raise UserError(f"{key} needs a value ({key}=NUMBER)")
-    try:
-        v = float(value)
-    except ValueError:
-        raise UserError(f"{key} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise UserError(f"{key} must be a finite number >= 0, got {value!r}")
-    return v
-
-
-def option_value(name: str, key: str, value: Optional[str], default):
-    """A string option value of attack ``name``, typed after the attack's default (``block_size=8``:
-    8 on every blocked axis; ``rescale_tile=20``: 20^3). The attack string and the CLI flags both use it."""
-    if isinstance(default, bool) or key in ("random_start", "targeted", "use_ssim_loss", "renormalize_slices"):
-        try:
-            return True if value is None else parse_bool(value)
-        except ValueError as e:
-            raise UserError(f"{key}: {e}") from None
-    if value is None:
-        raise UserError(f"{key} needs a value ({key}=VALUE)")
-    if key in ("block_size", "rescale_tile"):
-        if key == "rescale_tile" and value.strip().lower() == "none":
-            return None
-        sizes = value.lower().split("x")
-        try:
-            ints = tuple(int(s) for s in sizes)
-        except ValueError:
-            raise UserError(f"{key} must be an integer or AxBxC, got {value!r}") from None
-        if len(ints) == 1:
-            return ints * (2 if key == "block_size" and "2d" in name else 3)
-        return ints
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
 
 
 def _check_budget_value(key: str, value) -> None:
@@ -559,31 +483,10 @@ def _check_budget_value(key: str, value) -> None:
         if not (_is_number(v) and math.isfinite(v) and v >= 0):
             if key.endswith("_frac") and all(_is_number(x) for x in values):
                 quantity = key[:-len("_frac")]
-                shown = _fmt_value(_x255(value)) if isinstance(value, (list, tuple)) else f"{_x255(value):g}"
+                shown = _fmt_value(to_x255(value)) if isinstance(value, (list, tuple)) else f"{to_x255(value):g}"
                 raise UserError(f"{quantity} must be a finite number >= 0 (x/255 of the window), got {quantity} "
                                 f"{shown} (x/255)")
             raise UserError(f"{key} must be a finite number >= 0, got {value!r}")
-
-
-def _split_top_level(text: str) -> List[str]:
-    """Split at commas that are not inside (), [] or {}."""
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    return parts
-
-
-def _x255(v):
-    if isinstance(v, (list, tuple)):
-        return [_x255(x) for x in v]
-    return float(f"{float(v) * 255.0:.10g}")
 
 
 def _fmt_value(v) -> str:

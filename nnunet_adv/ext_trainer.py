@@ -12,7 +12,6 @@ The ``nnunet_adv.pth`` file that ``pip install`` puts into site-packages calls
 because it runs in every Python process of the environment.
 """
 import os
-import sys
 
 ENV_VAR = "nnUNet_extTrainer"
 

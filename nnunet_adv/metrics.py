@@ -21,9 +21,21 @@ Summary of conventions (see each function for details):
 * SSIM: scikit-image's ``structural_similarity``; uniform 7-voxel window with sample covariance by
   default, or Wang et al.'s Gaussian window (sigma 1.5, 11 taps, population covariance).
 """
+import os
+import warnings
 from typing import Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from monai.metrics import compute_surface_dice
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from scipy.ndimage import (
+    binary_erosion,
+    distance_transform_edt,
+    generate_binary_structure,
+)
+from skimage.metrics import structural_similarity
 
 LabelOrRegion = Union[int, Tuple[int, ...]]
 
@@ -116,9 +128,7 @@ def nnunet_metrics(reference_file: str, prediction_file: str,
         {'Dice', 'IoU', 'TP', 'FP', 'FN', 'TN', 'n_pred', 'n_ref'}}}``; Dice/IoU are NaN when
         TP + FP + FN == 0.
     """
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
     if image_reader_writer is None:
-        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
         image_reader_writer = SimpleITKIO()
     return compute_metrics(reference_file, prediction_file, image_reader_writer,
                            list(labels_or_regions), ignore_label)
@@ -130,7 +140,6 @@ def nnunet_metrics(reference_file: str, prediction_file: str,
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Surface voxels: mask minus its binary erosion (face connectivity, i.e. the cross-shaped
     structuring element; voxels on the array border count as surface)."""
-    from scipy.ndimage import binary_erosion, generate_binary_structure
     struct = generate_binary_structure(mask.ndim, 1)
     return mask & ~binary_erosion(mask, structure=struct, border_value=0)
 
@@ -138,7 +147,6 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _directed_surface_distances(from_surface: np.ndarray, to_surface: np.ndarray,
                                 spacing: np.ndarray) -> np.ndarray:
     """Distance (mm) from each voxel of ``from_surface`` to the nearest voxel of ``to_surface``."""
-    from scipy.ndimage import distance_transform_edt
     dt = distance_transform_edt(~to_surface, sampling=spacing)
     return dt[from_surface]
 
@@ -232,10 +240,6 @@ def normalized_surface_dice(pred_mask: np.ndarray, ref_mask: np.ndarray, toleran
     Returns:
         float in [0, 1]; both masks empty -> NaN (nnU-Net's rule); exactly one empty -> 0.
     """
-    import warnings
-
-    import torch
-    from monai.metrics import compute_surface_dice
 
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0 mm, got {tolerance}")
@@ -368,7 +372,6 @@ def ssim(clean: np.ndarray, adv: np.ndarray, data_range: float, win_size: int = 
     Returns:
         float in [-1, 1]; 1 for identical images.
     """
-    from skimage.metrics import structural_similarity
     x = _np(clean).astype(np.float64)
     y = _np(adv).astype(np.float64)
     _check_shapes(x, y)
@@ -394,14 +397,12 @@ def lpips_available() -> bool:
     downloaded). Never raises."""
     try:
         import importlib.util
-        import os
         spec = importlib.util.find_spec("lpips")
         if spec is None or not spec.submodule_search_locations:
             return False
         pkg_dir = list(spec.submodule_search_locations)[0]
         if not os.path.isfile(os.path.join(pkg_dir, "weights", "v0.1", "alex.pth")):
             return False
-        import torch
         ckpt_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
         if not os.path.isdir(ckpt_dir):
             return False
@@ -434,8 +435,6 @@ def lpips_distance(clean: np.ndarray, adv: np.ndarray, data_range: float):
     if not lpips_available() or data_range <= 0:
         return None
     import lpips
-    import torch
-
     x, y = np.squeeze(_np(clean)).astype(np.float32), np.squeeze(_np(adv)).astype(np.float32)
     _check_shapes(x, y)
     if x.ndim == 2:

@@ -1,7 +1,8 @@
 """SSIM for 2D and 3D tensors, and the block-wise SSIM of VAFA (pure PyTorch).
 
 Matches ``pytorch_msssim.ssim`` (the reference VAFA code's SSIM): Gaussian window of size
-``win_size`` and sigma ``win_sigma`` applied separably with *valid* filtering (no padding), ``K = (0.01, 0.03)``, SSIM averaged over voxels per (item, channel), then
+``win_size`` and sigma ``win_sigma`` applied separably with *valid* filtering (no padding),
+``K = (0.01, 0.03)``, SSIM averaged over voxels per (item, channel), then
 ``relu`` if ``nonnegative`` (on that per-channel mean, as pytorch_msssim does), then
 averaged. Spatial axes shorter than the window are not smoothed (pytorch_msssim skips them
 with a warning).
@@ -12,7 +13,9 @@ import math
 
 import torch
 
-from .frequency import KRON_MAX  # one threshold for every fused separable operator (DCT, SSIM filter)
+from .frequency import (
+    KRON_MAX,  # one threshold for every fused separable operator (DCT, SSIM filter)
+)
 
 Tensor = torch.Tensor
 

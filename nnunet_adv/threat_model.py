@@ -63,6 +63,33 @@ _PER_IMAGE_UNIT_SCHEMES = {"ZScoreNormalization", "RescaleTo01Normalization"}
 _EPS = 1e-8  # nnU-Net's normalisers divide by max(std, 1e-8)
 
 
+def from_x255(value):
+    """A budget the user wrote in x/255 of the window (``eps=4``) as a fraction of the window
+    (``4/255``); a list or tuple element-wise (one value per channel)."""
+    if isinstance(value, (list, tuple)):
+        return [from_x255(v) for v in value]
+    return float(value) / 255.0
+
+
+def to_x255(value):
+    """A fraction of the window as the user writes it (``4/255`` -> ``4.0``, rounded to 10
+    significant digits so that ``from_x255`` round-trips the user's number)."""
+    if isinstance(value, (list, tuple)):
+        return [to_x255(v) for v in value]
+    return float(f"{float(value) * 255.0:.10g}")
+
+
+def to_raw(value, raw_units):
+    """Network units -> raw intensity units: ``value * raw_units`` (raw units per network unit,
+    :meth:`ThreatModel.raw_unit`; arrays broadcast per channel)."""
+    return value * raw_units
+
+
+def to_network(value, raw_units):
+    """Raw intensity units -> network units: the inverse of :func:`to_raw`."""
+    return value / raw_units
+
+
 class ThreatModelError(UserError):
     """A budget or a dataset that the threat model cannot handle (one-line message)."""
 

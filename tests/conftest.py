@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
-
 from nnunet_tree import DATASET_ID, SHARED_TRAINER, NNUNetTree, make_tree
 
 #: intra-op threads per test process: the two cores shared by the xdist workers (OpenMP threads

@@ -45,7 +45,8 @@ class NNUNetTree:
         cmd = [str(BIN / args[0]), *map(str, args[1:])]
         proc = subprocess.run(cmd, env=env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         return proc
 
     def model_folder(self, trainer: str, configuration: str = "3d_fullres") -> Path:

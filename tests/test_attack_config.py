@@ -39,7 +39,8 @@ def test_a_string_is_the_same_attack_as_its_flags(text, argv):
                                  seed=0 if flagged.seed is not None else None)
     for key in ("name", "options", "eps_frac", "eps_raw", "alpha_frac", "std_frac", "seed"):
         assert getattr(parsed_seeded, key) == getattr(flagged, key), key
-    assert parsed.resolved_options() == {**flagged.resolved_options(), **({"seed": None} if flagged.uses("seed") else {})}
+    assert parsed.resolved_options() == {**flagged.resolved_options(),
+                                         **({"seed": None} if flagged.uses("seed") else {})}
 
 
 def test_eps_and_tag():

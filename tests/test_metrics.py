@@ -5,9 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_adv.metrics import (normalized_surface_dice, nsd_per_class, attack_success_rate, dice_per_class, hd95, hd95_per_class,
-                                iou_per_class, lpips_available, nnunet_metrics, psnr,
-                                robust_fraction, ssim)
+from nnunet_adv.metrics import (
+    attack_success_rate,
+    dice_per_class,
+    hd95,
+    hd95_per_class,
+    iou_per_class,
+    lpips_available,
+    nnunet_metrics,
+    normalized_surface_dice,
+    nsd_per_class,
+    psnr,
+    robust_fraction,
+    ssim,
+)
 
 # 4x4 example. class 1: pred {(0,1),(0,2),(1,1),(1,2)}, ref {(0,1),(0,2),(0,3),(1,1)}: TP 3, FP 1, FN 1.
 # class 2: only in pred. class 3: absent from both. class 0: pred 10, ref 12, both 9.

@@ -1,4 +1,5 @@
 """Budget conversion into nnU-Net network units, against hand-computed values."""
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,14 @@ def test_ct_without_intensity_statistics_is_a_clear_error():
         ThreatModel(["MyCustomNormalization"])
     with pytest.raises(ThreatModelError, match="expected input of shape"):
         ThreatModel(["ZScoreNormalization"]).budget(torch.zeros(1, 2, 4, 4), eps_frac=0.1)
+
+
+def test_the_unit_conversions_live_here_and_round_trip():
+    from nnunet_adv.threat_model import from_x255, to_network, to_raw, to_x255
+
+    assert from_x255(4) == 4 / 255 and from_x255([4, 8]) == [4 / 255, 8 / 255]
+    for value in (0.5, 4, 8, 16.7, 255):
+        assert to_x255(from_x255(value)) == value  # the user's number comes back exactly
+    raw_units = np.array([2.5, 10.0])
+    assert np.allclose(to_raw(np.array([0.1, 0.2]), raw_units), [0.25, 2.0])
+    assert np.allclose(to_network(to_raw(np.array([0.1, 0.2]), raw_units), raw_units), [0.1, 0.2])

@@ -5,27 +5,28 @@ shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer), so every class exists 
 """
 from nnunet_adv.training import integration
 from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
-from .voxel_at import nnUNetTrainerClean, nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
-from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT
-from .saat import nnUNetTrainerSAAT
+
 from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm
 from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_MultiStage, nnUNetTrainerNLCE_VAFT
+from .saat import nnUNetTrainerSAAT
 from .short import (
     nnUNetTrainer_AdvDemoCPU,
     nnUNetTrainer_AdvDemoGPU,
+    nnUNetTrainerDualBN_TestShort,
+    nnUNetTrainerDualNorm_TestShort,
     nnUNetTrainerFGSMAT_TestShort,
     nnUNetTrainerGNAug_TestShort,
+    nnUNetTrainerNLCE_TestShort,
+    nnUNetTrainerNLCE_VAFT_TestShort,
     nnUNetTrainerPGDAT_AdvDemoCPU,
     nnUNetTrainerPGDAT_AdvDemoGPU,
     nnUNetTrainerPGDAT_TestShort,
-    nnUNetTrainerDualBN_TestShort,
-    nnUNetTrainerDualNorm_TestShort,
-    nnUNetTrainerNLCE_TestShort,
-    nnUNetTrainerNLCE_VAFT_TestShort,
     nnUNetTrainerSAAT_TestShort,
     nnUNetTrainerVAFA_TestShort,
     nnUNetTrainerVAFT_TestShort,
 )
+from .vaft import nnUNetTrainerVAFA, nnUNetTrainerVAFT
+from .voxel_at import nnUNetTrainerClean, nnUNetTrainerFGSMAT, nnUNetTrainerGNAug, nnUNetTrainerPGDAT
 
 # nnU-Net's -pretrained_weights mapping and one-line trainer errors (see nnunet_adv.training.integration)
 integration.install()

@@ -31,6 +31,7 @@ from typing import ContextManager, Sequence, Tuple
 
 from torch import nn
 
+from nnunet_adv.modules.dual_norm import norm_route
 from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
 from nnunet_adv.training.network_changes import (
     ADV,
@@ -39,7 +40,6 @@ from nnunet_adv.training.network_changes import (
     DualNormConversion,
     batch_routes,
 )
-from nnunet_adv.modules.dual_norm import norm_route
 
 _ROUTES = {"clean": CLEAN, "adv": ADV}
 

@@ -40,8 +40,8 @@ from typing import List
 
 import numpy as np
 import torch
-from torch import autocast, distributed as dist
 from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, distributed as dist
 
 from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
 from nnunet_adv.training.saat_schedule import SAATSchedule

@@ -80,7 +80,8 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
             return  # a subclass chose another attack: leave it alone
         if self.vafa_variant not in ("paper", "ref"):
             raise RecipeError(type(self).__name__, f"vafa_variant must be 'paper' or 'ref', got {self.vafa_variant!r}")
-        self.attack_name = ("vafa-3d" if len(patch) == 3 else "vafa-2d") + ("-ref" if self.vafa_variant == "ref" else "")
+        self.attack_name = (("vafa-3d" if len(patch) == 3 else "vafa-2d")
+                            + ("-ref" if self.vafa_variant == "ref" else ""))
         if "block_size" not in self.attack_kwargs:
             side = vafa_block_size(patch, self.vafa_block_candidates)
             self.attack_kwargs = {**self.attack_kwargs, "block_size": (side,) * len(patch)}

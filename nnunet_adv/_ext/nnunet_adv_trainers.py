@@ -8,7 +8,6 @@ from nnunet_adv.trainers import *  # noqa: F401,F403
 from nnunet_adv.trainers import __all__  # noqa: F401
 
 
-
 def __getattr__(name):
     # recipe settings by name (nnUNetTrainerPGDAT_eps-8_steps-5): made by nnunet_adv.trainers
     import nnunet_adv.trainers as _trainers

@@ -42,10 +42,16 @@ from .fgsm import FGSM
 from .noise import GaussianNoise
 from .options import canonical_name
 from .pgd import BIM, PGD
-from .registry import attack_class, attack_defaults, available_attacks, build_attack, register
+from .registry import (
+         attack_class,
+         attack_defaults,
+         available_attacks,
+         build_attack,
+         register,
+)
 from .segpgd import SegPGD
 from .targeted import TargetedIFGSM, nlcen_iterations
-from .vafa import VAFA2D, VAFA3D, VAFA2DRef, VAFA3DRef, SliceRescale
+from .vafa import VAFA2D, VAFA3D, SliceRescale, VAFA2DRef, VAFA3DRef
 
 register(FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, VAFA3D, VAFA2D, VAFA3DRef,
          VAFA2DRef, SliceRescale, Ensemble)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from nnunet_adv.threat_model import from_x255
+
 from .base import AttackContext
 from .options import COMMON_DEFAULTS
 from .pgd import BIM
@@ -76,5 +78,5 @@ class TargetedIFGSM(BIM):
         lo, hi = self.window(ctx)
         width = hi - lo
         ctx.norm = "linf"
-        ctx.eps = float(self.options["eps"]) / 255.0 * width
-        ctx.alpha = width / 255.0
+        ctx.eps = from_x255(self.options["eps"]) * width
+        ctx.alpha = from_x255(1) * width

@@ -12,15 +12,22 @@ See docs/attack_cli.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import List
 
-from nnunet_adv.attack_config import option_value, parse_bool
+from nnunet_adv.attack_config import AttackConfig, attack_names
+from nnunet_adv.attack_strings import parse_bool
+from nnunet_adv.attacks import attack_class, attack_defaults
 from nnunet_adv.attacks.options import canonical_name
-from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
+from nnunet_adv.cli.common import (
+    CLIError,
+    OneLineArgumentParser,
+    at_least_one,
+    cli_main,
+    pick_device,
+)
 from nnunet_adv.errors import UserError
 
 # attack-library options exposed as flags: name -> argparse kwargs
@@ -32,7 +39,8 @@ _ATTACK_FLAGS = {
     "std": {"type": float, "help": "Gaussian-noise std (gn) in x/255 of the window (default 4)"},
     "q_max": {"type": float, "help": "VAFA: upper bound of the quantisation table (the budget)"},
     "q_min": {"type": float, "help": "VAFA: lower bound of the quantisation table"},
-    "block_size": {"type": int, "nargs": "+", "help": "VAFA: block size per axis (e.g. 32 32 32; one value: every axis)"},
+    "block_size": {"type": int, "nargs": "+",
+                   "help": "VAFA: block size per axis (e.g. 32 32 32; one value: every axis)"},
     "use_ssim_loss": {**_BOOL, "help": "VAFA: add the SSIM term (flag alone = true)"},
     "random_start": {**_BOOL, "help": "random start in the eps-ball (flag alone = true)"},
     "restarts": {"type": int, "help": "restarts; the worst case per case is kept"},
@@ -59,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(must not be or contain the input folder)")
     g.add_argument("-l", default=None, help="labels folder with CASE.ext reference segmentations (labelsTr naming). "
                                             "Without it the attack targets the model's own clean prediction")
-    m = p.add_argument_group("model (either -d/-c/-tr/-p as nnUNetv2_predict, or -m as nnUNetv2_predict_from_modelfolder)")
+    m = p.add_argument_group("model (either -d/-c/-tr/-p as nnUNetv2_predict, "
+                             "or -m as nnUNetv2_predict_from_modelfolder)")
     m.add_argument("-d", default=None, help="dataset name or id")
     m.add_argument("-c", default=None, help="configuration (e.g. 3d_fullres, 2d)")
     m.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
                    help="device (default cuda if available, else cpu)")
-    r.add_argument("--tile_batch_size", type=int, default=1,
+    r.add_argument("--tile_batch_size", type=at_least_one("--tile_batch_size"), default=1,
                    help="sliding-window tiles per network call (default 1, as nnU-Net; the gradient is the same; "
                         "memory grows with it; on a CPU 4 is several times faster per tile)")
     r.add_argument("-num_parts", type=int, default=1,
@@ -109,8 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _valid_flags(name: str) -> List[str]:
-    from nnunet_adv.attacks import attack_defaults
-
     accepted = set(attack_defaults(name))
     flags = ["--seed"] if "seed" in accepted else []
     if "eps" in accepted:
@@ -124,74 +131,70 @@ def _valid_flags(name: str) -> List[str]:
 
 # ----------------------------------------------------------------------------------------------
 def attack_config_from_args(a):
-    """The :class:`AttackConfig` the flags describe (budgets in x/255 of the window -> fractions)."""
-    from nnunet_adv.attack_config import AttackConfig, attack_names
-    from nnunet_adv.attacks import attack_defaults
-
+    """The :class:`AttackConfig` the flags describe: the flags become the items of an attack string
+    (eps/alpha/std in x/255 of the window, as there) and go through :meth:`AttackConfig.from_options`,
+    the same door and validation as ``"pgd:eps=4,steps=20"``. Only what is about flags is checked
+    here: which flags the attack takes, named as flags."""
     name = canonical_name(a.attack_name)
     if name not in attack_names():
         raise CLIError(f"unknown attack {a.attack_name!r}; valid attacks: {', '.join(attack_names())}")
-    if name == "ensemble":
-        return _ensemble_config(a)
-    if a.members is not None:
-        raise CLIError("--members is for --attack_name ensemble")
-    defaults = attack_defaults(name)
-    accepted = set(defaults)
-    options, given_bad = {}, []
-    for key in _ATTACK_FLAGS:
-        value = getattr(a, f"attack_{key}")
-        if value is None:
-            continue
-        if key not in accepted:
-            given_bad.append(f"--{key}")
-        elif key not in ("alpha", "std"):
-            # one --block_size value is every blocked axis, as block_size=8 in an attack string
-            options[key] = option_value(name, key, "x".join(map(str, value)), defaults[key]) if key == "block_size" \
-                else value
-    if (a.eps is not None or a.eps_raw is not None) and "eps" not in accepted:
-        given_bad.append("--eps" if a.eps is not None else "--eps_raw")
-    for item in a.attack_option:
-        if "=" not in item:
-            raise CLIError(f"--attack_option expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if key in options:
-            raise CLIError(f"--attack_option {key} is given twice; give it once")
-        if key not in accepted or key in ("eps", "alpha", "std", "seed", "lower", "upper", "loss",
-                                          "amp_loss_scale") or key in _ATTACK_FLAGS:
-            given_bad.append(f"--attack_option {key}")
-            continue
-        options[key] = option_value(name, key, value, defaults[key])
-    if given_bad:
-        raise CLIError(f"option(s) {', '.join(given_bad)} do not apply to attack '{name}'; valid options for "
-                       f"{name}: {', '.join(_valid_flags(name))}")
-    frac = lambda v: None if v is None else v / 255.0  # noqa: E731 - x/255 of the window
+    items = _flag_items(a, name)
     try:
-        return AttackConfig(name=name, options=options, eps_frac=frac(a.eps), eps_raw=a.eps_raw,
-                            alpha_frac=frac(a.attack_alpha), std_frac=frac(a.attack_std),
-                            seed=a.seed if "seed" in accepted else None,
-                            window_raw=None if a.window_raw is None else tuple(a.window_raw))
+        return AttackConfig.from_options(name, items)
     except UserError as e:
         raise CLIError(f"attack '{name}': {e}") from None
 
 
-def _ensemble_config(a):
-    from nnunet_adv.attack_config import AttackConfig, parse_members
+def _flag_items(a, name: str) -> list:
+    """``[(key, value text), ...]`` of the flags given (``--block_size 8 8 8`` -> ``block_size=8x8x8``,
+    ``--window_raw -175 250`` -> ``window_raw=(-175.0,250.0)``, ``--attack_option K=V`` as written)."""
+    budget = [("eps", a.eps), ("eps_raw", a.eps_raw), ("seed", a.seed),
+              ("window_raw", None if a.window_raw is None else "({},{})".format(*a.window_raw))]
+    flags = [(k, getattr(a, f"attack_{k}")) for k in _ATTACK_FLAGS if getattr(a, f"attack_{k}") is not None]
+    options = []
+    for item in a.attack_option:
+        if "=" not in item:
+            raise CLIError(f"--attack_option expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        options.append((key.strip(), value))
+    if name == "ensemble":
+        if not a.members:
+            raise CLIError("--attack_name ensemble needs --members (e.g. --members 'pgd(steps=20)' apgd-ce segpgd)")
+        given = [f"--{k}" for k, _ in flags if k != "alpha"] + ["--attack_option"] * bool(options)
+        if given:
+            raise CLIError(f"option(s) {', '.join(given)} do not apply to the ensemble: give them to its members, "
+                           f"e.g. --members 'pgd(steps=20)'")
+        alpha = [("alpha", a.attack_alpha)] if a.attack_alpha is not None else []
+        return [("members", "+".join(a.members))] + [(k, _text(v)) for k, v in budget + alpha if v is not None]
+    if a.members is not None:
+        raise CLIError("--members is for --attack_name ensemble")
+    accepted = set(attack_defaults(name))
+    bad = [f"--{k}" for k, _ in flags if k not in accepted]
+    bad += ["--eps" if a.eps is not None else "--eps_raw"] if (a.eps, a.eps_raw) != (None, None) \
+        and "eps" not in accepted else []
+    seen = {k for k, _ in flags}
+    for key, _ in options:
+        if key in seen:
+            raise CLIError(f"--attack_option {key} is given twice; give it once")
+        seen.add(key)
+        if key not in accepted or key in _NOT_OPTIONS or key in _ATTACK_FLAGS:
+            bad.append(f"--attack_option {key}")
+    if bad:
+        raise CLIError(f"option(s) {', '.join(bad)} do not apply to attack '{name}'; valid options for "
+                       f"{name}: {', '.join(_valid_flags(name))}")
+    budget = [(k, v) for k, v in budget if v is not None and (k != "seed" or "seed" in accepted)]
+    return [(k, _text(v)) for k, v in budget + flags] + options
 
-    if not a.members:
-        raise CLIError("--attack_name ensemble needs --members (e.g. --members 'pgd(steps=20)' apgd-ce segpgd)")
-    given = [f"--{k}" for k in _ATTACK_FLAGS if getattr(a, f"attack_{k}") is not None and k != "alpha"]
-    if given or a.attack_option:
-        raise CLIError(f"option(s) {', '.join(given + ['--attack_option'] * bool(a.attack_option))} do not apply to "
-                       f"the ensemble: give them to its members, e.g. --members 'pgd(steps=20)'")
-    frac = lambda v: None if v is None else v / 255.0  # noqa: E731
-    try:
-        members = parse_members("+".join(a.members))
-        return AttackConfig("ensemble", members=tuple(members), eps_frac=frac(a.eps), eps_raw=a.eps_raw,
-                            alpha_frac=frac(a.attack_alpha), seed=a.seed,
-                            window_raw=None if a.window_raw is None else tuple(a.window_raw))
-    except UserError as e:
-        raise CLIError(f"attack 'ensemble': {e}") from None
+
+#: options that are not --attack_option's: budgets (their own flags) and what is computed per batch
+_NOT_OPTIONS = ("eps", "alpha", "std", "seed", "lower", "upper", "loss", "amp_loss_scale")
+
+
+def _text(value) -> str:
+    """A flag's value as an attack string writes it (``[8, 8, 8]`` -> ``8x8x8``)."""
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
+    return str(value)
 
 
 def say(text: str) -> None:
@@ -199,13 +202,12 @@ def say(text: str) -> None:
 
 
 def run(args, argv: List[str]) -> int:
-    from nnunet_adv.attack_config import attack_names
-    from nnunet_adv.volume import folders
+    from nnunet_adv.volume import (
+        folders,  # nnU-Net: imported once the flags are read (--help stays fast)
+    )
 
     a = args
     if a.list_attacks:
-        from nnunet_adv.attacks import attack_class
-
         for name in attack_names():
             flags = _valid_flags(name) if name != "ensemble" else ["--members A B(KEY=VALUE,...) ...", "--eps",
                                                                    "--eps_raw", "--alpha", "--seed"]
@@ -214,25 +216,14 @@ def run(args, argv: List[str]) -> int:
     missing = [flag for flag, value in (("-i", a.i), ("-o", a.o)) if value is None]
     if missing:
         raise CLIError(f"the following arguments are required: {', '.join(missing)}")
-    if a.tile_batch_size < 1:
-        raise CLIError(f"--tile_batch_size must be >= 1, got {a.tile_batch_size}")
-    from nnunet_adv.volume.runner import check_part
+    from nnunet_adv.records import check_part
 
     part = check_part(a.num_parts, a.part_id)
     config = attack_config_from_args(a)
     folder = folders.model_folder(a.m, a.d, a.c, a.tr, a.p)
     folds = folders.resolve_folds(folder, a.f, a.chk)
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    try:
-        config.check_for(json.loads((folder / "plans.json").read_text()), folders.configuration_of(folder), dataset_json)
-    except UserError as e:
-        raise CLIError(f"attack '{config.name}': {e}") from None
     input_folder, output_folder = Path(a.i), Path(a.o)
     labels_folder = None if a.l is None else Path(a.l)
-    folders.require_folder(input_folder, "input folder")
-    folders.check_folders(input_folder, output_folder, labels_folder)
-    folders.find_cases(input_folder, dataset_json["file_ending"],
-                       len(dataset_json.get("channel_names", dataset_json.get("modality", {}))))
     device = pick_device(a.device)
 
     from nnunet_adv.volume.runner import AttackRun, run_attack

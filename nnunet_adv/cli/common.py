@@ -25,6 +25,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
+def at_least_one(flag: str) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer flag that must be >= 1 (one line naming the flag)."""
+    def parse(text: str) -> int:
+        value = int(text)  # not an integer: argparse's own one-line "invalid int value"
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+        return value
+    return parse
+
+
 def cli_main(run: Callable[[], int], prefix: str = "error", resume_hint: str = "") -> int:
     """Run a command: bad input (:class:`UserError`) and a failing file system (``OSError``: full,
     read-only, a missing folder) become one line ``PREFIX: message`` on stderr and exit code 2; an

@@ -31,10 +31,26 @@ import time
 from pathlib import Path
 from typing import List
 
-from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main, pick_device
-from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
-from nnunet_adv.evaluation.plan import (Model, Setting, attack_settings, corruption_settings, sweep_settings,
-                                       worst_case_setting)
+from nnunet_adv.cli.common import (
+    CLIError,
+    OneLineArgumentParser,
+    at_least_one,
+    cli_main,
+    pick_device,
+)
+from nnunet_adv.evaluation.pipeline import (
+    EvaluationRun,
+    RobustnessEvaluation,
+    labelled_cases,
+)
+from nnunet_adv.evaluation.plan import (
+    Model,
+    Setting,
+    attack_settings,
+    corruption_settings,
+    sweep_settings,
+    worst_case_setting,
+)
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
 
@@ -84,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attack the plain network even though predictions use test-time mirroring (cheaper; the "
                           "attacks' effect is then underestimated: the report says so)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
-    a.add_argument("--tile_batch_size", type=int, default=1,
+    a.add_argument("--tile_batch_size", type=at_least_one("--tile_batch_size"), default=1,
                    help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
     r = p.add_argument_group("prediction and report")
     r.add_argument("--disable_tta", action="store_true",
@@ -170,7 +186,9 @@ def say_with_clock(started: float):
 
 
 def run(a, argv: List[str]) -> int:
-    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+    from nnunetv2.imageio.reader_writer_registry import (
+        recursive_find_reader_writer_by_name,
+    )
 
     from nnunet_adv.errors import UserError
     from nnunet_adv.volume.folders import check_folders, configuration_of
@@ -178,11 +196,9 @@ def run(a, argv: List[str]) -> int:
     say = say_with_clock(time.time())
     if a.num_examples < 0:
         raise CLIError("--num_examples must be >= 0")
-    if a.tile_batch_size < 1:
-        raise CLIError(f"--tile_batch_size must be >= 1, got {a.tile_batch_size}")
     if not all(math.isfinite(t) and t > 0 for t in a.nsd_tolerance):
         raise CLIError(f"--nsd_tolerance must be > 0 mm, got {' '.join(f'{t:g}' for t in a.nsd_tolerance)}")
-    from nnunet_adv.volume.runner import check_part
+    from nnunet_adv.records import check_part
 
     part = check_part(a.num_parts, a.part_id)
     models = models_of(a)
@@ -191,7 +207,8 @@ def run(a, argv: List[str]) -> int:
     if a.transfer_from is not None:
         source = next((m for m in models if m.name == a.transfer_from), None)
         if source is None:
-            raise CLIError(f"--transfer_from {a.transfer_from}: not one of the models ({', '.join(m.name for m in models)})")
+            raise CLIError(f"--transfer_from {a.transfer_from}: not one of the models "
+                           f"({', '.join(m.name for m in models)})")
         if len(models) < 2:
             raise CLIError("--transfer_from needs at least two models")
     root = Path(a.o)

@@ -72,7 +72,8 @@ def run(args) -> int:
                            fold=args.f, device=pick_device(args.device), seed=args.seed,
                            clean_model=None if args.clean_model is None else Path(args.clean_model),
                            clean=args.clean_schedule, finetune=args.finetune_schedule,
-                           images=None if args.i is None else Path(args.i), labels=None if args.l is None else Path(args.l),
+                           images=None if args.i is None else Path(args.i),
+                           labels=None if args.l is None else Path(args.l),
                            resume=args.resume, progress=not args.disable_progress_bar, eps_sweep=args.eps_sweep,
                            attack_steps=args.attack_steps, tile_batch_size=args.tile_batch_size),
                   log=lambda line: print(f"[nnUNetv2_adv_study {time.time() - started:6.0f} s] {line}", flush=True))

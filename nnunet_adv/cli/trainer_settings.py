@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, cli_main
+from nnunet_adv.threat_model import to_x255
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -37,7 +38,7 @@ def run(args) -> int:
         s = settings[key]
         default = default_of(base, s)
         if key == "eps" and isinstance(default, float):
-            default = round(default * 255, 6)
+            default = to_x255(default)
         print(f"  {key:<{width}}  {s.kind.__name__:<5}  default {default!r:<14} {s.doc}")
     return 0
 

@@ -39,7 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import nibabel as nib
 import numpy as np
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+from scipy import ndimage
+from tqdm import tqdm
 
 from nnunet_adv.errors import UserError
 
@@ -161,8 +165,6 @@ def load_templates(folder: Union[str, os.PathLike, None] = None) -> Templates:
         TemplatesMissingError: a template file is absent.
         DemoDataError: the two volumes are not on the same grid, or a structure is absent.
     """
-    import nibabel as nib  # local: keeps `import nnunet_adv.demo.data` cheap
-
     root = template_dir(folder)
     missing = missing_template_files(root)
     if missing:
@@ -249,8 +251,6 @@ def _rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
 
 def _elastic_field(shape: Tuple[int, int, int], max_mm: float, seed: int) -> np.ndarray:
     """Smooth random displacement, float (3, *shape) in voxels, max |component| = max_mm."""
-    from scipy import ndimage
-
     rng = np.random.default_rng(seed)
     field = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), ELASTIC_SMOOTHING_VOX,
                                               mode="reflect") for _ in range(3)])
@@ -317,8 +317,6 @@ def render_mricron_case(templates: Templates, params: CaseParams,
     Returns:
         image float32 ``size``, labels uint8 ``size`` in {0, 1, 2}, affine float64 (4, 4).
     """
-    from scipy import ndimage
-
     start = crop_start(templates, params, size)
     coords = sampling_coordinates(start, size, params)
     # Linear for the image, nearest for the labels: same coordinates, so they stay aligned.
@@ -345,8 +343,6 @@ def render_synthetic_case(rng: np.random.Generator,
         image float32 ``size``, labels uint8 ``size`` in {0, 1, 2}, affine float64 (4, 4)
         (1 mm, origin at the volume centre).
     """
-    from scipy import ndimage
-
     shape = np.array(size, dtype=np.float64)
     grid = np.indices(size, dtype=np.float64)
 
@@ -509,8 +505,6 @@ def resolve_source(source: str, folder: Union[str, os.PathLike, None] = None) ->
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    import nibabel as nib
-
     img = nib.Nifti1Image(array, affine)
     # Both qform and sform: SimpleITK (nnU-Net's default reader) prefers the qform.
     img.set_qform(affine, code=1)
@@ -528,8 +522,6 @@ def _write_case(folder: Path, split: str, identifier: str, image: np.ndarray,
 
 def _write_dataset_json(folder: Path, name: str, num_train: int, num_test: int,
                         source: str, seed: int) -> None:
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-
     if source == "mricron":
         description = ("Crops around hippocampus (1) and amygdala (2) of the Colin27 T1 MRI "
                        "with AAL labels (Debian mricron-data), flipped and mildly augmented.")
@@ -606,8 +598,6 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
 def _write_all(folder: Path, templates: Optional[Templates], source: str, name: str,
                num_train: int, num_test: int, size: Tuple[int, int, int], seed: int,
                progress: bool) -> None:
-    from tqdm import tqdm
-
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir()
     records = []

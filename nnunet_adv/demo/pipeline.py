@@ -15,6 +15,7 @@ the evaluation.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+from nnunet_adv.demo.data import DEFAULT_NAME, _validate, build_demo_dataset
 from nnunet_adv.errors import UserError
+from nnunet_adv.evaluation.pipeline import (
+    EvaluationRun,
+    RobustnessEvaluation,
+    labelled_cases,
+)
+from nnunet_adv.evaluation.plan import (
+    Model,
+    Setting,
+    attack_settings,
+    sweep_settings,
+    worst_case_setting,
+)
+from nnunet_adv.files import atomic_write_json
+from nnunet_adv.locks import folder_lock
+from nnunet_adv.records import ensure_writable, first_difference
+from nnunet_adv.subprocesses import run_command
 
 #: nnU-Net configuration per device: the demo dataset's 2d slices on a CPU (20 minutes on 2 cores),
 #: 3d_fullres on a GPU
@@ -58,8 +78,6 @@ class DemoRun:
 
     def validate(self) -> None:
         """Every argument checked before anything is created (a refused run leaves nothing)."""
-        from nnunet_adv.demo.data import DEFAULT_NAME, _validate
-
         output = Path(self.output).resolve()
         if output.exists() and not output.is_dir():
             raise UserError(f"{output} is a file, not a folder; choose a new folder with -o (nothing was changed)")
@@ -67,9 +85,8 @@ class DemoRun:
             raise UserError(f"{output} already exists; resume it with --continue, or choose a new folder with -o "
                             f"(nothing was changed)")
         if not isinstance(self.num_test, int) or self.num_test < 1:
-            raise UserError(f"--num_test must be >= 1 (the report attacks the held-out test cases), got {self.num_test}")
-        from nnunet_adv.volume.runner import ensure_writable, first_difference
-
+            raise UserError(f"--num_test must be >= 1 (the report attacks the held-out test cases), "
+                            f"got {self.num_test}")
         _validate(output.parent, self.dataset_id, DEFAULT_NAME, self.num_train, self.num_test, "auto", self.seed)
         if output.exists():
             recorded = _read_state(output).get("settings")
@@ -85,8 +102,6 @@ DEMO_JSON = "demo.json"
 
 def _read_state(root: Path) -> dict:
     """``demo.json`` of a demo folder: ``{'settings': ..., 'done': [finished steps]}``."""
-    import json
-
     try:
         return json.loads((root / DEMO_JSON).read_text())
     except FileNotFoundError:
@@ -100,7 +115,8 @@ class Demo:
     def __init__(self, run: DemoRun, log: Callable[[str], None] = print):
         self.run, self.log = run, log
         self.root = Path(run.output).resolve()
-        self.raw, self.pre, self.results = (self.root / n for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+        self.raw, self.pre, self.results = (self.root / n
+                                            for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
         suffix = "GPU" if run.device == "cuda" else "CPU"
         self.configuration = CONFIGURATIONS.get(run.device, "2d")
         # the seed also seeds training (nnunet_adv.training.names: seed-N), so a demo run is repeatable
@@ -118,8 +134,6 @@ class Demo:
     def nnunet(self, *args, extra_env=None) -> None:
         """Run one of nnU-Net's commands as a user would (its output goes to the terminal; Ctrl-C ends it
         quietly, :func:`nnunet_adv.subprocesses.run_command`)."""
-        from nnunet_adv.subprocesses import run_command
-
         cmd = [str(a) for a in args]
         self.log("$ " + " ".join(cmd))
         exe = Path(sys.executable).parent / cmd[0]
@@ -136,15 +150,11 @@ class Demo:
     def execute(self) -> str:
         """Run every step not finished yet (the demo folder locked against a second run,
         :mod:`nnunet_adv.locks`); returns the report's text."""
-        from nnunet_adv.locks import folder_lock
-
         self.run.validate()
         with folder_lock(self.root, command=f"nnUNetv2_adv_demo -o {self.root}"):
             return self._execute()
 
     def _execute(self) -> str:
-        from nnunet_adv.demo.data import build_demo_dataset
-
         state = _read_state(self.root) if (self.root / DEMO_JSON).is_file() else {"settings": self.run.settings(),
                                                                                    "done": []}
         self._save(state)
@@ -195,17 +205,10 @@ class Demo:
         self._save(state)
 
     def _save(self, state: dict) -> None:
-        from nnunet_adv.files import atomic_write_json
-
         atomic_write_json(self.root / DEMO_JSON, state)
 
     def evaluate(self) -> str:
-        import json
 
-        from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
-
-        from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
-        from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, sweep_settings, worst_case_setting
 
         dataset = self.dataset_folder()
         models = [Model(t, self.model_folder(t)) for t in (self.clean_trainer, self.robust_trainer)]
@@ -226,8 +229,6 @@ class Demo:
     def headline(self) -> str:
         """What the report means in one paragraph: the worst-case drop of the clean model and the share of
         it the PGD-AT model recovers, at what cost in clean Dice (from summary.json)."""
-        import json
-
         summary = json.loads((self.root / "report" / "summary.json").read_text())
         fg = {(r["model"], r["attack"]): r["foreground_mean"]["Dice"] for r in summary["results"]}
         worst = {m: next(v for (model, a), v in fg.items() if model == m and a == "worst case")

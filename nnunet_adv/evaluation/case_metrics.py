@@ -28,8 +28,17 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
+from nnunetv2.evaluation.evaluate_predictions import (
+    compute_metrics,
+    label_or_region_to_key,
+)
 
-from nnunet_adv.metrics import LabelOrRegion, attack_success_rate, hd95_per_class, nsd_per_class
+from nnunet_adv.metrics import (
+    LabelOrRegion,
+    attack_success_rate,
+    hd95_per_class,
+    nsd_per_class,
+)
 
 #: the normalised surface Dice's default tolerance (mm), as nnU-Net's authors report it
 NSD_TOLERANCE_MM = 1.0
@@ -41,8 +50,6 @@ def case_metrics(reference_file: str, prediction_file: str, reader_writer,
     """nnU-Net's per-case entry (``reference_file``, ``prediction_file``, ``metrics``) plus HD95 and
     NSD (at ``nsd_tolerance`` mm: one value, or one per class) per class, ``ASR`` and
     ``foreground_dice`` (see the module docstring)."""
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
-
     entry = compute_metrics(reference_file, prediction_file, reader_writer, list(labels_or_regions), ignore_label)
     ref, props = reader_writer.read_seg(reference_file)
     pred, _ = reader_writer.read_seg(prediction_file)
@@ -85,8 +92,6 @@ def nan_mean(values) -> float:
 def jsonable_summary(summary: dict) -> dict:
     """Copy with nnU-Net's JSON conventions: label / region keys as strings (``'1'``, ``'(1, 2)'``),
     numpy scalars as Python numbers, NaN kept (json writes NaN as nnU-Net's summary.json does)."""
-    from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key
-
     def fix(value):
         if isinstance(value, dict):
             return {(label_or_region_to_key(k) if not isinstance(k, str) else k): fix(v) for k, v in value.items()}

@@ -31,6 +31,7 @@ import hashlib
 from typing import Dict, List, Sequence
 
 import numpy as np
+import torch
 
 from nnunet_adv.errors import UserError
 
@@ -106,7 +107,6 @@ def corrupt(raw: np.ndarray, spacing: Sequence[float], name: str, severity: int,
     Returns:
         ``(C, *S)`` float32.
     """
-    import torch
     import torchio as tio
 
     check_corruption(name, severity)

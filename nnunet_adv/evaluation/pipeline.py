@@ -15,17 +15,69 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
+from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_adv.errors import UserError
-from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM
 from nnunet_adv.evaluation import report
-from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of, worst_case_members
+from nnunet_adv.evaluation.case_metrics import (
+    NSD_TOLERANCE_MM,
+    case_metrics,
+    jsonable_summary,
+    summarize,
+)
+from nnunet_adv.evaluation.corruptions import case_seed, corrupt
+from nnunet_adv.evaluation.plan import (
+    Evaluation,
+    Model,
+    Setting,
+    evaluations_of,
+    worst_case_members,
+)
 from nnunet_adv.evaluation.report import ReportFolder
-from nnunet_adv.files import atomic_write_checked_json, atomic_write_json
+from nnunet_adv.evaluation.saliency import saliency_slices
+from nnunet_adv.files import (
+    ChecksumMismatch,
+    atomic_write_checked_json,
+    atomic_write_json,
+    file_digest,
+    read_checked_json,
+)
+from nnunet_adv.locks import folder_lock
+from nnunet_adv.metrics import lpips_available, lpips_distance
+from nnunet_adv.records import (
+    ATTACK_JSON,
+    ensure_writable,
+    first_difference,
+    load_records,
+    part_record_name,
+    split_cases,
+    versions,
+)
+from nnunet_adv.volume.engine import _similarity
+from nnunet_adv.volume.export import WriteError, write_image_like
+from nnunet_adv.volume.folders import find_cases
+from nnunet_adv.volume.inputs import (
+    case_inputs,
+    changes_line,
+    input_change,
+    precheck_case,
+)
+from nnunet_adv.volume.runner import (
+    AttackRun,
+    prior_report,
+    resumable_cases,
+    run_attack,
+    run_settings,
+)
+from nnunet_adv.volume.trained_model import load_trained_model
 
 
 @dataclass
@@ -36,7 +88,8 @@ class EvaluationRun:
         models: the models (same dataset); settings: clean first, then attacks and sweep points;
         images / labels: the test images (nnU-Net's naming) and their reference segmentations;
         cases: case id -> ``{'images': [files], 'label': file}`` (:func:`labelled_cases`);
-        output: the report folder; dataset_json / plans: of the models; folds / checkpoint: of every model; device: ``"cpu"``, ...;
+        output: the report folder; dataset_json / plans: of the models; folds / checkpoint: of every model;
+        device: ``"cpu"``, ...;
         transfer_from: also evaluate the other models on this model's adversarial images;
         eot_mirroring: attacks average nnU-Net's test-time mirroring; tile_batch_size: tiles per
         network call in the attacks; tta: predict with test-time mirroring; saliency: draw
@@ -71,15 +124,11 @@ class EvaluationRun:
     @property
     def part_cases(self) -> List[str]:
         """The cases this run computes (all, or its share of ``-num_parts``)."""
-        from nnunet_adv.volume.runner import split_cases
-
         return split_cases(self.cases, self.part)
 
     def recorded_settings(self) -> dict:
         """What every cached result of the report depends on (``evaluation.json``): a resume with
         other settings is refused with one line naming the setting."""
-        from nnunet_adv.volume.runner import versions
-
         return {"models": {m.name: str(Path(m.folder).resolve()) for m in self.models},
                 "checkpoint": self.checkpoint, "folds": [str(f) for f in self.folds],
                 "images": str(Path(self.images).resolve()), "labels": str(Path(self.labels).resolve()),
@@ -97,22 +146,16 @@ CORRUPTION_JSON = "corruption.json"
 
 
 def _files_verified(folder: Path, record: Optional[dict]) -> bool:
-    from nnunet_adv.volume.runner import file_digest
-
     if not record or record.get("status") != "ok":
         return False
     return all((folder / n).is_file() and file_digest(folder / n) == d for n, d in record.get("files", {}).items())
 
 
 def _reader_writer(plans: dict):
-    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
-
     return recursive_find_reader_writer_by_name(plans["image_reader_writer"])
 
 
 def _torchio_version():
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return {"torchio": version("torchio")}
     except PackageNotFoundError:
@@ -125,8 +168,6 @@ def worst_case_summary(members: Sequence[Tuple[str, dict]]) -> dict:
     earlier attack; NaN Dice, a case without foreground in reference and prediction, is never lower
     than a number, so an attack that puts foreground there wins), recorded as ``worst_of``; then
     nnU-Net's averaging over the chosen entries."""
-    from nnunet_adv.evaluation.case_metrics import summarize
-
     chosen = []
     for entries in zip(*(summary["metric_per_case"] for _, summary in members)):
         dice = np.array([entry["foreground_dice"] for entry in entries], dtype=np.float64)
@@ -143,9 +184,6 @@ def labelled_cases(images: Path, labels: Path, dataset_json: dict, reader_writer
     loads: every case needs a complete label file on its image holding only the dataset's label values
     (and, when ``attacked``, not the ignore label, which the attacks refuse); every file complete
     (:func:`nnunet_adv.volume.inputs.precheck_case`). :class:`UserError` otherwise."""
-    from nnunet_adv.volume.folders import find_cases
-    from nnunet_adv.volume.inputs import case_inputs, precheck_case
-
     ending = dataset_json["file_ending"]
     channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     found = find_cases(Path(images), ending, channels)
@@ -180,16 +218,11 @@ class RobustnessEvaluation:
     def execute(self) -> str:
         """Compute what is missing and write the report (the report folder locked against a second
         run, :mod:`nnunet_adv.locks`); returns report.md's text."""
-        from nnunet_adv.locks import folder_lock
-        from nnunet_adv.volume.runner import ensure_writable
-
         ensure_writable(Path(self.run.output))
         with folder_lock(self.run.output, self.run.part, self.run.command):
             return self._execute()
 
     def _execute(self) -> str:
-        from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
-
         r = self.run
         self.check_settings()
         self.log(f"{len(r.models)} model(s), {len(r.settings)} setting(s), {len(r.cases)} case(s) on {r.device}; "
@@ -234,8 +267,6 @@ class RobustnessEvaluation:
     def check_settings(self) -> None:
         """A new report folder gets ``evaluation.json``; a resumed one must have been made with the
         same settings (else one line naming the first that differs, and nothing is changed)."""
-        from nnunet_adv.volume.runner import ensure_writable, first_difference
-
         root, settings = Path(self.run.output), self.run.recorded_settings()
         recorded = root / SETTINGS_JSON
         inputs = {case: info["inputs"] for case, info in self.run.cases.items()}
@@ -260,8 +291,6 @@ class RobustnessEvaluation:
     def _say_changed_inputs(self, recorded: dict, inputs: dict) -> None:
         """One line naming the cases whose image or label changed since the report's last run: each step
         recomputes exactly what was made from them (attacks, corruptions, predictions, metrics)."""
-        from nnunet_adv.volume.inputs import changes_line, input_change
-
         changed = {case: input_change(recorded.get(case), now) for case, now in inputs.items()}
         changed = {case: change for case, change in changed.items() if change is not None}
         if changed:
@@ -287,8 +316,6 @@ class RobustnessEvaluation:
         return {c: {"problem": None, "names": [Path(f).name for f in self.run.cases[c]["images"]]} for c in cases}
 
     def attack(self, model: Model, setting: Setting) -> None:
-        from nnunet_adv.volume.runner import AttackRun, run_attack
-
         r = self.run
         out = self.folder.adversarial(model.name, setting.tag)
         attack_run = AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds, checkpoint=r.checkpoint,
@@ -309,8 +336,6 @@ class RobustnessEvaluation:
         """Every case of this run (or part) is there as the records say, made with this run's settings
         (other settings: one line, as a resumed nnUNetv2_adv_attack). A run without parts merges the
         parts' records into attack.json."""
-        from nnunet_adv.volume.runner import ATTACK_JSON, prior_report, resumable_cases, run_settings
-
         prior = prior_report(out, run_settings(attack_run), resume=True)
         if prior is None:
             return False
@@ -324,10 +349,6 @@ class RobustnessEvaluation:
     def corrupt(self, setting: Setting) -> None:
         """The corrupted images of one corruption setting (shared by every model), written like
         adversarial images (hidden folder, read back, renamed) and recorded in corruption.json."""
-        from nnunet_adv.evaluation.corruptions import case_seed, corrupt
-        from nnunet_adv.volume.export import write_image_like
-        from nnunet_adv.volume.runner import file_digest, first_difference, load_records, part_record_name
-
         r = self.run
         name, severity = setting.corruption
         out = self.folder.corrupted(setting.tag)
@@ -361,12 +382,8 @@ class RobustnessEvaluation:
             write_image_like(image, files, tmp, rw_class, props)
             back, _ = rw_class().read_images([str(t) for t in tmp])
             if not np.array_equal(back, image.astype(back.dtype)):
-                from nnunet_adv.volume.export import WriteError
-
                 raise WriteError(f"cannot write {tmp[0]}: the written image does not read back as written "
                                  f"(is the disk full?)")
-            from nnunet_adv.volume.engine import _similarity
-
             mine[case] = {"status": "ok", "files": {t.name: file_digest(t) for t in tmp},
                           "inputs": r.cases[case]["inputs"]["images"], **_similarity(raw, image),
                           "linf_raw": np.abs(image.astype(np.float64) - raw).reshape(raw.shape[0], -1).max(1).tolist()}
@@ -379,8 +396,6 @@ class RobustnessEvaluation:
 
     def provenance(self, ev: Evaluation) -> dict:
         """What one prediction folder's files come from (recorded in its prediction.json)."""
-        from nnunet_adv.volume.runner import load_records
-
         source = "clean images"
         if ev.setting.corruption is not None:
             source = {"corruption": load_records(self.image_folder(ev), CORRUPTION_JSON)["settings"]}
@@ -393,8 +408,6 @@ class RobustnessEvaluation:
         """nnU-Net's predictions of one evaluation (this run's cases), written to a hidden folder, then
         moved into place and recorded (provenance and SHA-256 per file) in prediction.json (one record
         per part of a split run); a resume keeps only files that match their record."""
-        from nnunet_adv.volume.runner import file_digest, first_difference, load_records, part_record_name
-
         r = self.run
         out = self.folder.predictions(ev.model.name, ev.key)
         provenance = self.provenance(ev)
@@ -446,17 +459,12 @@ class RobustnessEvaluation:
         folder = self.image_folder(ev)
         if folder is None:
             return {c: self.run.cases[c]["inputs"]["images"] for c in cases}
-        from nnunet_adv.volume.runner import load_records
-
         records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None else "attack.json")["cases"]
         return {c: dict(records[c]["files"]) for c in cases}
 
     def predictor(self, model: Model):
         """nnU-Net's predictor of ``model`` (cached)."""
         if model.name not in self._predictors:
-            import torch
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
             device = torch.device(self.run.device)
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.run.tta,
                                         perform_everything_on_device=device.type != "cpu", device=device,
@@ -469,8 +477,6 @@ class RobustnessEvaluation:
 
     def metrics(self, ev: Evaluation, rw, labels) -> dict:
         """nnU-Net-style summary of one evaluation (cached in metrics/MODEL/KEY.json)."""
-        from nnunet_adv.evaluation.case_metrics import case_metrics, jsonable_summary, summarize
-
         cache = self.folder.metrics(ev.model.name, ev.key)
         computed_from = {"prediction": self._prediction_record(ev),
                          "clean_prediction": self._prediction_record(Evaluation(ev.model, Setting("clean"), None)),
@@ -489,9 +495,8 @@ class RobustnessEvaluation:
         summary = jsonable_summary(summarize(per_case, labels))
         folder = self.image_folder(ev)
         if folder is not None:
-            from nnunet_adv.volume.runner import load_records
-
-            records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None else "attack.json")["cases"]
+            records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None
+                                   else "attack.json")["cases"]
             for case, entry in zip(cases, summary["metric_per_case"]):
                 rec = records.get(case, {})
                 entry["SSIM"] = _channel_mean(rec.get("ssim"))
@@ -506,8 +511,6 @@ class RobustnessEvaluation:
     def _cached(self, cache: Path, computed_from: dict) -> Optional[dict]:
         """A cached result made from ``computed_from``, read only if it matches its checksum (one warning
         line otherwise: it is recomputed); None when there is none to reuse."""
-        from nnunet_adv.files import ChecksumMismatch, read_checked_json
-
         if not cache.is_file():
             return None
         try:
@@ -518,8 +521,6 @@ class RobustnessEvaluation:
         return cached if cached.pop("computed_from", None) == json.loads(json.dumps(computed_from)) else None
 
     def _prediction_record(self, ev: Evaluation) -> dict:
-        from nnunet_adv.volume.runner import load_records
-
         record = load_records(self.folder.predictions(ev.model.name, ev.key), PREDICTION_JSON)
         return {"provenance": record["provenance"], "files": record["files"], "inputs": record.get("inputs", {}),
                 "nsd_tolerance_mm": self.run.nsd_tolerance}
@@ -535,16 +536,10 @@ class RobustnessEvaluation:
 
     def saliency_slices(self, model: Model, case: str):
         """(image, saliency) central slices of one case, computed once and cached."""
-        from nnunet_adv.files import file_digest
-
         cache = self.folder.saliency(model.name, case)
         record, inputs = cache.with_suffix(".json"), self.run.cases[case]["inputs"]
         expected = {"inputs": inputs, "npz": file_digest(cache)} if cache.is_file() else None
         if expected is None or self._cached(record, expected) is None:  # the maps' checksum is in the record
-            import torch
-
-            from nnunet_adv.evaluation.saliency import saliency_slices
-            from nnunet_adv.volume.trained_model import load_trained_model
 
             device = torch.device(self.run.device)
             if model.name not in self._attack_models:
@@ -563,8 +558,6 @@ class RobustnessEvaluation:
 
 def image_lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Optional[float]:
     """Mean over channels of the slice-wise LPIPS of adversarial vs clean, None if unavailable."""
-    from nnunet_adv.metrics import lpips_available, lpips_distance
-
     if not lpips_available():
         return None
     clean, adv = rw.read_images(clean_files)[0], rw.read_images(adversarial_files)[0]
@@ -598,8 +591,6 @@ def _channel_mean(values, reduce=np.mean) -> Optional[float]:
 
 def _labels_or_regions(dataset_json: dict) -> list:
     """What nnUNetv2_evaluate_folder evaluates: foreground regions or foreground labels."""
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
     lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
     return list(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
 

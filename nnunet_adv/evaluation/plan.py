@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.attacks import attack_class
 from nnunet_adv.attacks.targeted import nlcen_iterations
 from nnunet_adv.errors import UserError
+from nnunet_adv.evaluation.corruptions import parse_corruptions
 
 
 @dataclass
@@ -77,8 +79,6 @@ class Evaluation:
 def corruption_settings(items: Sequence[str]) -> List[Setting]:
     """Settings of ``--corruptions`` items (``noise``, ``blur:3``, ``all``; see
     :func:`nnunet_adv.evaluation.corruptions.parse_corruptions`)."""
-    from nnunet_adv.evaluation.corruptions import parse_corruptions
-
     return [Setting(f"{name}:{severity}", corruption=(name, severity)) for name, severity in parse_corruptions(items)]
 
 
@@ -89,8 +89,6 @@ def worst_case_setting(settings: Sequence[Setting]) -> List[Setting]:
 
 
 def worst_case_members(settings: Sequence[Setting]) -> List[Setting]:
-    from nnunet_adv.attacks import attack_class
-
     return [s for s in settings if s.attack is not None and not s.sweep and not attack_class(s.attack.name).control]
 
 

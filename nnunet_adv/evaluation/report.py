@@ -19,8 +19,15 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nnunet_adv.attacks import attack_class
-from nnunet_adv.metrics import lpips_available, robust_fraction
+from nnunet_adv.evaluation.figures import (
+    ExampleRow,
+    central_slice,
+    plot_examples,
+    plot_robustness_curve,
+    plot_saliency,
+)
 from nnunet_adv.files import atomic_write_text
+from nnunet_adv.metrics import lpips_available, robust_fraction
 
 ROG_FACTOR = 0.5  # a case is robust if its Dice > 0.5 x the model's mean clean Dice (ROG)
 
@@ -127,7 +134,8 @@ def write_summary_json(ctx: ReportContext) -> None:
                         str(ctx.folder.predictions(model.name, key).relative_to(ctx.root)),
                         "robust_fraction": ctx.robust_fraction(model.name, key),
                         **s})
-    doc = {"command": ctx.command, "dataset": ctx.dataset, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    doc = {"command": ctx.command, "dataset": ctx.dataset,
+           "created": datetime.datetime.now().isoformat(timespec="seconds"),
            "models": {m.name: str(m.folder.resolve()) for m in ctx.models}, "folds": ctx.folds,
            "checkpoint": ctx.checkpoint, "device": ctx.device, "test_time_mirroring": ctx.tta,
            "eot_mirroring": ctx.eot, "cases": ctx.cases, "lpips": _lpips_note(),
@@ -181,8 +189,6 @@ def _cell(value) -> str:
 
 def write_figures(ctx: ReportContext, cases: Dict[str, dict], reader_writer, num_examples: int) -> List[str]:
     """robustness_curve.png (with a sweep) and examples.png (with an attack); their file names."""
-    from nnunet_adv.evaluation.figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve
-
     written = []
     sweep = [s for s in ctx.settings if s.sweep]
     if sweep:
@@ -237,8 +243,6 @@ def _max_label(labels) -> int:
 
 
 def write_saliency(ctx: ReportContext, image_slices, maps) -> str:
-    from nnunet_adv.evaluation.figures import plot_saliency
-
     plot_saliency(image_slices, maps, ctx.root / "saliency.png")
     return "saliency.png"
 

@@ -16,7 +16,7 @@
    ``worst_case_vs_eps.png``: worst-case Dice vs eps per model.
 
 Models are nnU-Net model folders in ``$nnUNet_results`` whose trainer names carry the schedule
-(``nnUNetTrainerPGDAT_ep-3_its-50_steps-3_alpha-0.833``, nnunet_adv.training.names), so a rerun
+(``nnUNetTrainerPGDAT_ep-3_its-50_steps-3_alphaeps-0.833``, nnunet_adv.training.names), so a rerun
 with ``resume`` reuses every finished model and evaluation.
 """
 from __future__ import annotations
@@ -28,14 +28,38 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
+from nnunet_adv.attacks import attack_defaults
 from nnunet_adv.errors import UserError
+from nnunet_adv.evaluation.case_metrics import nan_mean
+from nnunet_adv.evaluation.figures import plot_robustness_curve
+from nnunet_adv.evaluation.pipeline import (
+    EvaluationRun,
+    RobustnessEvaluation,
+    labelled_cases,
+    worst_case_summary,
+)
+from nnunet_adv.evaluation.plan import (
+    Model,
+    Setting,
+    attack_settings,
+    worst_case_setting,
+)
 from nnunet_adv.files import atomic_write_json, atomic_write_text
+from nnunet_adv.locks import folder_lock
+from nnunet_adv.records import first_difference
+from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
+from nnunet_adv.volume.folders import (
+    check_model_folder,
+    configuration_of,
+    dataset_results_folder,
+)
 
 #: Per profile: configuration, clean schedule, fine-tuning schedule, validation, per-recipe settings
 #: (name items), the eps sweep, the reporting eps, the attacks' steps and tiles per network call.
@@ -49,10 +73,10 @@ PROFILES: Dict[str, dict] = {
             "validation": {"valits": 2, "valsteps": 1}, "eps_sweep": [2.0, 4.0, 8.0], "report_eps": 4.0,
             "attack_steps": None, "tile_batch_size": 40,
             "recipes": ["nnUNetTrainerPGDAT", "nnUNetTrainerVAFT", "nnUNetTrainerSAAT"],
-            "recipe_settings": {"nnUNetTrainerPGDAT": "steps-3_alpha-0.833", "nnUNetTrainerVAFT": "steps-5",
+            "recipe_settings": {"nnUNetTrainerPGDAT": "steps-3_alphaeps-0.833", "nnUNetTrainerVAFT": "steps-5",
                                 "nnUNetTrainerVAFA": "steps-5", "nnUNetTrainerSAAT": "period-1",
-                                "nnUNetTrainerDualNorm": "steps-3_alpha-0.833",
-                                "nnUNetTrainerDualBN": "steps-3_alpha-0.833", "nnUNetTrainerNLCE_VAFT": "steps-5"}},
+                                "nnUNetTrainerDualNorm": "steps-3_alphaeps-0.833",
+                                "nnUNetTrainerDualBN": "steps-3_alphaeps-0.833", "nnUNetTrainerNLCE_VAFT": "steps-5"}},
     # a GPU: 3d_fullres, the recipes' published attack settings
     "gpu": {"configuration": "3d_fullres", "clean": {"ep": 100, "its": 250}, "finetune": {"ep": 20, "its": 250},
             "validation": {"valits": 20, "valsteps": 5}, "eps_sweep": [2.0, 4.0, 8.0], "report_eps": 4.0,
@@ -127,8 +151,6 @@ class StudyRun:
 
 def _bases() -> Dict[str, type]:
     import nnunet_adv.trainers as trainers
-    from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
-
     return {n: getattr(trainers, n) for n in trainers.__all__ if isinstance(getattr(trainers, n), type)
             and issubclass(getattr(trainers, n), nnUNetTrainerAdversarial) and not n.endswith(("_TestShort",))
             and "AdvDemo" not in n and n not in ("nnUNetTrainerAdversarial", CLEAN)}
@@ -169,16 +191,12 @@ class Study:
                 or s["tile_batch_size"] < 1:
             raise UserError(f"eps values must be > 0, attack steps and tiles per call >= 1, got {s['eps_sweep']}, "
                             f"{s['attack_steps']} and {s['tile_batch_size']}")
-        from nnunet_adv.volume.folders import dataset_results_folder
-
         results = dataset_results_folder(r.dataset)
         self.results = results
         self.configuration = s["configuration"]
         self.raw = Path(os.environ.get("nnUNet_raw", "")) / results.name
         if r.clean_model is not None:
             folder = Path(r.clean_model)
-            from nnunet_adv.volume.folders import check_model_folder, configuration_of
-
             check_model_folder(folder)
             plans = json.loads((folder / "plans.json").read_text())
             if plans["dataset_name"] != results.name or configuration_of(folder) != self.configuration:
@@ -200,8 +218,6 @@ class Study:
         recorded = out / STUDY_JSON
         settings = {"dataset": results.name, "fold": r.fold, "seed": r.seed, **{k: v for k, v in s.items()}}
         if recorded.is_file():
-            from nnunet_adv.volume.runner import first_difference
-
             difference = first_difference(json.loads(recorded.read_text()).get("settings"), settings)
             if difference is not None:
                 raise UserError(f"{out} is a study with other settings ({difference}); choose a new folder")
@@ -246,17 +262,11 @@ class Study:
     def execute(self) -> str:
         """Train, evaluate and write the tables (the study folder locked against a second run,
         :mod:`nnunet_adv.locks`); returns study.md's text."""
-        from nnunet_adv.locks import folder_lock
-
         settings = self.validate()
         with folder_lock(self.run.output, command=" ".join(sys.argv)):
             return self._execute(settings)
 
     def _execute(self, settings: dict) -> str:
-        from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
-
-        from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
-        from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, worst_case_setting
 
         r = self.run
         out = Path(r.output)
@@ -308,10 +318,6 @@ class Study:
     # ------------------------------------------------------------------------------ tables
     def write_tables(self, out: Path, models, timings: dict, s: dict, clean_val: Optional[float]) -> str:
         """study.json (every number), study.md (the table) and worst_case_vs_eps.png."""
-        from nnunet_adv.evaluation.case_metrics import nan_mean
-        from nnunet_adv.evaluation.figures import plot_robustness_curve
-        from nnunet_adv.evaluation.pipeline import worst_case_summary
-
         results: Dict[Tuple[str, str], dict] = {}  # (model, attack) -> that evaluation's summary
         for folder, _ in self.evaluations(s):
             summary = json.loads((out / "evaluation" / folder / "summary.json").read_text())
@@ -341,12 +347,14 @@ class Study:
         for m in models:
             timing = timings[m.name]
             iterations = s["finetune"]["ep"] * s["finetune"]["its"]
-            per_it = (float(np.median(timing["epoch_seconds"])) / s["finetune"]["its"]) if timing["epoch_seconds"] else None
+            per_it = ((float(np.median(timing["epoch_seconds"])) / s["finetune"]["its"])
+                      if timing["epoch_seconds"] else None)
             rows.append({"model": m.name, "folder": m.folder.name, "clean": mean(m.name, "clean"),
                          "attacks": {a: mean(m.name, a) for a in lp_attacks(e, steps) + other_attacks(steps)},
                          "worst_case": worst(m.name, lp_attacks(e, steps) + vafa),
                          "worst_case_lp": worst(m.name, lp_attacks(e, steps)),
-                         "worst_case_lp_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps)) for x in s["eps_sweep"]},
+                         "worst_case_lp_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps))
+                                                  for x in s["eps_sweep"]},
                          "clean_jaccard": jaccard(results[(m.name, "clean")]["metric_per_case"]),
                          "worst_case_lp_jaccard_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps), jaccard)
                                                           for x in s["eps_sweep"]},
@@ -358,7 +366,8 @@ class Study:
             r["cost_vs_clean"] = (r["seconds_per_iteration"] / base["seconds_per_iteration"]
                                   if r["seconds_per_iteration"] and base["seconds_per_iteration"] else None)
             hours = (r["train_seconds"] or 0) / 3600.0
-            r["robust_dice_per_hour"] = None if r is base or not hours else (r["worst_case"] - base["worst_case"]) / hours
+            r["robust_dice_per_hour"] = (None if r is base or not hours
+                                         else (r["worst_case"] - base["worst_case"]) / hours)
         record = {"settings": json.loads((out / STUDY_JSON).read_text())["settings"], "clean_model": {
             "validation_dice": clean_val, "train_seconds": timings["clean"]["wall_seconds"]}, "results": rows,
             "cases": len(results[(rows[0]["model"], "clean")]["metric_per_case"])}
@@ -380,8 +389,6 @@ def _attack_steps(trainer: str, log_text: str) -> float:
     """Attack gradient steps per training iteration: SAAT's m per epoch from its log (mean), else the
     recipe's attack steps; 0 for clean training."""
     import nnunet_adv.trainers as trainers
-    from nnunet_adv.attacks import attack_defaults
-
     cls = getattr(trainers, trainer)
     if not cls.adversarial_loss_weight:
         return 0.0
@@ -417,13 +424,15 @@ def study_markdown(record: dict, title: str) -> str:
               "worst incl. VAFA", "train s", "s / it vs clean", "attack steps / it", "robust Dice / h"]
     lines = [f"# {title}", "",
              f"Clean model ({CLEAN}, {s['clean']['ep']} x {s['clean']['its']} iterations): nnU-Net validation Dice "
-             f"{_f(cm['validation_dice'])}, trained in {_f(cm['train_seconds'], 0)} s. Every row fine-tuned from it for "
+             f"{_f(cm['validation_dice'])}, trained in {_f(cm['train_seconds'], 0)} s. "
+             "Every row fine-tuned from it for "
              f"{s['finetune']['ep']} x {s['finetune']['its']} iterations with `nnUNetv2_train -pretrained_weights` "
              f"({CLEAN_CONTINUED}: the clean model trained on alike, the baseline). Mean foreground Dice on "
              f"{record['cases']} held-out volumes, predicted without test-time mirroring (every attack white box). "
              f"L-inf attacks at eps {e:g}/255 of each volume's intensity window: "
              + ", ".join(f"`{a}`" for a in lp_attacks(e, steps)) + "; VAFA: " + ", ".join(
-                 f"`{a}`" for a in other_attacks(steps)[:2]) + "; `slice-rescale` (the authors' rescale alone) and `gn:std=4` "
+                 f"`{a}`" for a in other_attacks(steps)[:2]) + "; `slice-rescale` (the authors' rescale alone) "
+             "and `gn:std=4` "
              "(noise): controls, not in the worst case. "
              "Worst case: per case the lowest Dice over the attacks (AutoAttack's rule), then the mean. "
              "Robust Dice / h: worst case incl. VAFA gained over the baseline per hour of fine-tuning.", "",

@@ -34,6 +34,11 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import (
+    StackedConvBlocks,
+)
 from torch import nn
 
 _GATES = ("scaled_sigmoid", "sigmoid")
@@ -275,9 +280,6 @@ def _stage_body(stage: nn.Module) -> nn.Sequential:
     key and the blocks' ``compute_conv_feature_map_size`` (which feeds the post-stride size to
     every module after the first).
     """
-    from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
-    from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-
     block = stage[-1] if isinstance(stage, nn.Sequential) else stage
     if isinstance(block, StackedConvBlocks):
         return block.convs
@@ -328,8 +330,6 @@ def insert_nlce(network: nn.Module, stages: Optional[Sequence[int]] = None, **nl
     Returns:
         ``network`` itself.
     """
-    from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-
     encoder = network.encoder
     dims = convert_conv_op_to_dim(encoder.conv_op)
     nlce_kwargs.setdefault("norm_op", encoder.norm_op)

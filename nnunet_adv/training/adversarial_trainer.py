@@ -27,31 +27,36 @@ import copy
 import io
 import numbers
 import os
+import random
+import shutil
 from contextlib import nullcontext
 from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch import autocast, distributed as dist, nn
-
+from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import (
+    ConfigurationManager,
+    PlansManager,
+)
+from torch import autocast, distributed as dist, nn
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import attack_defaults
 from nnunet_adv.errors import UserError
-from nnunet_adv.threat_model import ThreatModel, ThreatModelError
-from nnunet_adv.outputs import split_batch
 from nnunet_adv.network import network_mode, unwrap_network
+from nnunet_adv.outputs import split_batch
+from nnunet_adv.threat_model import ThreatModel, ThreatModelError
+from nnunet_adv.training.pretrained import KEEP_HEADS_ATTRIBUTE
 from nnunet_adv.training.progress import AdversarialLocalLogger
+
 
 def _existing_run_folders(trainer: str, plans: dict, configuration: str, fold) -> set:
     """Which of the run's folders (nnU-Net's ``results/DATASET``, ``.../TRAINER__PLANS__CONFIG`` and
     its ``fold_X``, as nnUNetTrainer names them) exist before nnU-Net's constructor makes them."""
-    from nnunetv2.paths import nnUNet_results
-
     if not nnUNet_results.is_set():
         return set()
     dataset = os.path.join(nnUNet_results.get(), plans["dataset_name"])
@@ -129,8 +134,6 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
     def _remove_what_init_created(self, existed: set) -> None:
         """A refused setting leaves nothing behind: nnU-Net's constructor has already made the run's
         folders and its training log; remove the folders that did not exist before, else the log."""
-        import shutil
-
         if self.output_folder is None:
             return
         for folder in (os.path.dirname(self.output_folder_base), self.output_folder_base, self.output_folder):
@@ -164,8 +167,6 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
         for change in changes:
             network = change.apply(network)
-        from nnunet_adv.training.pretrained import KEEP_HEADS_ATTRIBUTE
-
         setattr(network, KEEP_HEADS_ATTRIBUTE, bool(cls.keep_segmentation_heads))
         return network
 
@@ -245,9 +246,15 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         return AttackConfig(self.attack_name, dict(self.attack_kwargs), **budget)
 
     def _build_attack(self, data: torch.Tensor, overrides: dict):
-        """The attack for one batch: fixed options + budget in network units for ``data``."""
+        """The attack for one batch: fixed options + budget in network units for ``data``. The
+        configuration is made (and validated) once, again only if a recipe attribute it reads changed
+        (a hook such as :meth:`configure_attack` may set them)."""
+        key = (self.attack_name, repr(self.attack_kwargs), self.eps_frac, self.eps_raw, self.alpha_over_eps,
+               self.std_over_eps)
+        if getattr(self, "_attack_config_key", None) != key:
+            self._attack_config_key, self._attack_config = key, self.attack_config
         loss = self.loss if self.attack_uses_training_loss else None
-        return self.attack_config.build(self.threat_model, data, loss=loss, **overrides)
+        return self._attack_config.build(self.threat_model, data, loss=loss, **overrides)
 
     # ------------------------------------------------------------------ the attack
     def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None,
@@ -272,8 +279,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         net = unwrap_network(self.network)
         # fp32 input gradients: fp16 gradients of a Dice+CE loss underflow to all-zero sign steps.
         # Disabled on every device: a caller's CPU/MPS autocast must not leak into the attack either.
-        with torch.enable_grad(), autocast(self.device.type, enabled=False), network_mode(net, self.attack_in_train_mode), \
-                self.attack_context(net, for_training):
+        with torch.enable_grad(), autocast(self.device.type, enabled=False), \
+                network_mode(net, self.attack_in_train_mode), self.attack_context(net, for_training):
             return attack(net, data.float(), target).detach()
 
     def attack_context(self, network: nn.Module, for_training: bool) -> ContextManager:
@@ -437,8 +444,6 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (every device)."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)

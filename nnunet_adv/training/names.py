@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
+from nnunet_adv.attack_config import COMPUTED_KEYS, WINDOW_UNIT_KEYS, parse_bool
+from nnunet_adv.attacks import attack_defaults
 from nnunet_adv.errors import UserError
+from nnunet_adv.threat_model import from_x255
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class NameSetting:
     doc: str
     convert: Optional[Callable] = None  # user value -> stored value (eps: x/255 -> fraction)
     valid: Optional[Tuple[str, Callable]] = None  # (what is valid, test of the user value); None: see _in_range
+    renamed_to: Optional[str] = None  # a deprecated key: the key that replaces it
 
 
 _NON_NEGATIVE = ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
@@ -50,11 +55,16 @@ _AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
 
 COMMON: List[NameSetting] = [
     NameSetting("eps", "attr:eps_frac", float, "L-inf radius in x/255 of each channel's intensity window",
-                lambda v: v / 255.0, _NON_NEGATIVE),
+                from_x255, _NON_NEGATIVE),
     NameSetting("epsraw", "attr:eps_raw", float, "radius in raw intensity units (HU); replaces eps",
                 valid=_NON_NEGATIVE),
-    NameSetting("alpha", "attr:alpha_over_eps", float, "attack step as a multiple of eps", valid=_NON_NEGATIVE),
-    NameSetting("std", "attr:std_over_eps", float, "Gaussian-noise std as a multiple of eps", valid=_NON_NEGATIVE),
+    NameSetting("alphaeps", "attr:alpha_over_eps", float, "attack step as a multiple of eps", valid=_NON_NEGATIVE),
+    NameSetting("stdeps", "attr:std_over_eps", float, "Gaussian-noise std as a multiple of eps", valid=_NON_NEGATIVE),
+    # before 0.2 these were alpha and std, which on the commands and in attack strings mean x/255
+    NameSetting("alpha", "attr:alpha_over_eps", float, "deprecated: alphaeps (a multiple of eps)",
+                valid=_NON_NEGATIVE, renamed_to="alphaeps"),
+    NameSetting("std", "attr:std_over_eps", float, "deprecated: stdeps (a multiple of eps)",
+                valid=_NON_NEGATIVE, renamed_to="stdeps"),
     NameSetting("clean", "attr:clean_loss_weight", float, "weight of the clean loss", valid=_NON_NEGATIVE),
     NameSetting("adv", "attr:adversarial_loss_weight", float, "weight of the adversarial loss", valid=_NON_NEGATIVE),
     # nnU-Net divides by the iteration counts and indexes the last epoch's log: 0 crashes inside it
@@ -86,9 +96,6 @@ _SKIP_ATTRS = {"attack_name", "attack_kwargs", "val_attack_overrides", "training
 
 def settings_of(base: type) -> Dict[str, NameSetting]:
     """Every key ``base``'s name grammar accepts."""
-    from nnunet_adv.attack_config import COMPUTED_KEYS, WINDOW_UNIT_KEYS
-    from nnunet_adv.attacks import attack_defaults
-
     out = {s.key: s for s in COMMON}
     for option, default in attack_defaults(base.attack_name).items():
         if option in COMPUTED_KEYS or option in WINDOW_UNIT_KEYS or option in ("seed", "target", "loss"):
@@ -122,8 +129,6 @@ def default_of(base: type, setting: NameSetting):
     if where == "schedule":
         return (base.training_schedule or {}).get(name, "nnU-Net's")
     if where == "attack":
-        from nnunet_adv.attacks import attack_defaults
-
         return base.attack_kwargs.get(name, attack_defaults(base.attack_name).get(name))
     return base.val_attack_overrides.get(name, base.attack_kwargs.get(name))
 
@@ -131,8 +136,6 @@ def default_of(base: type, setting: NameSetting):
 def _value(setting: NameSetting, text: str, name: str):
     try:
         if setting.kind is bool:
-            from nnunet_adv.attack_config import parse_bool
-
             return parse_bool(text)
         if setting.kind is int:
             value = int(text)
@@ -145,7 +148,8 @@ def _value(setting: NameSetting, text: str, name: str):
             value = text
     except ValueError:
         raise UserError(f"trainer {name!r}: {setting.key}-{text}: {setting.key} takes "
-                        f"{'true/false' if setting.kind is bool else setting.kind.__name__} values ({setting.doc})") from None
+                        f"{'true/false' if setting.kind is bool else setting.kind.__name__} values "
+                        f"({setting.doc})") from None
     valid = _in_range(setting)
     if valid is not None and not valid[1](value):
         raise UserError(f"trainer {name!r}: {setting.key}-{text}: {setting.key} must be {valid[0]} ({setting.doc})")
@@ -217,6 +221,10 @@ def trainer_from_name(name: str, bases: Dict[str, type]) -> type:
             raise UserError(f"trainer {name!r}: {given[target]} and {key}-{text} set the same setting; give it once")
         given[target] = f"{key}-{text}"
         value = _value(setting, text, name)
+        if setting.renamed_to:
+            print(f"nnunet_adv: trainer {name!r}: {key}-{text} is deprecated, write {setting.renamed_to}-{text} "
+                  f"(the same multiple of eps; '{key}' on the commands and in attack strings is x/255)",
+                  file=sys.stderr)
         where, _, target = setting.target.partition(":")
         if where == "attr":
             attrs[target] = value
@@ -244,8 +252,6 @@ def _check_attack(cls: type, name: str) -> None:
     """The attack options a name sets (``steps-0``) checked by the attack itself, for training and
     for the robust validation, before nnU-Net creates the run's folder (the trainer checks them
     again with the configuration's threat model)."""
-    from dataclasses import replace
-
     try:
         config = cls.attack_config.fget(cls)  # the property on the class: its attributes are class attributes
         replace(config, options={**config.options, **cls.val_attack_overrides})

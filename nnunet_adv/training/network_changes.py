@@ -19,12 +19,21 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pydoc import locate
 from typing import Optional, Sequence, Tuple
 
 import torch
+from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 from torch import nn
 
-from nnunet_adv.modules.dual_norm import ADV, CLEAN, DualNorm, _check_route, convert_to_dual_norm, dual_norms
+from nnunet_adv.modules.dual_norm import (
+    ADV,
+    CLEAN,
+    DualNorm,
+    _check_route,
+    convert_to_dual_norm,
+    dual_norms,
+)
 from nnunet_adv.modules.nlce import insert_nlce
 
 
@@ -48,9 +57,6 @@ class BatchNormArchitecture(NetworkChange):
     eps: float = 1e-5
 
     def update_arch_kwargs(self, arch_kwargs: dict) -> dict:
-        from pydoc import locate
-
-        from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 
         if "norm_op" not in arch_kwargs:
             raise RuntimeError("'norm_op' not found in arch_kwargs: BatchNorm can only be put into nnU-Net's "

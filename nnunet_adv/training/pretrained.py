@@ -31,6 +31,7 @@ import re
 from typing import Dict, Set
 
 import torch
+from nnunetv2.run import load_pretrained_weights as nnunet_module, run_training
 from torch import nn
 
 from nnunet_adv.errors import UserError
@@ -106,8 +107,6 @@ def map_pretrained_state_dict(network: nn.Module, pretrained: Dict[str, torch.Te
 
 def load_pretrained_weights(network: nn.Module, fname, verbose: bool = False) -> None:
     """Drop-in replacement of nnU-Net's ``load_pretrained_weights`` (see module docstring)."""
-    from nnunetv2.run import load_pretrained_weights as nnunet_module
-
     keep = keeps_heads(network)
     if not has_changed_modules(network) and not keep:
         return nnunet_module.load_pretrained_weights(network, fname, verbose=verbose)
@@ -131,7 +130,5 @@ def install() -> None:
 
     Idempotent; networks without NLCE/DualNorm still take nnU-Net's own code path.
     """
-    from nnunetv2.run import run_training
-
     if getattr(run_training, "load_pretrained_weights", None) is not load_pretrained_weights:
         run_training.load_pretrained_weights = load_pretrained_weights

@@ -14,7 +14,8 @@ adapts the number ``m`` of attack iterations every ``check_period`` epochs::
 Epochs are numbered as in the reference code (SEAT's ``at_main.py``: ``for epoch in
 range(1, epochs + 1)``), 1-based: the trainer passes nnU-Net's 0-based ``current_epoch + 1`` of
 the epoch that just ended, and the new ``m`` applies from the next epoch. So with P = 3 the
-iterations per epoch are 1, 1, 1, 2, 2, 2, 3, ... under a rising magnitude, as SEAT's. Defaults are the published ones (gamma 1.1, m_max 5, period 3);
+iterations per epoch are 1, 1, 1, 2, 2, 2, 3, ... under a rising magnitude, as SEAT's.
+Defaults are the published ones (gamma 1.1, m_max 5, period 3);
 nnU-Net epochs are long (250 iterations), so the period is configurable and the rule is
 otherwise unchanged. This module is pure Python: the trainer reduces ``mag`` across DDP
 ranks before calling :meth:`SAATSchedule.update`, so every rank takes the same decision.

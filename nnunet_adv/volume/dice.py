@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.metrics import dice_per_class
-from nnunet_adv.volume.sliding_window import SlidingWindowModel
 from nnunet_adv.threat_model import ThreatModel
+from nnunet_adv.volume.sliding_window import SlidingWindowModel
 from nnunet_adv.volume.trained_model import TrainedModel
 
 Case = Tuple[Sequence[str], str]  # (image files of one case, its label file)

@@ -29,14 +29,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import build_attack
 from nnunet_adv.errors import UserError
 from nnunet_adv.metrics import dice_per_class, psnr, ssim
-from nnunet_adv.threat_model import ThreatModel
-from nnunet_adv.volume.export import (WriteError, capture_c_stderr, apply_raw_budget, labels_to_network, perturbation_norms,
-                                      perturbation_to_raw, raw_intensity_maps, supported_writer, write_image_like)
+from nnunet_adv.threat_model import ThreatModel, to_raw
+from nnunet_adv.volume.export import (
+    WriteError,
+    apply_raw_budget,
+    capture_c_stderr,
+    labels_to_network,
+    perturbation_norms,
+    perturbation_to_raw,
+    raw_intensity_maps,
+    supported_writer,
+    write_image_like,
+)
 from nnunet_adv.volume.inputs import CaseError, check_label
 from nnunet_adv.volume.sliding_window import SlidingWindowModel
 from nnunet_adv.volume.trained_model import TrainedModel
@@ -108,7 +118,8 @@ class VolumeAttack:
             raw, props = self.rw_class().read_images([str(f) for f in image_files])
         except Exception as e:  # nnU-Net's readers print and raise bare RuntimeErrors
             raise CaseError(f"cannot read {', '.join(Path(f).name for f in image_files)} with "
-                            f"{self.rw_class.__name__}: {type(e).__name__} {str(e).splitlines()[0] if str(e) else ''}".rstrip())
+                            f"{self.rw_class.__name__}: {type(e).__name__} "
+                            f"{str(e).splitlines()[0] if str(e) else ''}".rstrip())
         if raw.shape[0] != self.num_channels:
             raise CaseError(f"{Path(image_files[0]).name}: the files hold {raw.shape[0]} channel(s) but the model "
                             f"expects {self.num_channels}")
@@ -136,7 +147,8 @@ class VolumeAttack:
         except Exception as e:
             raise CaseError(f"cannot read label file {Path(label_file).name}: {type(e).__name__} {e}".rstrip())
         ignore = self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
-        check_label(seg, seg_props, raw_shape, image_props, Path(label_file).name, self.label_manager.all_labels, ignore)
+        check_label(seg, seg_props, raw_shape, image_props, Path(label_file).name, self.label_manager.all_labels,
+                    ignore)
         return labels_to_network(seg, properties, self.plans_manager, self.configuration, net_shape)
 
     # ------------------------------------------------------------------------------ one case
@@ -194,7 +206,7 @@ class VolumeAttack:
         delta = (x_adv - x0)[0].float().cpu().numpy()
         delta_raw = perturbation_to_raw(delta, properties, self.plans_manager, self.configuration, maps)
         eps_net, norm = self._network_budget(x0, raw_std, options)
-        eps_raw = None if eps_net is None else eps_net * maps.scales
+        eps_raw = None if eps_net is None else to_raw(eps_net, maps.scales)
         adv = apply_raw_budget(raw, delta_raw, maps, eps_raw=eps_raw, norm=norm,
                                eps_net_l2=None if eps_net is None else float(eps_net.max()),
                                net_voxels=int(np.prod(data.shape[1:])))
@@ -237,7 +249,8 @@ class VolumeAttack:
         if cfg.name == "ensemble":
             if cfg.eps_frac is None and cfg.eps_raw is None:
                 return None, "linf"
-            eps = self.threat_model.attack_budget(x0, eps_frac=cfg.eps_frac, eps_raw=cfg.eps_raw, raw_std=raw_std)["eps"]
+            eps = self.threat_model.attack_budget(x0, eps_frac=cfg.eps_frac, eps_raw=cfg.eps_raw,
+                                                  raw_std=raw_std)["eps"]
             return eps.reshape(-1).cpu().numpy().astype(np.float64), "linf"
         if not cfg.uses("eps"):
             return None, "linf"
@@ -309,8 +322,6 @@ def _expected_forwards(attack: AttackConfig) -> Optional[int]:
 
 
 def _bar(total, desc, enabled):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=f"  {desc}", unit="step", leave=False, disable=not enabled)
 
 

@@ -53,12 +53,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import nibabel
 import numpy as np
+import SimpleITK as sitk
+from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
 from nnunet_adv.errors import UserError
-from nnunet_adv.threat_model import ThreatModel
+from nnunet_adv.threat_model import ThreatModel, to_network, to_raw
 
-__all__ = ["ExportError", "WriteError", "capture_c_stderr", "RawIntensityMaps", "raw_intensity_maps", "perturbation_to_raw", "apply_raw_budget",
+__all__ = ["ExportError", "WriteError", "capture_c_stderr", "RawIntensityMaps", "raw_intensity_maps",
+           "perturbation_to_raw", "apply_raw_budget",
            "write_image_like", "supported_writer", "perturbation_norms", "transpose_forward", "spacings",
            "labels_to_network"]
 
@@ -115,8 +121,6 @@ def raw_intensity_maps(raw: np.ndarray, plans_manager, configuration_manager) ->
     transpose, ``crop_to_nonzero``, mask ``seg >= 0`` when ``use_mask_for_norm``), so it is the
     value nnU-Net divided by.
     """
-    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
-
     threat_model = ThreatModel.from_managers(plans_manager, configuration_manager)
     schemes = list(configuration_manager.normalization_schemes)
     if len(schemes) != raw.shape[0]:
@@ -155,8 +159,6 @@ def labels_to_network(seg: np.ndarray, properties: dict, plans_manager, configur
     """A raw segmentation ``(1, *S)`` (reader layout) on nnU-Net's network grid: transposed, cropped
     to the case's bbox and resampled with the configuration's ``resampling_fn_seg``, as
     ``run_case_npy`` does. Returns ``(*S_net)`` int64 class indices."""
-    from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
-
     seg = transpose_forward(seg, plans_manager)
     seg = seg[(slice(None), *bounding_box_to_slice(properties["bbox_used_for_cropping"]))]
     if tuple(seg.shape[1:]) != tuple(net_shape):
@@ -177,11 +179,9 @@ def perturbation_to_raw(delta: np.ndarray, properties: dict, plans_manager, conf
         (C, *S) float32 raw-unit perturbation, zero outside the crop, in the layout of
         ``rw.read_images`` (add it to the raw image).
     """
-    from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
-
     delta = np.asarray(delta, dtype=np.float32)
     c_count = delta.shape[0]
-    d = delta * maps.scales.astype(np.float32).reshape(c_count, *([1] * (delta.ndim - 1)))
+    d = to_raw(delta, maps.scales.astype(np.float32).reshape(c_count, *([1] * (delta.ndim - 1))))
     shape_cropped = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
     if tuple(d.shape[1:]) != shape_cropped:
         original, target = spacings(properties, plans_manager, configuration_manager)
@@ -219,7 +219,7 @@ def apply_raw_budget(raw: np.ndarray, delta_raw: np.ndarray, maps: RawIntensityM
         if eps_net_l2 is not None:
             # the L2 norm in network units: per-voxel values in network units, and the voxel count
             # of the network grid (resampling keeps values, not sums)
-            dn = d / maps.scales.reshape(shape)
+            dn = to_network(d, maps.scales.reshape(shape))
             n = float(np.sqrt(np.sum(dn ** 2) * (net_voxels or maps.crop_voxels) / maps.crop_voxels))
             if n > eps_net_l2 > 0 or (eps_net_l2 == 0 and n > 0):
                 d = d * (eps_net_l2 / n)
@@ -298,8 +298,6 @@ def write_image_like(images: np.ndarray, input_files: Sequence[str], output_file
 
 
 def _write_sitk(arr: np.ndarray, src: str, dst: str, properties: dict, reorient: bool) -> None:
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(src)
     reader.ReadImageInformation()
@@ -352,14 +350,12 @@ def capture_c_stderr():
 
 
 def _write_nibabel(arr: np.ndarray, src: str, dst: str, properties: dict, reorient: bool) -> None:
-    import nibabel
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
     original = nibabel.load(src)
     data = arr.transpose((2, 1, 0))  # nnU-Net's nibabel readers transpose to SimpleITK's order
     if reorient:
         tmp = nibabel.Nifti1Image(data, affine=properties["nibabel_stuff"]["reoriented_affine"])
-        from_canonical = ornt_transform(axcodes2ornt("RAS"), io_orientation(properties["nibabel_stuff"]["original_affine"]))
+        from_canonical = ornt_transform(axcodes2ornt("RAS"),
+                                        io_orientation(properties["nibabel_stuff"]["original_affine"]))
         data = np.asarray(tmp.as_reoriented(from_canonical).dataobj, dtype=np.float32)
     if data.shape != original.shape:
         raise ExportError(f"{Path(src).name}: exported shape {data.shape} != input shape {original.shape}")

@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
 from nnunet_adv.errors import UserError
 
 #: image file endings nnU-Net's readers take (others in an image folder are not images)
@@ -20,8 +22,6 @@ def dataset_results_folder(dataset) -> Path:
     """``$nnUNet_results/DatasetXXX_Name`` for a dataset name or id (as nnU-Net's -d)."""
     if not os.environ.get("nnUNet_results"):
         raise UserError("nnUNet_results is not set: export it or give the model folder with -m")
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     try:
         name = maybe_convert_to_dataset_name(dataset)
     except Exception as e:  # nnU-Net raises RuntimeError with a long text

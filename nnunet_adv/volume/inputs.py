@@ -147,7 +147,8 @@ def geometry_difference(image_props: dict, seg_props: dict) -> Optional[str]:
             if key in a and key in b and not np.allclose(np.asarray(a[key], float), np.asarray(b[key], float),
                                                          rtol=1e-4, atol=1e-4):
                 return key.replace("original_", "")
-    if not np.allclose(np.asarray(image_props.get("spacing", ()), float), np.asarray(seg_props.get("spacing", ()), float),
+    if not np.allclose(np.asarray(image_props.get("spacing", ()), float),
+                       np.asarray(seg_props.get("spacing", ()), float),
                        rtol=1e-4, atol=1e-6):
         return "spacing"
     return None

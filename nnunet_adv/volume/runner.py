@@ -24,76 +24,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from tqdm import tqdm
+
 from nnunet_adv.attack_config import AttackConfig
+from nnunet_adv.attacks import attack_class
 from nnunet_adv.errors import UserError
-from nnunet_adv.files import ChecksumMismatch, atomic_write_checked_json, file_digest, verify_checked_json
+from nnunet_adv.files import atomic_write_checked_json, file_digest
 from nnunet_adv.locks import folder_lock
+from nnunet_adv.records import (
+    ATTACK_JSON,
+    ensure_writable,
+    first_difference,
+    load_records,
+    one_line,
+    part_record_name,
+    split_cases,
+    versions,
+)
 from nnunet_adv.volume.engine import VolumeAttack
 from nnunet_adv.volume.export import WriteError
-from nnunet_adv.volume.folders import check_folders, configuration_of, find_cases
-from nnunet_adv.volume.inputs import CaseError, case_inputs, changes_line, input_change, precheck_case
+from nnunet_adv.volume.folders import (
+    check_folders,
+    configuration_of,
+    find_cases,
+    require_folder,
+)
+from nnunet_adv.volume.inputs import (
+    CaseError,
+    case_inputs,
+    changes_line,
+    input_change,
+    precheck_case,
+)
 from nnunet_adv.volume.trained_model import load_trained_model
 
-ATTACK_JSON = "attack.json"
 PARTIAL_FOLDER = ".nnunet_adv_partial"  # images are written here, then renamed into place (one file system)
-
-
-def part_record_name(name: str, part: Tuple[int, int]) -> str:
-    """``attack.json`` -> ``attack.part0-of-2.json`` for part 0 of 2."""
-    stem, _, ext = name.rpartition(".")
-    return f"{stem}.part{part[1]}-of-{part[0]}.{ext}"
-
-
-def split_cases(cases: Sequence[str], part: Optional[Tuple[int, int]]) -> List[str]:
-    """nnU-Net's split of work over ``-num_parts N -part_id I``: sorted cases ``[I::N]``."""
-    ordered = sorted(cases)
-    if part is None:
-        return ordered
-    num_parts, part_id = part
-    return ordered[part_id::num_parts]
-
-
-def check_part(num_parts: int, part_id: int) -> Optional[Tuple[int, int]]:
-    """``(num_parts, part_id)`` checked as nnU-Net's predictor does; None for a single run."""
-    if num_parts == 1 and part_id == 0:
-        return None
-    if num_parts < 1:
-        raise UserError(f"-num_parts must be >= 1, got {num_parts}")
-    if not 0 <= part_id < num_parts:
-        raise UserError(f"-part_id must be 0..{num_parts - 1} for -num_parts {num_parts}, got {part_id}")
-    return num_parts, part_id
-
-
-def load_records(folder: Path, name: str = ATTACK_JSON) -> Optional[dict]:
-    """The run record of a folder with every part's records merged in (their ``cases`` / ``files``
-    united; the ``settings`` of all must agree), or None when there is none."""
-    stem, _, ext = name.rpartition(".")
-    files = ([folder / name] if (folder / name).is_file() else []) + sorted(folder.glob(f"{stem}.part*-of-*.{ext}"))
-    merged = None
-    for f in files:
-        try:
-            record = verify_checked_json(f, json.loads(f.read_text()))
-        except ChecksumMismatch as e:  # it vouches for images and holds numbers the report reads
-            raise UserError(f"{e}: delete {folder} to recompute what it holds, or choose a new folder (nothing was "
-                            f"changed)") from None
-        except (ValueError, OSError) as e:
-            raise UserError(f"{f} cannot be read ({type(e).__name__}); choose a new folder (nothing was changed)") from None
-        if merged is None:
-            merged = record
-            for key in _MERGED_KEYS:
-                merged[key] = dict(record.get(key, {}))
-            continue
-        difference = first_difference(merged.get("settings"), record.get("settings"))
-        if difference is not None:
-            raise UserError(f"{f} was made with other settings than {files[0].name} ({difference})")
-        for key in _MERGED_KEYS:
-            merged[key].update(record.get(key, {}))
-    return merged
-
-
-# per-case records (attack.json, corruption.json), per-file digests of the files and of what they were made
-# from (prediction.json)
-_MERGED_KEYS = ("cases", "files", "inputs")
 
 
 @dataclass
@@ -147,10 +114,14 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
         raise UserError(f"--tile_batch_size must be >= 1, got {run.tile_batch_size}")
     dataset_json = json.loads((Path(run.model_folder) / "dataset.json").read_text())
     plans = json.loads((Path(run.model_folder) / "plans.json").read_text())
-    run.attack.check_for(plans, configuration_of(Path(run.model_folder)), dataset_json)
+    try:
+        run.attack.check_for(plans, configuration_of(Path(run.model_folder)), dataset_json)
+    except UserError as e:
+        raise UserError(f"attack '{run.attack.name}': {e}") from None
     file_ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output_folder = Path(run.output_folder)
+    require_folder(Path(run.input_folder), "input folder")
     check_folders(Path(run.input_folder), output_folder, run.labels_folder)
     all_cases = find_cases(Path(run.input_folder), file_ending, num_channels)
     cases = {c: all_cases[c] for c in split_cases(all_cases, run.part)}
@@ -178,79 +149,87 @@ def _attack_cases(run: AttackRun, cases: Dict[str, dict], done: set, problems: D
                   inputs: Dict[str, dict], prior: Optional[dict], settings: dict, label_of: Callable,
                   started: float, log: Callable[[str], None]) -> AttackResult:
     """The loop over the cases (the folder locked, every check done): ``done`` are reused as recorded,
-    ``problems`` fail with their reason, the others are attacked (the model loads only for them)."""
-    import torch
-    from tqdm import tqdm
-
+    ``problems`` fail with their reason, the others are attacked (the model loads only for them);
+    the record is rewritten after every case, so an interruption keeps what finished."""
     output_folder = Path(run.output_folder)
     todo = [c for c in cases if c not in done and c not in problems]
-    model = engine = None
-    if todo:
-        log(f"model {run.model_folder} folds {run.folds} ({run.checkpoint}) on {run.device}")
-        try:
-            model = load_trained_model(run.model_folder, run.folds, run.checkpoint, device=torch.device(run.device))
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
-        except Exception as e:
-            raise UserError(f"cannot load the model from {run.model_folder}: {type(e).__name__}: "
-                            f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from None
-        engine = VolumeAttack(model, run.attack, torch.device(run.device), eot_mirroring=run.eot_mirroring,
-                              progress=run.progress, log=log, tile_batch_size=run.tile_batch_size)
-        if run.labels_folder is None:
-            log("no labels (-l): the attack targets the model's own clean prediction")
-    elif len(done) == len(cases):
+    engine = _load_engine(run, log) if todo else None
+    if not todo and len(done) == len(cases):
         log(f"--continue_prediction: all {len(cases)} case(s) are done in {output_folder}; nothing to attack")
-
     output_folder.mkdir(parents=True, exist_ok=True)
     partial = output_folder / (PARTIAL_FOLDER + ("" if run.part is None else f"-{run.part[1]}-of-{run.part[0]}"))
     shutil.rmtree(partial, ignore_errors=True)
     previous = (prior or {}).get("cases", {})
-    report = _report_header(run, model, settings)
+    report = _report_header(run, None if engine is None else engine.model, settings)
     records: Dict[str, dict] = report["cases"]
-
-    bar = tqdm(cases.items(), desc=f"{run.attack.name} on {len(cases)} case(s)", unit="case", disable=not run.progress)
     new = []
+    bar = tqdm(cases.items(), desc=f"{run.attack.name} on {len(cases)} case(s)", unit="case", disable=not run.progress)
     for case, info in bar:
         bar.set_postfix_str(case)
-        outputs = [output_folder / n for n in info["names"]]
         if case in done:
-            rec = dict(previous.get(case, {}))
-            rec.update(status=rec.get("status", "ok"), skipped=True)
-            records[case] = rec
-            atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
-            continue
-        case_started = time.perf_counter()
-        try:
-            if case in problems:
-                raise CaseError(problems[case])
-            label_file = label_of(case)
-            partial.mkdir(exist_ok=True)
-            tmp_files = [partial / n for n in info["names"]]
-            rec = engine.run_case(info["files"], None if label_file is None else str(label_file), outputs, tmp_files)
-            rec["files"] = {Path(f).name: file_digest(f) for f in tmp_files}  # verified: see VolumeAttack.run_case
-            rec["inputs"] = inputs[case]  # what a resume compares (resumable_cases)
-            for src, dst in zip(tmp_files, outputs):
-                os.replace(src, dst)
-            records[case] = rec
-            new.append(case)
-        except (KeyboardInterrupt, OSError, WriteError):
-            raise  # an interruption, or a write failure of the output folder: not one case's problem
-        except Exception as e:  # one bad case must not stop the others
-            reason = one_line(e)
-            records[case] = {"status": "failed", "reason": reason,
-                             "seconds": round(time.perf_counter() - case_started, 3)}
-            tqdm.write(f"error: case {case} failed: {reason}", file=sys.stderr)
+            records[case] = {**previous.get(case, {}), "status": previous.get(case, {}).get("status", "ok"),
+                             "skipped": True}
+        else:
+            records[case] = _attack_one(engine, case, info, problems.get(case), label_of(case), inputs.get(case),
+                                        output_folder, partial)
+            new += [case] if records[case].get("status") == "ok" else []
         atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
     bar.close()
     shutil.rmtree(partial, ignore_errors=True)
+    return _finish(run, report, new, started)
 
+
+def _load_engine(run: AttackRun, log: Callable[[str], None]) -> VolumeAttack:
+    """The trained model and the whole-volume attack on it (a model that cannot load is one line)."""
+    log(f"model {run.model_folder} folds {run.folds} ({run.checkpoint}) on {run.device}")
+    try:
+        model = load_trained_model(run.model_folder, run.folds, run.checkpoint, device=torch.device(run.device))
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:
+        raise UserError(f"cannot load the model from {run.model_folder}: {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from None
+    if run.labels_folder is None:
+        log("no labels (-l): the attack targets the model's own clean prediction")
+    return VolumeAttack(model, run.attack, torch.device(run.device), eot_mirroring=run.eot_mirroring,
+                        progress=run.progress, log=log, tile_batch_size=run.tile_batch_size)
+
+
+def _attack_one(engine: Optional[VolumeAttack], case: str, info: dict, problem: Optional[str],
+                label_file: Optional[Path], inputs: Optional[dict], output_folder: Path, partial: Path) -> dict:
+    """One case: attacked, written into ``partial``, verified, renamed into place; its record. A case
+    that fails (its known ``problem``, or an error of its own) fails alone: the record says why."""
+    case_started = time.perf_counter()
+    try:
+        if problem is not None:
+            raise CaseError(problem)
+        partial.mkdir(exist_ok=True)
+        tmp_files = [partial / n for n in info["names"]]
+        outputs = [output_folder / n for n in info["names"]]
+        rec = engine.run_case(info["files"], None if label_file is None else str(label_file), outputs, tmp_files)
+        rec["files"] = {Path(f).name: file_digest(f) for f in tmp_files}  # verified: see VolumeAttack.run_case
+        rec["inputs"] = inputs  # what a resume compares (resumable_cases)
+        for src, dst in zip(tmp_files, outputs):
+            os.replace(src, dst)
+        return rec
+    except (KeyboardInterrupt, OSError, WriteError):
+        raise  # an interruption, or a write failure of the output folder: not one case's problem
+    except Exception as e:  # one bad case must not stop the others
+        reason = one_line(e)
+        tqdm.write(f"error: case {case} failed: {reason}", file=sys.stderr)
+        return {"status": "failed", "reason": reason, "seconds": round(time.perf_counter() - case_started, 3)}
+
+
+def _finish(run: AttackRun, report: dict, new: List[str], started: float) -> AttackResult:
+    """The record's summary, written once more; the run's result."""
+    records = report["cases"]
     failed = sorted(c for c, r in records.items() if r.get("status") != "ok")
     skipped = sorted(c for c, r in records.items() if r.get("skipped"))
     report["summary"] = {"cases": len(records), "ok": len(records) - len(failed), "failed": len(failed),
                          "skipped": len(skipped), "failed_cases": failed, "skipped_cases": skipped,
                          "seconds": round(time.time() - started, 1)}
     report["finished"] = _now()
-    atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
+    atomic_write_checked_json(Path(run.output_folder) / run.record_name, report, indent=2, default=str)
     return AttackResult(report=report, failed=failed, new=new, record=run.record_name)
 
 
@@ -273,8 +252,6 @@ def _precheck(cases: Dict[str, dict], todo: Sequence[str], label_of: Callable, p
               dataset_json: dict) -> Dict[str, str]:
     """The cases of ``todo`` whose files fail the checks that need no model (truncated files, a label
     off its image or with values that are not the dataset's classes), with their reasons."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     manager = PlansManager(plans)
     labels = manager.get_label_manager(dataset_json)
     ignore = labels.ignore_label if labels.has_ignore_label else None
@@ -286,21 +263,6 @@ def _precheck(cases: Dict[str, dict], todo: Sequence[str], label_of: Callable, p
         except CaseError as e:
             problems[case] = one_line(e)
     return problems
-
-
-def versions() -> dict:
-    """Versions of the packages whose change can change a result."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    def _version(package):
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    return {"nnunet_adv": _version("nnunet_adv"), "nnunetv2": _version("nnunetv2"), "torch": torch.__version__}
 
 
 def run_settings(run: AttackRun) -> dict:
@@ -334,20 +296,6 @@ def prior_report(output_folder: Path, settings: dict, resume: bool) -> Optional[
             raise UserError(f"{output_folder} holds results made with other settings ({difference}); resume only "
                             f"with the same settings, or choose a new folder (nothing was changed)")
     return prior
-
-
-def first_difference(old, new, path: str = "") -> Optional[str]:
-    """'KEY.PATH: OLD there, NEW here' for the first difference of two JSON-like values, or None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
-            found = first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
-        return None
-    normal = lambda v: json.loads(json.dumps(v, default=repr))  # noqa: E731 - tuples and lists alike
-    if normal(old) != normal(new):
-        return f"{path or 'settings'}: {old!r} there, {new!r} here"
-    return None
 
 
 def resumable_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, dict],
@@ -404,29 +352,6 @@ def verified_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, 
     return done
 
 
-def ensure_writable(folder: Path) -> None:
-    """The folder (or the nearest existing parent it would be made in) accepts a new file, checked
-    before any model is loaded: a read-only or full file system is one line, not a traceback."""
-    probe_dir = folder
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise UserError(f"cannot write into {folder}: {probe_dir} is a file")
-    probe = probe_dir / f".nnunet_adv_write_test_{os.getpid()}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise UserError(f"cannot write into {folder}: {e.strerror or e}") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-
-
 def _report_header(run: AttackRun, model, settings: dict) -> dict:
     folder = Path(run.model_folder).resolve()
     parts = folder.name.split("__")
@@ -467,20 +392,8 @@ def _report_header(run: AttackRun, model, settings: dict) -> dict:
 
 
 def _summary(name: str) -> str:
-    from nnunet_adv.attacks import attack_class
-
     return attack_class(name).summary
 
 
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one line: the message of a user error, ``Type: message`` otherwise."""
-    text = " ".join(str(e).split())
-    if not text:
-        return type(e).__name__
-    if isinstance(e, UserError):
-        return text[:500]
-    return f"{type(e).__name__}: {text[:500]}"

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
 from nnunet_adv.network import unwrap_network
@@ -49,7 +50,8 @@ class TrainedModel:
         """
         p = self.predictor
         preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
-        data, seg, props = preprocessor.run_case(list(map(str, image_files)), None if seg_file is None else str(seg_file),
+        data, seg, props = preprocessor.run_case(list(map(str, image_files)),
+                                                 None if seg_file is None else str(seg_file),
                                                  p.plans_manager, p.configuration_manager, p.dataset_json)
         return data.astype(np.float32), seg, props
 
@@ -57,8 +59,6 @@ class TrainedModel:
 def load_trained_model(model_folder, folds: Sequence = (0,), checkpoint_name: str = "checkpoint_final.pth",
                        device: torch.device = torch.device("cpu")) -> TrainedModel:
     """Load ``model_folder`` (``.../TRAINER__PLANS__CONFIG``) for the given folds."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     model_folder = Path(model_folder)
     if not (model_folder / "plans.json").is_file():
         raise FileNotFoundError(f"{model_folder} is not a trained nnU-Net model folder (no plans.json)")

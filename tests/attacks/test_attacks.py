@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from attack_helpers import CountingModel, TinySegNet, ce, dice, downsample_labels, fresh_copy, make_task, trained_model
 
-from attack_helpers import (CountingModel, TinySegNet, ce, dice, downsample_labels, fresh_copy, make_task,
-                            trained_model)
-from nnunet_adv.attacks import (attack_defaults, available_attacks, build_attack, nlcen_iterations)
+from nnunet_adv.attacks import attack_defaults, available_attacks, build_attack, nlcen_iterations
 
 LP_ATTACKS = ["fgsm", "bim", "pgd", "segpgd", "cospgd", "apgd-ce", "ifgsm-targeted"]
 GRAD_ATTACKS = LP_ATTACKS + ["vafa-2d", "vafa-3d"]

@@ -6,7 +6,6 @@ import torch
 
 from nnunet_adv import frequency as fq
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

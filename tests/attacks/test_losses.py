@@ -7,10 +7,8 @@ import scipy.fft
 import torch
 import torch.nn.functional as F
 
-from nnunet_adv.losses import (cospgd_loss, cospgd_weights, dice_per_sample, frequency_consistency,
-                               segpgd_loss)
+from nnunet_adv.losses import cospgd_loss, cospgd_weights, dice_per_sample, frequency_consistency, segpgd_loss
 from nnunet_adv.ssim import block_ssim, ssim, ssim_per_channel
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

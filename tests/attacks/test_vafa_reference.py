@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from attack_helpers import make_task, trained_model
+
 from nnunet_adv.attacks import attack_defaults, build_attack
 from nnunet_adv.attacks.vafa import rescale_slices, tile_starts
 from nnunet_adv.losses import monai_dice_ce

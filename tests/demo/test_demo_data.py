@@ -18,8 +18,7 @@ import pytest
 from scipy import ndimage
 
 from nnunet_adv.demo import data as demo_data
-from nnunet_adv.demo.data import (DatasetExistsError, DemoDataConfigError,
-                                  TemplatesMissingError, build_demo_dataset)
+from nnunet_adv.demo.data import DatasetExistsError, DemoDataConfigError, TemplatesMissingError, build_demo_dataset
 
 requires_mricron = pytest.mark.skipif(
     not demo_data.mricron_available(),

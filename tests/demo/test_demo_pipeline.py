@@ -2,8 +2,6 @@
 measured demo; its steps are the tested commands)."""
 import json
 
-import pytest
-
 from nnunet_adv.demo.pipeline import CONFIGURATIONS, DEMO_ATTACKS, Demo, DemoRun
 
 

@@ -16,7 +16,6 @@ import textwrap
 
 import pytest
 import torch
-
 from nnunet_tree import DATASET_ID, DATASET_NAME, predict_and_check, shrink_networks
 
 pytestmark = pytest.mark.e2e

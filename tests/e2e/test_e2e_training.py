@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-
 from nnunet_tree import DATASET_ID, SHARED_TRAINER, predict_and_check
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import SimpleITK as sitk
-
 from nnunet_tree import BIN, DATASET_ID, SHARED_TRAINER, predict_and_check
 
 pytestmark = pytest.mark.e2e

@@ -15,9 +15,9 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from nnunet_tree import DATASET_ID, SHARED_TRAINER
 
 from nnunet_adv.evaluation.figures import curve_figure_size, examples_figure_size, saliency_figure_size
-from nnunet_tree import DATASET_ID, SHARED_TRAINER
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-
 from nnunet_tree import DATASET_ID
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +27,7 @@ def test_the_study_trains_fine_tunes_evaluates_and_writes_one_table(study):
     names = sorted(p.name for p in results.iterdir() if "seed-0" in p.name)
     assert names == ["nnUNetTrainerClean_ep-1_its-2_valits-2_valsteps-1_seed-0__nnUNetPlans__2d",
                      "nnUNetTrainerClean_lr-0.01_ep-1_its-2_valits-2_valsteps-1_seed-0__nnUNetPlans__2d",
-                     "nnUNetTrainerPGDAT_steps-3_alpha-0.833_ep-1_its-2_valits-2_valsteps-1_seed-0__nnUNetPlans__2d"]
+                     "nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_ep-1_its-2_valits-2_valsteps-1_seed-0__nnUNetPlans__2d"]
     record = json.loads((out / "study.json").read_text())
     rows = {r["model"]: r for r in record["results"]}
     assert list(rows) == ["clean-continued", "nnUNetTrainerPGDAT"] and record["cases"] == 2
@@ -41,7 +40,8 @@ def test_the_study_trains_fine_tunes_evaluates_and_writes_one_table(study):
         jaccard = [r["clean_jaccard"], *r["worst_case_lp_jaccard_vs_eps"].values()]
         assert set(r["worst_case_lp_jaccard_vs_eps"]) == {"4", "8"} and all(0 <= j <= 1 for j in jaccard)
     assert rows["nnUNetTrainerPGDAT"]["attack_steps_per_iteration"] == 3.0
-    assert rows["clean-continued"]["attack_steps_per_iteration"] == 0.0 and rows["clean-continued"]["cost_vs_clean"] == 1
+    assert (rows["clean-continued"]["attack_steps_per_iteration"] == 0.0
+            and rows["clean-continued"]["cost_vs_clean"] == 1)
     # the evaluation's own reports: one per eps (worst-case row over that eps' attacks) and VAFA/GN
     for folder in ("eps-4", "eps-8", "vafa-gn"):
         report = (out / "evaluation" / folder / "report.md").read_text()
@@ -101,5 +101,6 @@ def test_an_existing_study_is_not_overwritten_and_a_foreign_clean_model_is_refus
                  if p.name.startswith("nnUNetTrainerClean_ep-1"))
     proc = tree.run("nnUNetv2_adv_study", "-d", DATASET_ID, "-o", tmp_path / "gpu", "--profile", "gpu",
                     "--clean_model", clean, check=False)
-    assert proc.returncode == 2 and "is of Dataset901_AdvTestMRI 2d, not Dataset901_AdvTestMRI 3d_fullres" in proc.stderr
+    assert (proc.returncode == 2
+            and "is of Dataset901_AdvTestMRI 2d, not Dataset901_AdvTestMRI 3d_fullres" in proc.stderr)
     assert not (tmp_path / "gpu").exists()

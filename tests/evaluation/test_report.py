@@ -2,7 +2,6 @@
 summaries hold, in nnU-Net's layout, with the settings' labels and eps."""
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +68,8 @@ def test_worst_case_does_not_keep_a_first_nan_over_a_later_number():
     from nnunet_adv.evaluation.pipeline import worst_case_summary
 
     nan = float("nan")
-    summary = worst_case_summary([("a", _summary([nan, 0.5])), ("b", _summary([0.0, 0.6])), ("c", _summary([nan, 0.7]))])
+    summary = worst_case_summary([("a", _summary([nan, 0.5])), ("b", _summary([0.0, 0.6])),
+                                  ("c", _summary([nan, 0.7]))])
     assert [c["worst_of"] for c in summary["metric_per_case"]] == ["b", "a"]
     assert [c["foreground_dice"] for c in summary["metric_per_case"]] == [0.0, 0.5]
     everywhere_nan = worst_case_summary([("a", _summary([nan])), ("b", _summary([nan]))])
@@ -96,7 +96,8 @@ def test_worst_case_keeps_per_case_the_lowest_dice_attack(tmp_path):
                  ("m", apgd.tag): _summary([0.3, 0.1]), ("m", control.tag): _summary([0.05, 0.05]),
                  ("m", "worst-case"): summary}
     ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
-                               dataset="D", models=models, settings=settings, evaluations=evaluations_of(models, settings),
+                               dataset="D", models=models, settings=settings,
+                               evaluations=evaluations_of(models, settings),
                                summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
                                checkpoint="c", cases=["c1", "c2"])
     text = report.write_report_md(ctx, [])
@@ -122,7 +123,8 @@ def test_corruption_table_and_mean_corruption_dice(tmp_path):
     for i, s in enumerate(corrupted):
         summaries[("m", s.tag)] = _summary([0.7 - 0.1 * i, 0.7 - 0.1 * i])
     ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
-                               dataset="D", models=models, settings=settings, evaluations=evaluations_of(models, settings),
+                               dataset="D", models=models, settings=settings,
+                               evaluations=evaluations_of(models, settings),
                                summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
                                checkpoint="c", cases=["c1", "c2"])
     assert ctx.mean_corruption("m") == pytest.approx(np.mean([0.7, 0.6, 0.5, 0.4, 0.3, 0.2]))

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from fault_helpers import TRAINER, in_process
 
 pytestmark = [pytest.mark.faults]

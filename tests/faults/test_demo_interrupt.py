@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from fault_helpers import _digest
 from nnunet_tree import BIN
 

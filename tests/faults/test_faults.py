@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from fault_helpers import TRAINER, _attack_args, _digest, _evaluate_args, _one_error_line
 from nnunet_tree import BIN
 
@@ -32,8 +31,9 @@ def _inputs_unchanged(tree, before):
 def _accepted_cases_are_correct(out: Path, tree):
     """Whatever a resume would accept (images recorded in attack.json with their SHA-256) reads back
     as a complete image with the input's size."""
+    from nnunet_adv.records import ATTACK_JSON
     from nnunet_adv.volume.folders import find_cases
-    from nnunet_adv.volume.runner import ATTACK_JSON, verified_cases
+    from nnunet_adv.volume.runner import verified_cases
 
     if not (out / ATTACK_JSON).is_file():
         return set()

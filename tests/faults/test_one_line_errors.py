@@ -1,7 +1,6 @@
 """Bad input refused up front with one line in the user's units and words: before any model loads,
 nothing written. The commands run through their main() in this process (no interpreter start-up)."""
 import pytest
-
 from fault_helpers import TRAINER, in_process
 
 pytestmark = [pytest.mark.faults]
@@ -86,9 +85,10 @@ def test_negative_seeds_are_one_line_and_leave_nothing(tmp_path, capsys):
 
 def test_a_study_with_an_eps_twice_is_refused_before_training(nnunet_env, tmp_path):
     """--eps_sweep 4 4 trained and evaluated for minutes, then crashed in the figures."""
+    from nnunet_tree import DATASET_ID
+
     from nnunet_adv.errors import UserError
     from nnunet_adv.evaluation.study import Study, StudyRun
-    from nnunet_tree import DATASET_ID
 
     study = Study(StudyRun(dataset=str(DATASET_ID), output=tmp_path / "study", eps_sweep=[4.0, 4.0]))
     with pytest.raises(UserError, match="--eps_sweep gives eps 4 twice; give each eps once"):

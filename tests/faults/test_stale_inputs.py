@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from fault_helpers import TRAINER, _digest, in_process
 
 pytestmark = [pytest.mark.faults]

@@ -4,7 +4,6 @@ nnU-Net's "Could not find requested nnunet trainer" traceback nor a run that tra
 a refused name leaves no results folder. (That nnUNetv2_train prints such a refusal as one line is
 tests/e2e/test_ecosystem.py's test_a_bad_setting_in_the_name_is_one_line.)"""
 import pytest
-
 from nnunet_tree import DATASET_ID, DATASET_NAME
 
 pytestmark = [pytest.mark.faults]

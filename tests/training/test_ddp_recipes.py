@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 from nnunet_tree import DATASET_NAME
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 WORLD = 2
 SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]

@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
-
+from nnunet_tree import DATASET_NAME
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_adv.errors import UserError
 from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort, nnUNetTrainerSAAT_TestShort
 from nnunet_adv.training.adversarial_trainer import RecipeError
 from nnunet_adv.training.pretrained import PretrainedWeightsError, map_pretrained_state_dict
-from nnunet_tree import DATASET_NAME
 
 SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
 

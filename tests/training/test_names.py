@@ -10,8 +10,8 @@ from nnunet_adv.training.names import settings_of
 
 
 def test_keys_set_budget_attack_options_schedule_and_recipe_attributes():
-    cls = getattr(trainers, "nnUNetTrainerPGDAT_eps-8_steps-5_alpha-0.5_ep-20_its-50_lr-1e-3_valsteps-2")
-    assert cls.__name__ == "nnUNetTrainerPGDAT_eps-8_steps-5_alpha-0.5_ep-20_its-50_lr-1e-3_valsteps-2"
+    cls = getattr(trainers, "nnUNetTrainerPGDAT_eps-8_steps-5_alphaeps-0.5_ep-20_its-50_lr-1e-3_valsteps-2")
+    assert cls.__name__ == "nnUNetTrainerPGDAT_eps-8_steps-5_alphaeps-0.5_ep-20_its-50_lr-1e-3_valsteps-2"
     assert issubclass(cls, trainers.nnUNetTrainerPGDAT)
     assert cls.eps_frac == pytest.approx(8 / 255) and cls.alpha_over_eps == 0.5
     assert cls.attack_kwargs == {"steps": 5, "random_start": True, "norm": "linf"}
@@ -24,6 +24,21 @@ def test_keys_set_budget_attack_options_schedule_and_recipe_attributes():
     saat = getattr(trainers, "nnUNetTrainerSAAT_period-1_gamma-1.2_inner-pgd_epsraw-30")
     assert (saat.saat_check_period, saat.saat_gamma, saat.saat_inner_attack) == (1, 1.2, "pgd")
     assert saat.eps_raw == 30.0 and saat.eps_frac is None
+
+
+def test_alpha_and_std_in_names_are_deprecated_for_alphaeps_and_stdeps(capsys):
+    """alpha on the commands and in attack strings is x/255 of the window; in names it was a multiple
+    of eps. The name keys are now alphaeps / stdeps; the old keys keep their meaning, with a note."""
+    old = getattr(trainers, "nnUNetTrainerPGDAT_steps-3_alpha-0.833")
+    note = capsys.readouterr().err
+    assert old.alpha_over_eps == 0.833 and "alpha-0.833 is deprecated, write alphaeps-0.833" in note
+    assert len(note.strip().splitlines()) == 1
+    new = getattr(trainers, "nnUNetTrainerPGDAT_steps-3_alphaeps-0.833")
+    assert new.alpha_over_eps == 0.833 and capsys.readouterr().err == ""
+    gn = getattr(trainers, "nnUNetTrainerGNAug_stdeps-2")
+    assert gn.std_over_eps == 2.0
+    with pytest.raises(UserError, match="set the same setting"):
+        getattr(trainers, "nnUNetTrainerPGDAT_alpha-1_alphaeps-1")
 
 
 def test_one_class_per_name_found_again_by_pickle():

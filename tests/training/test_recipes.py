@@ -6,16 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
+from nnunet_tree import DATASET_NAME
 from nnunetv2.run import run_training
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as nnunet_load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainerBN import nnUNetTrainerBN
+from torch import nn
+from trainer_batch import make_batch
 
 from nnunet_adv.attacks.vafa import VAFA2D, VAFA3D
 from nnunet_adv.losses import frequency_consistency
-from nnunet_adv.modules.dual_norm import ADV, CLEAN, DualNorm, dual_norms, norm_route
+from nnunet_adv.modules.dual_norm import ADV, CLEAN, dual_norms, norm_route
 from nnunet_adv.modules.nlce import NLCE
 from nnunet_adv.trainers import (
     nnUNetTrainerDualBN,
@@ -35,17 +36,15 @@ from nnunet_adv.trainers import (
     nnUNetTrainerVAFT_TestShort,
 )
 from nnunet_adv.trainers.vaft import vafa_block_size
+from nnunet_adv.training.adversarial_trainer import RecipeError
 from nnunet_adv.training.network_changes import (
     BatchNormArchitecture,
     BatchRoutedDualNorm,
     DualNormConversion,
     InsertNLCE,
 )
-from nnunet_adv.training.adversarial_trainer import RecipeError
 from nnunet_adv.training.pretrained import load_pretrained_weights
 from nnunet_adv.training.saat_schedule import SAATSchedule
-from trainer_batch import make_batch
-from nnunet_tree import DATASET_NAME
 
 SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
 
@@ -284,7 +283,8 @@ def test_saat_free_at_step_replays_m_times_with_a_persistent_buffer(nnunet_tree,
     steps = _count_optimizer_steps(trainer, monkeypatch)
     seen = []
     original = trainer.compute_loss_terms
-    monkeypatch.setattr(trainer, "compute_loss_terms", lambda d, xa, t: (seen.append(xa.detach().clone()), original(d, xa, t))[1])
+    monkeypatch.setattr(trainer, "compute_loss_terms",
+                        lambda d, xa, t: (seen.append(xa.detach().clone()), original(d, xa, t))[1])
     out = trainer.train_step(batch1)
     assert len(steps) == 2 and len(seen) == 2                    # m = 2 replays, 2 optimiser steps
     assert torch.equal(seen[0], x1)                               # zero buffer at the start
@@ -339,7 +339,8 @@ def test_saat_free_at_keeps_clean_voxels_outside_the_ct_window(nnunet_tree, monk
     assert bool((batch["data"].abs() > 1).any())        # voxels outside the window [-1, 1]
     seen = []
     original = trainer.compute_loss_terms
-    monkeypatch.setattr(trainer, "compute_loss_terms", lambda d, xa, t: (seen.append(xa.detach().clone()), original(d, xa, t))[1])
+    monkeypatch.setattr(trainer, "compute_loss_terms",
+                        lambda d, xa, t: (seen.append(xa.detach().clone()), original(d, xa, t))[1])
     trainer.train_step(batch)                            # m = 1, zero buffer: the clean batch itself
     assert torch.equal(seen[0], batch["data"])
 
@@ -366,7 +367,8 @@ def test_saat_pgd_inner_attack_uses_m_steps(nnunet_tree, monkeypatch):
     recorded = []
     original = trainer.craft_adversarial
     monkeypatch.setattr(trainer, "craft_adversarial",
-                        lambda d, t, o=None, for_training=True: (recorded.append(dict(o or {})), original(d, t, o, for_training))[1])
+                        lambda d, t, o=None, for_training=True: (recorded.append(dict(o or {})),
+                                                                 original(d, t, o, for_training))[1])
     steps = _count_optimizer_steps(trainer, monkeypatch)
     out = trainer.train_step(make_batch(trainer))
     assert recorded == [{"steps": 3}] and len(steps) == 1

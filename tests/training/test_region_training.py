@@ -12,20 +12,19 @@ BCE-with-logits on the regions), never a softmax CE against integer labels.
 import copy
 
 import pytest
+import test_recipes
 import torch
 import torch.nn.functional as F
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-
-import test_recipes
 from test_recipes import _make_trainer, _plans
 from trainer_batch import make_batch
 
 from nnunet_adv.attacks import build_attack
-
 from nnunet_adv.losses import region_dice_per_sample
+from nnunet_adv.network import network_mode, unwrap_network
 from nnunet_adv.trainers import (
     nnUNetTrainerDualNorm_TestShort,
     nnUNetTrainerNLCE_VAFT_TestShort,
@@ -33,7 +32,6 @@ from nnunet_adv.trainers import (
     nnUNetTrainerSAAT_TestShort,
     nnUNetTrainerVAFT_TestShort,
 )
-from nnunet_adv.network import network_mode, unwrap_network
 
 REGIONS = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}
 REGION_LABELS = [(1, 2), (2,)]   # label values of each region, in channel order
@@ -301,7 +299,8 @@ def test_region_targets_single_region_ignore_channel_and_unsupported_attacks():
 
     assert torch.allclose(build_attack("fgsm", eps=0.1, loss=masked_bce)(model, x, target), x_adv)
     # VAFA early stop and the ensemble's per-sample Dice work on regions
-    assert build_attack("ensemble", attacks=[("fgsm", {"eps": 0.1}), ("gn", {"std": 0.1})])(model, x, target).shape == x.shape
+    assert build_attack("ensemble", attacks=[("fgsm", {"eps": 0.1}),
+                                             ("gn", {"std": 0.1})])(model, x, target).shape == x.shape
     # softmax-CE weightings, targeted attacks and a wrong region count are refused, clearly
     model, x, target = _toy()
     for name, opts in (("segpgd", {}), ("cospgd", {}), ("pgd", {"targeted": True}), ("ifgsm-targeted", {})):

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from nnunet_tree import DATASET_NAME
+from trainer_batch import make_batch
 
 from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort
-from trainer_batch import make_batch
-from nnunet_tree import DATASET_NAME
 
 SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
 
@@ -112,7 +112,8 @@ def test_validation_step_reports_clean_and_robust_counts(nnunet_tree, monkeypatc
     for key in ("tp_hard", "fp_hard", "fn_hard", "loss"):
         assert f"robust_{key}" in out
     clean_dice = 2 * out["tp_hard"] / (2 * out["tp_hard"] + out["fp_hard"] + out["fn_hard"])
-    robust_dice = 2 * out["robust_tp_hard"] / (2 * out["robust_tp_hard"] + out["robust_fp_hard"] + out["robust_fn_hard"])
+    robust_dice = 2 * out["robust_tp_hard"] / (2 * out["robust_tp_hard"] + out["robust_fp_hard"]
+                                               + out["robust_fn_hard"])
     assert clean_dice.mean() > 0.3  # the network has learnt the task ...
     assert robust_dice.mean() < clean_dice.mean()  # ... and the attack degrades it
     assert out["robust_loss"] > out["loss"]
@@ -132,8 +133,7 @@ LP_ATTACKS = {"apgd-ce", "apgd-rog", "bim", "cospgd", "fgsm", "ifgsm-targeted", 
 
 
 def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
-    from nnunet_adv.attacks import available_attacks
-    from nnunet_adv.attacks import attack_defaults
+    from nnunet_adv.attacks import attack_defaults, available_attacks
 
     assert set(FAST_OPTIONS) == set(available_attacks())
     trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
@@ -153,3 +153,21 @@ def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
             assert ((x_adv - x).abs() <= budget.eps + 1e-6).all(), name
         # the trainer passes the projection box to every attack that takes one (gn included)
         assert (x_adv >= budget.lower - 1e-5).all() and (x_adv <= budget.upper + 1e-5).all(), name
+
+
+def test_the_attack_configuration_is_made_once_and_again_only_when_the_recipe_changes(nnunet_tree, monkeypatch):
+    """Every batch builds its attack (the budget depends on the batch), but not the configuration."""
+    from nnunet_adv.training import adversarial_trainer
+
+    trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
+    made = []
+    real = adversarial_trainer.AttackConfig
+    monkeypatch.setattr(adversarial_trainer, "AttackConfig", lambda *a, **k: made.append(a) or real(*a, **k))
+    batch = make_batch(trainer)
+    trainer.attack_kwargs = {**trainer.attack_kwargs, "steps": 1}
+    for _ in range(3):
+        trainer.craft_adversarial(batch["data"], batch["target"])
+    assert len(made) == 1
+    trainer.attack_kwargs = {**trainer.attack_kwargs, "steps": 2}  # a recipe hook changed the attack
+    trainer.craft_adversarial(batch["data"], batch["target"])
+    assert len(made) == 2 and made[-1][1]["steps"] == 2

@@ -30,17 +30,17 @@ import functools
 import numpy as np
 import pytest
 import torch
+from test_recipes import _make_trainer
 from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.testing import CompileCounterWithBackend
+from trainer_batch import make_batch
 
+from nnunet_adv.network import unwrap_network
 from nnunet_adv.trainers import (
     nnUNetTrainerDualNorm_TestShort,
     nnUNetTrainerPGDAT_TestShort,
     nnUNetTrainerVAFT_TestShort,
 )
-from nnunet_adv.network import unwrap_network
-from test_recipes import _make_trainer
-from trainer_batch import make_batch
 
 TRAINERS = {"PGDAT": nnUNetTrainerPGDAT_TestShort, "VAFT": nnUNetTrainerVAFT_TestShort}
 # + dual norm: its training forward routes batch segments through module attributes (guarded by Dynamo)

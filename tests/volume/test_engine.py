@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
+from nnunet_tree import DATASET_NAME
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -15,7 +15,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.volume.engine import CaseError, VolumeAttack
 from nnunet_adv.volume.trained_model import TrainedModel
-from nnunet_tree import DATASET_NAME
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,14 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO, SimpleITKIOWit
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_adv.volume.export import (ExportError, apply_raw_budget, perturbation_to_raw, raw_intensity_maps,
-                               supported_writer, write_image_like)
+from nnunet_adv.volume.export import (
+    ExportError,
+    apply_raw_budget,
+    perturbation_to_raw,
+    raw_intensity_maps,
+    supported_writer,
+    write_image_like,
+)
 
 # ---------------------------------------------------------------------------------------------
 # synthetic plans and images
@@ -33,7 +39,8 @@ RESAMPLE = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
 
 def _architecture(ndim: int, channels_out_last: int = 8) -> dict:
     conv = "torch.nn.modules.conv.Conv3d" if ndim == 3 else "torch.nn.modules.conv.Conv2d"
-    norm = "torch.nn.modules.instancenorm.InstanceNorm3d" if ndim == 3 else "torch.nn.modules.instancenorm.InstanceNorm2d"
+    norm = ("torch.nn.modules.instancenorm.InstanceNorm3d" if ndim == 3
+            else "torch.nn.modules.instancenorm.InstanceNorm2d")
     return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {"n_stages": 2, "features_per_stage": [4, channels_out_last], "conv_op": conv,
                             "kernel_sizes": [[3] * ndim, [3] * ndim], "strides": [[1] * ndim, [2] * ndim],
@@ -335,7 +342,8 @@ def test_cli_multichannel_and_2d_in_process(synthetic_model, tmp_path, configura
     images = synthetic_model / "imagesTs"
     before = _digest(images)
     out = tmp_path / "adv"
-    rc = main(["-i", str(images), "-o", str(out), "-m", str(synthetic_model / f"nnUNetTrainer__nnUNetPlans__{configuration}"),
+    rc = main(["-i", str(images), "-o", str(out), "-m",
+               str(synthetic_model / f"nnUNetTrainer__nnUNetPlans__{configuration}"),
                "-f", "0", *attack, "-device", "cpu", "--disable_progress_bar"])
     assert rc == 0, capsys.readouterr().err
     assert _digest(images) == before  # the input folder is byte-identical
@@ -347,7 +355,8 @@ def test_cli_multichannel_and_2d_in_process(synthetic_model, tmp_path, configura
         assert rec["status"] == "ok" and rec["target"] == "clean prediction"
         assert len(rec["linf_raw"]) == 2 and len(rec["ssim"]) == 2
         for c in range(2):
-            src, dst = sitk.ReadImage(str(images / f"{case}_{c:04d}.nii.gz")), sitk.ReadImage(str(out / f"{case}_{c:04d}.nii.gz"))
+            src, dst = (sitk.ReadImage(str(images / f"{case}_{c:04d}.nii.gz")),
+                        sitk.ReadImage(str(out / f"{case}_{c:04d}.nii.gz")))
             assert (src.GetSize(), src.GetSpacing(), src.GetOrigin(), src.GetDirection()) == \
                    (dst.GetSize(), dst.GetSpacing(), dst.GetOrigin(), dst.GetDirection())
             a, b = sitk.GetArrayFromImage(src).astype(np.float64), sitk.GetArrayFromImage(dst).astype(np.float64)

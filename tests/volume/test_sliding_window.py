@@ -16,15 +16,14 @@ import types
 import warnings
 import weakref
 
+import nnunetv2.inference.predict_from_raw_data as nnunet_predict_module
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import nnunetv2.inference.predict_from_raw_data as nnunet_predict_module
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+from torch import nn
 
 from nnunet_adv.volume.sliding_window import SlidingWindowModel
 
