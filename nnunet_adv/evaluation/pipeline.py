@@ -25,6 +25,7 @@ from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+import nnunet_adv.metrics as image_metrics  # module access: LPIPS is optional, tests stand in for it
 from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation import report
 from nnunet_adv.evaluation.case_metrics import (
@@ -51,7 +52,6 @@ from nnunet_adv.files import (
     read_checked_json,
 )
 from nnunet_adv.locks import folder_lock
-from nnunet_adv.metrics import lpips_available, lpips_distance
 from nnunet_adv.records import (
     ATTACK_JSON,
     ensure_writable,
@@ -558,10 +558,10 @@ class RobustnessEvaluation:
 
 def image_lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Optional[float]:
     """Mean over channels of the slice-wise LPIPS of adversarial vs clean, None if unavailable."""
-    if not lpips_available():
+    if not image_metrics.lpips_available():
         return None
     clean, adv = rw.read_images(clean_files)[0], rw.read_images(adversarial_files)[0]
-    values = [lpips_distance(c, a, float(c.max() - c.min())) for c, a in zip(clean, adv)]
+    values = [image_metrics.lpips_distance(c, a, float(c.max() - c.min())) for c, a in zip(clean, adv)]
     return None if any(v is None for v in values) else float(np.mean(values))
 
 
