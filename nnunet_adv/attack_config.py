@@ -44,13 +44,7 @@ from nnunet_adv.attack_strings import (
     split_members,
     split_top_level,
 )
-from nnunet_adv.attacks import (
-    attack_class,
-    attack_defaults,
-    available_attacks,
-    build_attack,
-    canonical_name,
-)
+from nnunet_adv.attacks import attack_class, attack_defaults, available_attacks, build_attack, canonical_name
 from nnunet_adv.errors import UserError
 from nnunet_adv.threat_model import ThreatModel, from_x255, to_x255
 

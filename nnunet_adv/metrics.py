@@ -30,11 +30,7 @@ import torch
 from monai.metrics import compute_surface_dice
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-from scipy.ndimage import (
-    binary_erosion,
-    distance_transform_edt,
-    generate_binary_structure,
-)
+from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 from skimage.metrics import structural_similarity
 
 LabelOrRegion = Union[int, Tuple[int, ...]]

@@ -13,9 +13,7 @@ import math
 
 import torch
 
-from .frequency import (
-    KRON_MAX,  # one threshold for every fused separable operator (DCT, SSIM filter)
-)
+from .frequency import KRON_MAX  # one threshold for every fused separable operator (DCT, SSIM filter)
 
 Tensor = torch.Tensor
 

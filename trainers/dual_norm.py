@@ -33,13 +33,7 @@ from torch import nn
 
 from nnunet_adv.modules.dual_norm import norm_route
 from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
-from nnunet_adv.training.network_changes import (
-    ADV,
-    CLEAN,
-    BatchNormArchitecture,
-    DualNormConversion,
-    batch_routes,
-)
+from nnunet_adv.training.network_changes import ADV, CLEAN, BatchNormArchitecture, DualNormConversion, batch_routes
 
 _ROUTES = {"clean": CLEAN, "adv": ADV}
 

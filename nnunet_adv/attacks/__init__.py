@@ -42,13 +42,7 @@ from .fgsm import FGSM
 from .noise import GaussianNoise
 from .options import canonical_name
 from .pgd import BIM, PGD
-from .registry import (
-         attack_class,
-         attack_defaults,
-         available_attacks,
-         build_attack,
-         register,
-)
+from .registry import attack_class, attack_defaults, available_attacks, build_attack, register
 from .segpgd import SegPGD
 from .targeted import TargetedIFGSM, nlcen_iterations
 from .vafa import VAFA2D, VAFA3D, SliceRescale, VAFA2DRef, VAFA3DRef

@@ -52,14 +52,7 @@ import torch.nn.functional as F
 
 from ..losses import dice_per_sample, region_dice_per_sample
 from ..outputs import detach_output, full_res, slice_batch
-from .options import (  # noqa: F401
-    AMP_DEFAULT_SCALE,
-    COMMON_DEFAULTS,
-    TARGET_DEFAULTS,
-    broadcast_param,
-    check_int,
-    check_param,
-)
+from .options import AMP_DEFAULT_SCALE, COMMON_DEFAULTS, TARGET_DEFAULTS, broadcast_param, check_int, check_param  # noqa: F401
 from .targets import LabelsLike, full_res_labels, resolve_target
 
 Tensor = torch.Tensor

@@ -15,15 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..frequency import (
-    BACKENDS,
-    dctn,
-    from_blocks,
-    idctn,
-    normalize_block_size,
-    soft_round,
-    to_blocks,
-)
+from ..frequency import BACKENDS, dctn, from_blocks, idctn, normalize_block_size, soft_round, to_blocks
 from ..losses import monai_dice_ce
 from ..outputs import full_res
 from ..ssim import block_ssim

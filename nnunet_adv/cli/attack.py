@@ -21,13 +21,7 @@ from nnunet_adv.attack_config import AttackConfig, attack_names
 from nnunet_adv.attack_strings import parse_bool
 from nnunet_adv.attacks import attack_class, attack_defaults
 from nnunet_adv.attacks.options import canonical_name
-from nnunet_adv.cli.common import (
-    CLIError,
-    OneLineArgumentParser,
-    at_least_one,
-    cli_main,
-    pick_device,
-)
+from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, at_least_one, cli_main, pick_device
 from nnunet_adv.errors import UserError
 
 # attack-library options exposed as flags: name -> argparse kwargs
@@ -202,9 +196,7 @@ def say(text: str) -> None:
 
 
 def run(args, argv: List[str]) -> int:
-    from nnunet_adv.volume import (
-        folders,  # nnU-Net: imported once the flags are read (--help stays fast)
-    )
+    from nnunet_adv.volume import folders  # nnU-Net: imported once the flags are read (--help stays fast)
 
     a = args
     if a.list_attacks:

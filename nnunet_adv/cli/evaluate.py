@@ -31,18 +31,8 @@ import time
 from pathlib import Path
 from typing import List
 
-from nnunet_adv.cli.common import (
-    CLIError,
-    OneLineArgumentParser,
-    at_least_one,
-    cli_main,
-    pick_device,
-)
-from nnunet_adv.evaluation.pipeline import (
-    EvaluationRun,
-    RobustnessEvaluation,
-    labelled_cases,
-)
+from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, at_least_one, cli_main, pick_device
+from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
 from nnunet_adv.evaluation.plan import (
     Model,
     Setting,
@@ -186,9 +176,7 @@ def say_with_clock(started: float):
 
 
 def run(a, argv: List[str]) -> int:
-    from nnunetv2.imageio.reader_writer_registry import (
-        recursive_find_reader_writer_by_name,
-    )
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
     from nnunet_adv.errors import UserError
     from nnunet_adv.volume.folders import check_folders, configuration_of

@@ -27,18 +27,8 @@ from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer
 
 from nnunet_adv.demo.data import DEFAULT_NAME, _validate, build_demo_dataset
 from nnunet_adv.errors import UserError
-from nnunet_adv.evaluation.pipeline import (
-    EvaluationRun,
-    RobustnessEvaluation,
-    labelled_cases,
-)
-from nnunet_adv.evaluation.plan import (
-    Model,
-    Setting,
-    attack_settings,
-    sweep_settings,
-    worst_case_setting,
-)
+from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
+from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, sweep_settings, worst_case_setting
 from nnunet_adv.files import atomic_write_json
 from nnunet_adv.locks import folder_lock
 from nnunet_adv.records import ensure_writable, first_difference

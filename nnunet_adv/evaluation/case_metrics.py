@@ -28,17 +28,9 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
-from nnunetv2.evaluation.evaluate_predictions import (
-    compute_metrics,
-    label_or_region_to_key,
-)
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics, label_or_region_to_key
 
-from nnunet_adv.metrics import (
-    LabelOrRegion,
-    attack_success_rate,
-    hd95_per_class,
-    nsd_per_class,
-)
+from nnunet_adv.metrics import LabelOrRegion, attack_success_rate, hd95_per_class, nsd_per_class
 
 #: the normalised surface Dice's default tolerance (mm), as nnU-Net's authors report it
 NSD_TOLERANCE_MM = 1.0

@@ -28,20 +28,9 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 import nnunet_adv.metrics as image_metrics  # module access: LPIPS is optional, tests stand in for it
 from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation import report
-from nnunet_adv.evaluation.case_metrics import (
-    NSD_TOLERANCE_MM,
-    case_metrics,
-    jsonable_summary,
-    summarize,
-)
+from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM, case_metrics, jsonable_summary, summarize
 from nnunet_adv.evaluation.corruptions import case_seed, corrupt
-from nnunet_adv.evaluation.plan import (
-    Evaluation,
-    Model,
-    Setting,
-    evaluations_of,
-    worst_case_members,
-)
+from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of, worst_case_members
 from nnunet_adv.evaluation.report import ReportFolder
 from nnunet_adv.evaluation.saliency import saliency_slices
 from nnunet_adv.files import (
@@ -64,19 +53,8 @@ from nnunet_adv.records import (
 from nnunet_adv.volume.engine import _similarity
 from nnunet_adv.volume.export import WriteError, write_image_like
 from nnunet_adv.volume.folders import find_cases
-from nnunet_adv.volume.inputs import (
-    case_inputs,
-    changes_line,
-    input_change,
-    precheck_case,
-)
-from nnunet_adv.volume.runner import (
-    AttackRun,
-    prior_report,
-    resumable_cases,
-    run_attack,
-    run_settings,
-)
+from nnunet_adv.volume.inputs import case_inputs, changes_line, input_change, precheck_case
+from nnunet_adv.volume.runner import AttackRun, prior_report, resumable_cases, run_attack, run_settings
 from nnunet_adv.volume.trained_model import load_trained_model
 
 

@@ -19,13 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from nnunet_adv.attacks import attack_class
-from nnunet_adv.evaluation.figures import (
-    ExampleRow,
-    central_slice,
-    plot_examples,
-    plot_robustness_curve,
-    plot_saliency,
-)
+from nnunet_adv.evaluation.figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve, plot_saliency
 from nnunet_adv.files import atomic_write_text
 from nnunet_adv.metrics import lpips_available, robust_fraction
 

@@ -39,27 +39,13 @@ from nnunet_adv.attacks import attack_defaults
 from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation.case_metrics import nan_mean
 from nnunet_adv.evaluation.figures import plot_robustness_curve
-from nnunet_adv.evaluation.pipeline import (
-    EvaluationRun,
-    RobustnessEvaluation,
-    labelled_cases,
-    worst_case_summary,
-)
-from nnunet_adv.evaluation.plan import (
-    Model,
-    Setting,
-    attack_settings,
-    worst_case_setting,
-)
+from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases, worst_case_summary
+from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, worst_case_setting
 from nnunet_adv.files import atomic_write_json, atomic_write_text
 from nnunet_adv.locks import folder_lock
 from nnunet_adv.records import first_difference
 from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
-from nnunet_adv.volume.folders import (
-    check_model_folder,
-    configuration_of,
-    dataset_results_folder,
-)
+from nnunet_adv.volume.folders import check_model_folder, configuration_of, dataset_results_folder
 
 #: Per profile: configuration, clean schedule, fine-tuning schedule, validation, per-recipe settings
 #: (name items), the eps sweep, the reporting eps, the attacks' steps and tiles per network call.

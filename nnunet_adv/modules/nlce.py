@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
-from dynamic_network_architectures.building_blocks.simple_conv_blocks import (
-    StackedConvBlocks,
-)
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from torch import nn
 
 _GATES = ("scaled_sigmoid", "sigmoid")

@@ -26,14 +26,7 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 from torch import nn
 
-from nnunet_adv.modules.dual_norm import (
-    ADV,
-    CLEAN,
-    DualNorm,
-    _check_route,
-    convert_to_dual_norm,
-    dual_norms,
-)
+from nnunet_adv.modules.dual_norm import ADV, CLEAN, DualNorm, _check_route, convert_to_dual_norm, dual_norms
 from nnunet_adv.modules.nlce import insert_nlce
 
 

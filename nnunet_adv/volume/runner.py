@@ -45,19 +45,8 @@ from nnunet_adv.records import (
 )
 from nnunet_adv.volume.engine import VolumeAttack
 from nnunet_adv.volume.export import WriteError
-from nnunet_adv.volume.folders import (
-    check_folders,
-    configuration_of,
-    find_cases,
-    require_folder,
-)
-from nnunet_adv.volume.inputs import (
-    CaseError,
-    case_inputs,
-    changes_line,
-    input_change,
-    precheck_case,
-)
+from nnunet_adv.volume.folders import check_folders, configuration_of, find_cases, require_folder
+from nnunet_adv.volume.inputs import CaseError, case_inputs, changes_line, input_change, precheck_case
 from nnunet_adv.volume.trained_model import load_trained_model
 
 PARTIAL_FOLDER = ".nnunet_adv_partial"  # images are written here, then renamed into place (one file system)
