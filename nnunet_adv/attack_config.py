@@ -315,6 +315,7 @@ class AttackConfig:
             ThreatModel.from_plans(plans, configuration).with_raw_window(*self.window_raw)
         target = self.options.get("target")
         if dataset_json is not None and isinstance(target, numbers.Integral) and not isinstance(target, bool):
+            # nnU-Net here, not at the top: the commands import this module before reading their flags
             from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
             labels = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))

@@ -98,6 +98,8 @@ def number(key: str, value: Optional[str]) -> float:
     except ValueError:
         raise UserError(f"{key} must be a number, got {value!r}") from None
     if not math.isfinite(v) or v < 0:
+        if key in ("eps", "alpha", "std"):  # in the units the user wrote them in
+            raise UserError(f"{key} must be a finite number >= 0 (x/255 of the window), got {key} {v:g} (x/255)")
         raise UserError(f"{key} must be a finite number >= 0, got {value!r}")
     return v
 

@@ -21,6 +21,7 @@ Summary of conventions (see each function for details):
 * SSIM: scikit-image's ``structural_similarity``; uniform 7-voxel window with sample covariance by
   default, or Wang et al.'s Gaussian window (sigma 1.5, 11 taps, population covariance).
 """
+import importlib.util
 import os
 import warnings
 from typing import Sequence, Tuple, Union
@@ -392,7 +393,6 @@ def lpips_available() -> bool:
     torchvision AlexNet backbone weights are already in the local torch hub cache (nothing is
     downloaded). Never raises."""
     try:
-        import importlib.util
         spec = importlib.util.find_spec("lpips")
         if spec is None or not spec.submodule_search_locations:
             return False

@@ -5,6 +5,7 @@ shim in ``nnunet_adv/_ext`` (see nnunet_adv.ext_trainer), so every class exists 
 """
 from nnunet_adv.training import integration
 from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
+from nnunet_adv.training.names import trainer_from_name
 
 from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm
 from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_MultiStage, nnUNetTrainerNLCE_VAFT
@@ -67,8 +68,6 @@ def __getattr__(name: str):
     """Recipe settings by name (``nnUNetTrainerPGDAT_eps-8_steps-5``, nnunet_adv.training.names):
     the class is made on first use and kept here, so nnU-Net's lookup, its predictor and pickle
     find it by name."""
-    from nnunet_adv.training.names import trainer_from_name
-
     bases = {n: globals()[n] for n in __all__ if isinstance(globals().get(n), type)
              and issubclass(globals()[n], nnUNetTrainerAdversarial) and n != "nnUNetTrainerAdversarial"}
     cls = trainer_from_name(name, bases)

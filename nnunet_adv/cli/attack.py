@@ -23,6 +23,7 @@ from nnunet_adv.attacks import attack_class, attack_defaults
 from nnunet_adv.attacks.options import canonical_name
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, at_least_one, cli_main, pick_device
 from nnunet_adv.errors import UserError
+from nnunet_adv.records import check_part
 
 # attack-library options exposed as flags: name -> argparse kwargs
 _BOOL = {"type": lambda s: _parse_bool(s), "nargs": "?", "const": True, "metavar": "true|false"}  # noqa: E731
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
                    help="device (default cuda if available, else cpu)")
-    r.add_argument("--tile_batch_size", type=at_least_one("--tile_batch_size"), default=1,
+    r.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call (default 1, as nnU-Net; the gradient is the same; "
                         "memory grows with it; on a CPU 4 is several times faster per tile)")
     r.add_argument("-num_parts", type=int, default=1,
@@ -208,8 +209,7 @@ def run(args, argv: List[str]) -> int:
     missing = [flag for flag, value in (("-i", a.i), ("-o", a.o)) if value is None]
     if missing:
         raise CLIError(f"the following arguments are required: {', '.join(missing)}")
-    from nnunet_adv.records import check_part
-
+    at_least_one("--tile_batch_size", a.tile_batch_size)
     part = check_part(a.num_parts, a.part_id)
     config = attack_config_from_args(a)
     folder = folders.model_folder(a.m, a.d, a.c, a.tr, a.p)
@@ -218,7 +218,7 @@ def run(args, argv: List[str]) -> int:
     labels_folder = None if a.l is None else Path(a.l)
     device = pick_device(a.device)
 
-    from nnunet_adv.volume.runner import AttackRun, run_attack
+    from nnunet_adv.volume.runner import AttackRun, run_attack  # nnU-Net and torch: after the flags are read
 
     result = run_attack(AttackRun(attack=config, model_folder=folder, folds=folds, checkpoint=a.chk,
                                   input_folder=input_folder, output_folder=output_folder, labels_folder=labels_folder,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Callable
@@ -25,14 +26,12 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
-def at_least_one(flag: str) -> Callable[[str], int]:
-    """An argparse ``type`` for an integer flag that must be >= 1 (one line naming the flag)."""
-    def parse(text: str) -> int:
-        value = int(text)  # not an integer: argparse's own one-line "invalid int value"
-        if value < 1:
-            raise CLIError(f"{flag} must be >= 1, got {value}")
-        return value
-    return parse
+def at_least_one(flag: str, value: int) -> int:
+    """``value`` of an integer flag that must be >= 1 (else one line naming the flag), checked by the
+    commands before anything loads."""
+    if value < 1:
+        raise CLIError(f"{flag} must be >= 1, got {value}")
+    return value
 
 
 def cli_main(run: Callable[[], int], prefix: str = "error", resume_hint: str = "") -> int:
@@ -45,8 +44,6 @@ def cli_main(run: Callable[[], int], prefix: str = "error", resume_hint: str = "
         print(f"{prefix}: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:
@@ -60,7 +57,7 @@ def cli_main(run: Callable[[], int], prefix: str = "error", resume_hint: str = "
 
 def pick_device(requested):
     """nnU-Net's -device choice; default cuda where available, else cpu."""
-    import torch
+    import torch  # after the flags are read: --help and flag errors stay fast
 
     if requested is None:
         return "cuda" if torch.cuda.is_available() else "cpu"

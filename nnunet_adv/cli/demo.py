@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from nnunet_adv.demo.pipeline import Demo, DemoRun
+    from nnunet_adv.demo.pipeline import Demo, DemoRun  # nnU-Net and torch: after the flags are read
 
     demo_run = DemoRun(output=args.output, device=pick_device(args.device), dataset_id=args.dataset_id,
                        num_train=args.num_train, num_test=args.num_test, seed=args.seed, resume=args.resume)

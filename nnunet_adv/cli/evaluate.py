@@ -31,7 +31,11 @@ import time
 from pathlib import Path
 from typing import List
 
+from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, at_least_one, cli_main, pick_device
+from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases
 from nnunet_adv.evaluation.plan import (
     Model,
@@ -41,6 +45,9 @@ from nnunet_adv.evaluation.plan import (
     sweep_settings,
     worst_case_setting,
 )
+from nnunet_adv.records import check_part
+from nnunet_adv.volume import folders
+from nnunet_adv.volume.folders import check_folders, configuration_of
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
 
@@ -90,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attack the plain network even though predictions use test-time mirroring (cheaper; the "
                           "attacks' effect is then underestimated: the report says so)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
-    a.add_argument("--tile_batch_size", type=at_least_one("--tile_batch_size"), default=1,
+    a.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
     r = p.add_argument_group("prediction and report")
     r.add_argument("--disable_tta", action="store_true",
@@ -112,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def models_of(a) -> List[Model]:
     """The models the flags name (-m folders, or -d/-c/-tr/-p); all of one dataset."""
-    from nnunet_adv.volume import folders
-
     if a.m is not None:
         if a.d is not None or a.tr is not None:
             raise CLIError("give either -m MODEL_FOLDER ... or -d DATASET -c CONFIGURATION -tr TRAINER ..., not both")
@@ -176,18 +181,13 @@ def say_with_clock(started: float):
 
 
 def run(a, argv: List[str]) -> int:
-    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
-
-    from nnunet_adv.errors import UserError
-    from nnunet_adv.volume.folders import check_folders, configuration_of
 
     say = say_with_clock(time.time())
     if a.num_examples < 0:
         raise CLIError("--num_examples must be >= 0")
     if not all(math.isfinite(t) and t > 0 for t in a.nsd_tolerance):
         raise CLIError(f"--nsd_tolerance must be > 0 mm, got {' '.join(f'{t:g}' for t in a.nsd_tolerance)}")
-    from nnunet_adv.records import check_part
-
+    at_least_one("--tile_batch_size", a.tile_batch_size)
     part = check_part(a.num_parts, a.part_id)
     models = models_of(a)
     settings = settings_of(a)
@@ -239,8 +239,6 @@ def run(a, argv: List[str]) -> int:
 
 
 def _foreground(dataset_json: dict) -> list:
-    from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
     lm = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
     return list(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
 

@@ -56,7 +56,7 @@ def build_parser() -> OneLineArgumentParser:
 
 
 def run(args) -> int:
-    from nnunet_adv.evaluation.study import Study, StudyRun, combine_studies
+    from nnunet_adv.evaluation.study import Study, StudyRun, combine_studies  # after the flags are read
 
     if args.combine:
         missing = [f for f in args.combine if not (Path(f) / "study.json").is_file()]

@@ -18,6 +18,7 @@ def build_parser() -> OneLineArgumentParser:
 
 
 def run(args) -> int:
+    # the trainers import nnU-Net and install our integration: only when listing them
     import nnunet_adv.trainers as trainers
     from nnunet_adv.training.adversarial_trainer import nnUNetTrainerAdversarial
     from nnunet_adv.training.names import default_of, settings_of

@@ -136,7 +136,8 @@ class StudyRun:
 
 
 def _bases() -> Dict[str, type]:
-    import nnunet_adv.trainers as trainers
+    import nnunet_adv.trainers as trainers  # installs our nnU-Net integration: only when a study runs
+
     return {n: getattr(trainers, n) for n in trainers.__all__ if isinstance(getattr(trainers, n), type)
             and issubclass(getattr(trainers, n), nnUNetTrainerAdversarial) and not n.endswith(("_TestShort",))
             and "AdvDemo" not in n and n not in ("nnUNetTrainerAdversarial", CLEAN)}
@@ -374,7 +375,8 @@ class Study:
 def _attack_steps(trainer: str, log_text: str) -> float:
     """Attack gradient steps per training iteration: SAAT's m per epoch from its log (mean), else the
     recipe's attack steps; 0 for clean training."""
-    import nnunet_adv.trainers as trainers
+    import nnunet_adv.trainers as trainers  # as in _bases
+
     cls = getattr(trainers, trainer)
     if not cls.adversarial_loss_weight:
         return 0.0

@@ -30,7 +30,7 @@ def _one_line_user_errors(previous):
 
 def install() -> None:
     """Install both (idempotent)."""
-    from nnunet_adv.training import pretrained
+    from nnunet_adv.training import pretrained  # imports nnU-Net's training module: only when installing
 
     pretrained.install()
     if not getattr(sys.excepthook, "nnunet_adv", False):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
+import nibabel
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -298,8 +299,6 @@ def _nonfinite_in_nifti(path) -> int:
     if not name.endswith((".nii", ".nii.gz")):
         return 0
     try:
-        import nibabel
-
         image = nibabel.load(str(path))
         if not np.issubdtype(image.get_data_dtype(), np.floating):
             return 0

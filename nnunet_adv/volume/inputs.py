@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import nibabel
 import numpy as np
 
 from nnunet_adv.errors import UserError
@@ -61,8 +62,6 @@ def _nifti_bytes(path: Path) -> Optional[int]:
     """Bytes an NIfTI file must have (data offset + voxels x bytes per voxel), None if nibabel cannot
     read its header (then the dataset's reader decides)."""
     try:
-        import nibabel
-
         proxy = nibabel.load(str(path)).dataobj  # the file's layout (the image's header copy has offset 0)
         return int(proxy.offset) + int(np.prod(proxy.shape)) * int(np.dtype(proxy.dtype).itemsize)
     except Exception:  # not an NIfTI nibabel knows: nothing to compare
