@@ -416,8 +416,7 @@ class AttackConfig:
                 if quantity not in defaults:
                     raise UserError(f"{key} does not apply to attack '{name}'; valid options: "
                                     f"{', '.join(_string_keys(name))}")
-                fields[f"{key}_frac" if key != "eps_raw" else key] = \
-                    number(key, value) if key == "eps_raw" else from_x255(number(key, value))
+                fields.update([_budget_field(key, value)])
             elif key in ("seed", "window_raw"):
                 fields[key] = _field_value(name, key, value)
             elif key not in defaults or key in COMPUTED_KEYS:
@@ -436,10 +435,8 @@ class AttackConfig:
         for key, value in items:
             if key == "members" and value:
                 members = [cls.parse(member) for member in split_members(value)]
-            elif key in ("eps", "alpha") and value:
-                fields[f"{key}_frac"] = from_x255(number(key, value))
-            elif key == "eps_raw" and value:
-                fields["eps_raw"] = number(key, value)
+            elif key in ("eps", "alpha", "eps_raw") and value:
+                fields.update([_budget_field(key, value)])
             elif key in ("seed", "window_raw") and value:
                 fields[key] = _field_value("ensemble", key, value)
             else:
@@ -448,6 +445,12 @@ class AttackConfig:
         if not members:
             raise UserError("ensemble needs members=A+B+... (e.g. ensemble:members=pgd+apgd-ce+segpgd,eps=4)")
         return cls("ensemble", members=tuple(members), text=text, **fields)
+
+
+def _budget_field(key: str, value: Optional[str]) -> Tuple[str, float]:
+    """``(field, value)`` of a budget as a string writes it: eps/alpha/std in x/255 -> ``KEY_frac``,
+    ``eps_raw`` in raw units as it is."""
+    return ("eps_raw", number(key, value)) if key == "eps_raw" else (f"{key}_frac", from_x255(number(key, value)))
 
 
 def _field_value(name: str, key: str, value: Optional[str]):

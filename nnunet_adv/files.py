@@ -55,6 +55,11 @@ def file_digest(path) -> str:
     return h.hexdigest()
 
 
+def has_digest(path, digest: str) -> bool:
+    """Whether ``path`` is a file whose SHA-256 is ``digest`` (what a run record vouches for)."""
+    return Path(path).is_file() and file_digest(path) == digest
+
+
 #: the key under which a checked JSON file holds the SHA-256 of the rest of its content
 CHECKSUM_KEY = "sha256"
 

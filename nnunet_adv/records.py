@@ -77,17 +77,20 @@ def load_records(folder: Path, name: str = ATTACK_JSON) -> Optional[dict]:
 _MERGED_KEYS = ("cases", "files", "inputs")
 
 
+def package_version(package: str) -> Optional[str]:
+    """The installed version of ``package``, None if it is not installed."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def versions() -> dict:
     """Versions of the packages whose change can change a result."""
     import torch  # here, not at the top: the commands import this module before parsing their flags
 
-    def _version(package):
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    return {"nnunet_adv": _version("nnunet_adv"), "nnunetv2": _version("nnunetv2"), "torch": torch.__version__}
+    return {"nnunet_adv": package_version("nnunet_adv"), "nnunetv2": package_version("nnunetv2"),
+            "torch": torch.__version__}
 
 
 def first_difference(old, new, path: str = "") -> Optional[str]:

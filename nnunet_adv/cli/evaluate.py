@@ -167,7 +167,7 @@ def settings_of(a) -> List[Setting]:
     seen = {}  # canonical settings -> label: pgd:eps=4 and pgd:eps=4.0 are one attack, computed once
     for s in out:
         if s.attack is not None:
-            canonical = json.dumps(s.attack.settings(), sort_keys=True, default=repr)
+            canonical = s.attack.settings_hash()
             if canonical in seen:
                 raise CLIError(f"attacks {seen[canonical]!r} and {s.label!r} are the same setting; give it once")
             seen[canonical] = s.label

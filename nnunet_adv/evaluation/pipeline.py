@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,6 +37,7 @@ from nnunet_adv.files import (
     atomic_write_checked_json,
     atomic_write_json,
     file_digest,
+    has_digest,
     read_checked_json,
 )
 from nnunet_adv.locks import folder_lock
@@ -46,6 +46,7 @@ from nnunet_adv.records import (
     ensure_writable,
     first_difference,
     load_records,
+    package_version,
     part_record_name,
     split_cases,
     versions,
@@ -126,7 +127,7 @@ CORRUPTION_JSON = "corruption.json"
 def _files_verified(folder: Path, record: Optional[dict]) -> bool:
     if not record or record.get("status") != "ok":
         return False
-    return all((folder / n).is_file() and file_digest(folder / n) == d for n, d in record.get("files", {}).items())
+    return all(has_digest(folder / n, d) for n, d in record.get("files", {}).items())
 
 
 def _reader_writer(plans: dict):
@@ -134,10 +135,7 @@ def _reader_writer(plans: dict):
 
 
 def _torchio_version():
-    try:
-        return {"torchio": version("torchio")}
-    except PackageNotFoundError:
-        return {"torchio": None}
+    return {"torchio": package_version("torchio")}
 
 
 def worst_case_summary(members: Sequence[Tuple[str, dict]]) -> dict:
@@ -400,7 +398,7 @@ class RobustnessEvaluation:
                                 f"report folder (nothing was changed)")
             made_from = old.get("inputs", {})
             verified = {n: d for n, d in old.get("files", {}).items() if n in inputs and made_from.get(n) == inputs[n]
-                        and (out / n).is_file() and file_digest(out / n) == d}
+                        and has_digest(out / n, d)}
         missing = [c for c, n in wanted.items() if n not in verified]
         record_name = PREDICTION_JSON if r.part is None else part_record_name(PREDICTION_JSON, r.part)
         record = {"provenance": provenance, "settings": provenance,
@@ -437,8 +435,13 @@ class RobustnessEvaluation:
         folder = self.image_folder(ev)
         if folder is None:
             return {c: self.run.cases[c]["inputs"]["images"] for c in cases}
-        records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None else "attack.json")["cases"]
+        records = self.image_records(ev, folder)
         return {c: dict(records[c]["files"]) for c in cases}
+
+    @staticmethod
+    def image_records(ev: Evaluation, folder: Path) -> Dict[str, dict]:
+        """Per case, the run record of the adversarial or corrupted images ``ev`` predicts (in ``folder``)."""
+        return load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None else ATTACK_JSON)["cases"]
 
     def predictor(self, model: Model):
         """nnU-Net's predictor of ``model`` (cached)."""
@@ -473,8 +476,7 @@ class RobustnessEvaluation:
         summary = jsonable_summary(summarize(per_case, labels))
         folder = self.image_folder(ev)
         if folder is not None:
-            records = load_records(folder, CORRUPTION_JSON if ev.setting.corruption is not None
-                                   else "attack.json")["cases"]
+            records = self.image_records(ev, folder)
             for case, entry in zip(cases, summary["metric_per_case"]):
                 rec = records.get(case, {})
                 entry["SSIM"] = _channel_mean(rec.get("ssim"))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import attack_class
 from nnunet_adv.errors import UserError
-from nnunet_adv.files import atomic_write_checked_json, file_digest
+from nnunet_adv.files import atomic_write_checked_json, file_digest, has_digest
 from nnunet_adv.locks import folder_lock
 from nnunet_adv.records import (
     ATTACK_JSON,
@@ -336,7 +336,7 @@ def verified_cases(output_folder: Path, prior: Optional[dict], cases: Dict[str, 
         rec = records.get(case, {})
         digests = rec.get("files") or {}
         if info["problem"] is None and rec.get("status") == "ok" and set(digests) == set(info["names"]) and \
-                all((output_folder / n).is_file() and file_digest(output_folder / n) == d for n, d in digests.items()):
+                all(has_digest(output_folder / n, d) for n, d in digests.items()):
             done.add(case)
     return done
 
