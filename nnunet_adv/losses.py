@@ -103,6 +103,26 @@ def segpgd_loss(logits: Tensor, labels: Tensor, t: int, T: int, targeted: bool =
     return (w * ce).mean()
 
 
+def dlr_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
+    """ROG's DLR loss for segmentation (``rog/autoattack/autopgd.py``, after Croce & Hein 2020), ``(B,)``.
+
+    Per voxel ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z`` the logits sorted
+    descending as ``z_pi1 >= z_pi2 >= z_pi3``, then the mean over voxels: shift- and scale-invariant
+    in the logits, so a network that only rescales its logits cannot shrink it. Needs K >= 3
+    classes (``ValueError`` otherwise: ROG runs it only on multi-class tasks).
+    """
+    logits, y = _prep(logits, labels)
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes (it divides by z_pi1 - z_pi3); the model has "
+                         f"{logits.shape[1]}: use the CE loss (apgd-ce) on binary tasks, as ROG does")
+    z_sorted, order = logits.sort(dim=1)
+    z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    top_is_y = (order[:, -1] == y).float()
+    other = z_sorted[:, -2] * top_is_y + z_sorted[:, -1] * (1.0 - top_is_y)
+    loss = -(z_y - other) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+    return loss.flatten(1).mean(1)
+
+
 def cospgd_weights(logits: Tensor, labels: Tensor) -> Tensor:
     """CosPGD voxel weights ``cos_i = cosine(softmax(logits_i), onehot(y_i))``, ``(B, *S)``, detached."""
     logits, y = _prep(logits, labels)

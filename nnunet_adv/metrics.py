@@ -449,3 +449,19 @@ def lpips_distance(clean: np.ndarray, adv: np.ndarray, data_range: float):
     except RuntimeError:  # the network rejects the input (too small for its pooling)
         return None
     return float(d.mean())
+
+
+def input_gradient_stats(grad, mask=None, eps=None) -> dict:
+    """What the gradient-masking check reads of an input gradient ``grad`` ``(B, C, *S)`` (torch):
+    ``l1`` its L1 norm, ``zero_fraction`` the share of exactly-zero entries (a non-differentiable
+    step such as a quantisation gives 1.0) and ``linear_gain`` ``sum_c eps_c ||g_c||_1``, the loss
+    change a first-order step of the whole L-inf budget ``eps`` (C values, network units) promises
+    (None without ``eps``). Only entries where ``mask`` ``(B, 1, *S)`` is > 0 count (voxels the
+    attack may change)."""
+    g = grad.detach().float()
+    inside = torch.ones_like(g[:, :1], dtype=torch.bool) if mask is None else mask > 0
+    inside = inside.expand_as(g)
+    per_channel = torch.stack([g[:, c][inside[:, c]].abs().sum() for c in range(g.shape[1])])
+    gain = None if eps is None else float((per_channel * torch.as_tensor(eps).reshape(-1).to(per_channel)).sum())
+    return {"l1": float(per_channel.sum()), "zero_fraction": float((g[inside] == 0).float().mean()),
+            "linear_gain": gain}

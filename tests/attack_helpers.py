@@ -73,21 +73,25 @@ class DeepSupervision(nn.Module):
         return [z, pool(z, 2)]
 
 
-@lru_cache(maxsize=None)
-def _trained(nsp: int, channels: int) -> TinySegNet:
-    torch.manual_seed(1234 + nsp)
-    net = TinySegNet(nsp, in_channels=channels)
+def fit(net: nn.Module, batches) -> nn.Module:
+    """A few Adam steps (lr 0.02) of CE on ``(images, labels (B, 1, *S))`` batches; the net in eval mode,
+    parameter gradients cleared."""
     opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    for step in range(50):
-        x, y = make_task(nsp, n=2, size=16, channels=channels, seed=100 + step)
+    for x, y in batches:
         loss = F.cross_entropy(net(x), y[:, 0])
         opt.zero_grad()
         loss.backward()
         opt.step()
     for p in net.parameters():
         p.grad = None
-    net.eval()
-    return net
+    return net.eval()
+
+
+@lru_cache(maxsize=None)
+def _trained(nsp: int, channels: int) -> TinySegNet:
+    torch.manual_seed(1234 + nsp)
+    net = TinySegNet(nsp, in_channels=channels)
+    return fit(net, (make_task(nsp, n=2, size=16, channels=channels, seed=100 + step) for step in range(50)))
 
 
 def trained_model(nsp: int = 3, deep_supervision: bool = False, channels: int = 1) -> nn.Module:

@@ -23,6 +23,10 @@ name                what                                                        
 ``cospgd``          CosPGD (Agnihotri et al. 2024)                               cospgd.py
 ``apgd-ce``         APGD-CE, AutoAttack schedule, lowest-Dice iterate (ROG)     apgd.py
 ``apgd-rog``        APGD-CE with ROG's evaluation settings (5 steps, 5 restarts) apgd.py
+``apgd-dlr``        APGD with ROG's DLR loss (multi-class tasks)                apgd.py
+``fab``             targeted FAB, minimum-norm, as ROG adapts it                fab.py
+``square``          Square: gradient-free random search (ROG)                   square.py
+``autoattack-rog``  ROG's complete AutoAttack, per case the lowest Dice         autoattack.py
 ``vafa-3d``         VAFA, 3D DCT quantisation attack (Hanif et al. 2023)         vafa.py
 ``vafa-2d``         VAFA on 2D slices                                           vafa.py
 ``vafa-3d-ref``     VAFA-3D as the authors' code runs it (per-slice rescale,    vafa.py
@@ -34,24 +38,28 @@ name                what                                                        
 """
 from __future__ import annotations
 
-from .apgd import APGDCE, APGDROG
+from .apgd import APGDCE, APGDDLR, APGDROG
+from .autoattack import AutoAttackROG
 from .base import Attack
 from .cospgd import CosPGD
 from .ensemble import Ensemble
+from .fab import FAB
 from .fgsm import FGSM
 from .noise import GaussianNoise
 from .options import canonical_name
 from .pgd import BIM, PGD
 from .registry import attack_class, attack_defaults, available_attacks, build_attack, register
 from .segpgd import SegPGD
+from .square import Square
 from .targeted import TargetedIFGSM, nlcen_iterations
 from .vafa import VAFA2D, VAFA3D, SliceRescale, VAFA2DRef, VAFA3DRef
 
-register(FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, VAFA3D, VAFA2D, VAFA3DRef,
-         VAFA2DRef, SliceRescale, Ensemble)
+register(FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, APGDDLR, FAB, Square, VAFA3D,
+         VAFA2D, VAFA3DRef, VAFA2DRef, SliceRescale, Ensemble, AutoAttackROG)
 
 __all__ = [
     "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE", "APGDROG",
+    "APGDDLR", "FAB", "Square", "AutoAttackROG",
     "VAFA3D", "VAFA2D", "VAFA3DRef", "VAFA2DRef", "SliceRescale", "Ensemble", "build_attack", "available_attacks",
     "attack_defaults", "attack_class", "canonical_name", "nlcen_iterations", "register",
 ]

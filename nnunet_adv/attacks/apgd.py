@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses import dlr_per_sample
 from .base import AttackContext
 from .lp import LpAttack
 from .selection import PerSampleBest, per_sample_view
@@ -144,3 +145,25 @@ class APGDROG(APGDCE):
     name = "apgd-rog"
     summary = "APGD-CE with ROG's evaluation settings (5 steps, 5 restarts)"
     defaults = {**APGDCE.defaults, "steps": 5, "restarts": 5, "select": "dice"}
+
+
+class APGDDLR(APGDCE):
+    """APGD with ROG's DLR loss for segmentation (``rog/autoattack/autopgd.py``, ``loss='dlr'``):
+    the step schedule, restarts and the lowest-Dice selection of :class:`APGDCE`; the objective
+    :func:`nnunet_adv.losses.dlr_per_sample` (per voxel ``-(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)``,
+    mean over voxels). ROG's defaults: 5 steps, 5 restarts. Untargeted only (ROG runs no targeted
+    DLR); label targets with at least 3 classes (``ValueError`` on binary tasks and on sigmoid
+    regions: ROG skips it there, and so does ``autoattack-rog``)."""
+
+    name = "apgd-dlr"
+    summary = "APGD with ROG's DLR loss (logit-scale invariant; multi-class tasks)"
+    min_classes = 3
+    supports_regions = False
+    defaults = {k: v for k, v in {**APGDCE.defaults, "restarts": 5}.items() if k not in ("targeted", "target", "loss")}
+
+    def base_loss(self, ctx: AttackContext, output) -> torch.Tensor:
+        return dlr_per_sample(output, ctx.y).mean()
+
+    @torch.no_grad()
+    def per_sample_objective(self, ctx: AttackContext, output) -> torch.Tensor:
+        return dlr_per_sample(output, ctx.y)

@@ -91,6 +91,7 @@ class AttackContext:
         self.warned_zero_grad = False
         self._target_struct = None
         self._target_full = None
+        self.trace: list = []
         self.__dict__.update(kw)
 
 
@@ -110,6 +111,11 @@ class Attack:
     #: whether the attack works on region (sigmoid, multi-label) targets; False for attacks
     #: whose objective is a softmax-CE weighting of class labels (SegPGD, CosPGD)
     supports_regions: bool = True
+    #: the fewest output classes the attack's loss is defined for (DLR divides by z_pi1 - z_pi3)
+    min_classes: int = 1
+    #: after a call: the objective's batch mean at every input gradient, in order (``[]`` for
+    #: attacks that take none): what the evaluation's "loss rises" check reads
+    trace: list = []
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
@@ -201,6 +207,7 @@ class Attack:
             x0 = _normal_tensor(images.detach()).float().clone()
             ctx = self._make_context(model, x0, _normal_labels(labels), _normal_tensor(y))
             x_adv = self.perturb(ctx)
+        self.trace = ctx.trace
         return x_adv.detach().to(dtype=images.dtype)
 
     def check_input(self, images: Tensor) -> None:
@@ -251,6 +258,9 @@ class Attack:
                                  f"images {tuple(x.shape)}; got "
                                  f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
             k = int(logits.shape[1])
+            if k < self.min_classes:
+                raise ValueError(f"attack '{self.name}' needs a model with at least {self.min_classes} classes, "
+                                 f"this one has {k}")
             if k == 1 and not ctx.regions:
                 # one output channel = one sigmoid region (nnU-Net region-based training with a
                 # single region): a softmax CE over one class is identically 0, never an objective
@@ -383,7 +393,9 @@ class Attack:
         """Gradient of the objective w.r.t. the input at ``x``; returns ``(grad, detached output)``."""
         x = x.detach().requires_grad_(True)
         out = self.forward(ctx, x)
-        g = self.grad_of(ctx, self.objective(ctx, out, t, T), x)
+        objective = self.objective(ctx, out, t, T)
+        ctx.trace.append(float(objective.detach()))
+        g = self.grad_of(ctx, objective, x)
         return g, detach_output(out)
 
     # ------------------------------------------------------------------ box

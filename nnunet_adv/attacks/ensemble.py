@@ -2,6 +2,7 @@
 Hein, ICML 2020), judged by the Dice of the full-resolution prediction."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List
 
 import torch
@@ -39,6 +40,13 @@ class Ensemble(Attack):
             raise ValueError("ensemble needs attacks=[...]: a non-empty list of names, (name, options) "
                              "pairs or Attack instances")
         super().__init__(attacks=list(attacks))
+        self.members = self._build_members(attacks, shared)
+        self.shared: Dict[str, Any] = dict(shared)
+
+    @staticmethod
+    def _build_members(attacks, shared: dict) -> List[Attack]:
+        """The member attacks of ``attacks`` (names, ``(name, options)`` pairs or instances), each
+        given the ``shared`` options it accepts (its own win)."""
         members: List[Attack] = []
         used = set()
         for item in attacks:
@@ -54,8 +62,8 @@ class Ensemble(Attack):
                 raise ValueError(f"ensemble member must be a name, a (name, options) pair or an Attack, "
                                  f"got {item!r}")
             cls = attack_class(name) if canonical_name(name) in available_attacks() else None
-            if cls is None or cls is Ensemble:
-                valid = [n for n in available_attacks() if attack_class(n) is not Ensemble]
+            if cls is None or issubclass(cls, Ensemble):
+                valid = [n for n in available_attacks() if not issubclass(attack_class(n), Ensemble)]
                 raise ValueError(f"unknown ensemble member {name!r}; valid: {valid}")
             accepted = {k: v for k, v in shared.items() if k in cls.defaults}
             used |= set(accepted)
@@ -63,16 +71,29 @@ class Ensemble(Attack):
         unused = sorted(set(shared) - used)
         if unused:
             raise ValueError(f"ensemble: option(s) {unused} accepted by no member attack given by name")
-        self.members = members
-        self.shared: Dict[str, Any] = dict(shared)
+        return members
 
     def __repr__(self) -> str:
         return f"Ensemble({self.members!r})"
 
     def perturb(self, ctx: AttackContext):
         best = PerSampleBest("min")  # lowest Dice wins; ties keep the earlier member
+        if any(m.min_classes > 1 for m in self.members):
+            with torch.no_grad():  # the number of classes decides which members can run
+                self.forward(ctx, ctx.x0)
+        k = ctx.num_classes
+        self.skipped = [m.name for m in self.members if k is not None and m.min_classes > k]
+        if len(self.skipped) == len(self.members):
+            raise ValueError(f"ensemble: no member attack runs on a {k}-class model ({', '.join(self.skipped)})")
+        if self.skipped:
+            warnings.warn(f"ensemble: {', '.join(self.skipped)} skipped: a {ctx.num_classes}-class model "
+                          f"(ROG runs APGD-DLR only on multi-class tasks)", RuntimeWarning, stacklevel=3)
+        self.traces = {}
         for member in self.members:
+            if member.name in self.skipped:
+                continue
             x = member(ctx.model, ctx.x0, ctx.labels).float()
+            self.traces[member.name] = list(member.trace)
             with torch.no_grad():
                 # self.forward (not ctx.model): its first call checks the labels against the
                 # model and, for region targets, splits off nnU-Net's ignore channel

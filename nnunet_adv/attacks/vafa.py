@@ -307,6 +307,7 @@ class VAFA3D(Attack):
             if o["use_ssim_loss"]:
                 with torch.autocast(device_type=dev_type, enabled=False):
                     J = J + (1.0 - block_ssim(clean_blocks, adv_blocks, k, data_range=1.0, win_size=3))
+            ctx.trace.append(-float(J.detach()))  # the objective VAFA ascends (J descends)
             g = self.grad_of(ctx, J, q)
             with torch.no_grad():
                 q = (q - float(o["q_step"]) * g.sign()).clamp_(float(o["q_min"]), float(o["q_max"]))

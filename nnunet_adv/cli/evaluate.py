@@ -41,6 +41,7 @@ from nnunet_adv.evaluation.plan import (
     Model,
     Setting,
     attack_settings,
+    check_settings,
     corruption_settings,
     sweep_settings,
     worst_case_setting,
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     eot.add_argument("--no_eot_mirroring", dest="eot_mirroring", action="store_false",
                      help="attack the plain network even though predictions use test-time mirroring (cheaper; the "
                           "attacks' effect is then underestimated: the report says so)")
+    c = p.add_argument_group("checks (docs/evaluate.md: how to make a robustness claim)")
+    c.add_argument("--no_checks", dest="checks", action="store_false",
+                   help="leave out the checks (gradient masking, loss, gradient-free/transfer, saturation, "
+                        "convergence) and the attacks they add: the report then cannot say whether its worst case "
+                        "can be trusted")
+    c.add_argument("--check_queries", type=int, default=100,
+                   help="queries of the gradient-free Square attack the checks add (default 100; one forward each)")
+    c.add_argument("--check_factor", type=int, default=5,
+                   help="the convergence check re-runs the strongest white-box attack with this many times its "
+                        "steps (default 5)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     a.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
@@ -154,6 +165,8 @@ def settings_of(a) -> List[Setting]:
     setting twice."""
     out = [Setting("clean")] + attack_settings(a.attacks, a.seed)
     out += worst_case_setting(out)
+    if a.checks:
+        out += check_settings(out, a.seed, a.check_queries)
     if a.eps_sweep:
         for eps in a.eps_sweep:
             if not (math.isfinite(eps) and eps > 0):
@@ -188,6 +201,8 @@ def run(a, argv: List[str]) -> int:
     if not all(math.isfinite(t) and t > 0 for t in a.nsd_tolerance):
         raise CLIError(f"--nsd_tolerance must be > 0 mm, got {' '.join(f'{t:g}' for t in a.nsd_tolerance)}")
     at_least_one("--tile_batch_size", a.tile_batch_size)
+    at_least_one("--check_queries", a.check_queries)
+    at_least_one("--check_factor", a.check_factor)
     part = check_part(a.num_parts, a.part_id)
     models = models_of(a)
     settings = settings_of(a)
@@ -230,6 +245,7 @@ def run(a, argv: List[str]) -> int:
         tile_batch_size=a.tile_batch_size, tta=not a.disable_tta, saliency=a.saliency, num_examples=a.num_examples,
         progress=not a.disable_progress_bar, resume=a.resume or part is not None, seed=a.seed, part=part,
         nsd_tolerance=a.nsd_tolerance[0] if len(a.nsd_tolerance) == 1 else list(a.nsd_tolerance),
+        checks=a.checks, check_factor=a.check_factor,
         command=shlex.join(["nnUNetv2_adv_evaluate", *argv])), log=say)
     text = evaluation.execute()
     if part is None:

@@ -28,8 +28,17 @@ import nnunet_adv.metrics as image_metrics  # module access: LPIPS is optional, 
 from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation import report
 from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM, case_metrics, jsonable_summary, summarize
+from nnunet_adv.evaluation.checks import Evidence, run_checks
 from nnunet_adv.evaluation.corruptions import case_seed, corrupt
-from nnunet_adv.evaluation.plan import Evaluation, Model, Setting, evaluations_of, worst_case_members
+from nnunet_adv.evaluation.plan import (
+    Evaluation,
+    Model,
+    Setting,
+    convergence_setting,
+    evaluations_of,
+    uses_gradients,
+    worst_case_members,
+)
 from nnunet_adv.evaluation.report import ReportFolder
 from nnunet_adv.evaluation.saliency import saliency_slices
 from nnunet_adv.files import (
@@ -72,7 +81,9 @@ class EvaluationRun:
         transfer_from: also evaluate the other models on this model's adversarial images;
         eot_mirroring: attacks average nnU-Net's test-time mirroring; tile_batch_size: tiles per
         network call in the attacks; tta: predict with test-time mirroring; saliency: draw
-        saliency maps; num_examples: cases in examples.png; progress: tqdm bars; command: the
+        saliency maps; checks: run the checks of :mod:`nnunet_adv.evaluation.checks` (their attacks
+        are among ``settings``; the convergence re-run with ``check_factor`` x the steps is added here);
+        num_examples: cases in examples.png; progress: tqdm bars; command: the
         command line recorded in the report.
     """
 
@@ -99,6 +110,8 @@ class EvaluationRun:
     nsd_tolerance: Union[float, Sequence[float]] = NSD_TOLERANCE_MM
     seed: int = 0
     part: Optional[Tuple[int, int]] = None
+    checks: bool = True
+    check_factor: int = 5
 
     @property
     def part_cases(self) -> List[str]:
@@ -219,18 +232,29 @@ class RobustnessEvaluation:
         labels = _labels_or_regions(r.dataset_json)
         rw = recursive_find_reader_writer_by_name(r.plans["image_reader_writer"])()
         summaries = {(ev.model.name, ev.key): self.metrics(ev, rw, labels) for ev in evaluations}
-        members = worst_case_members(r.settings)
-        for setting in r.settings:
+        settings = list(r.settings)
+        if r.checks:  # the strongest white-box attack once more with more steps (needs the metrics above)
+            rerun = self.convergence_rerun(settings, summaries, rw, labels)
+            if rerun is not None:
+                settings.append(rerun)
+                evaluations += [Evaluation(m, rerun, m) for m in r.models]
+        members = worst_case_members(settings)
+        for setting in settings:
             if setting.worst:
                 for model in r.models:
                     summaries[(model.name, setting.tag)] = worst_case_summary(
-                        [(s.label, summaries[(model.name, s.tag)]) for s in members])
+                        [(s.label, summaries[(model.name, s.tag)]) for s in members]
+                        + [(f"{ev.setting.label} from {ev.source.name}", summaries[(model.name, ev.key)])
+                           for ev in evaluations if ev.transfer and ev.model.name == model.name
+                           and ev.setting in members])
+        found = {m.name: run_checks(self.evidence(m, settings, evaluations, summaries)) for m in r.models} \
+            if r.checks else {}
 
         context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=r.command,
-                                       dataset=r.plans["dataset_name"], models=r.models, settings=r.settings,
+                                       dataset=r.plans["dataset_name"], models=r.models, settings=settings,
                                        evaluations=evaluations, summaries=summaries, labels=labels, tta=r.tta,
                                        eot=r.eot_mirroring, device=r.device, folds=list(map(str, r.folds)),
-                                       checkpoint=r.checkpoint, cases=list(r.cases))
+                                       checkpoint=r.checkpoint, cases=list(r.cases), checks=found)
         report.write_summary_json(context)
         report.write_metrics_csv(context)
         figures = report.write_figures(context, r.cases, rw, r.num_examples)
@@ -239,6 +263,55 @@ class RobustnessEvaluation:
         text = report.write_report_md(context, figures)
         self.log("computed this run: " + (_count_kinds(self.done_work) if self.done_work else "nothing (all reused)"))
         return text
+
+    # ------------------------------------------------------------------------------ checks
+    def convergence_rerun(self, settings: List[Setting], summaries: dict, rw, labels) -> Optional[Setting]:
+        """The convergence check's attack: the white-box gradient attack with the lowest mean Dice over
+        the models, with ``check_factor`` x its steps, run, predicted and measured on every model."""
+        candidates = [s for s in worst_case_members(settings) if s.check is None and uses_gradients(s)
+                      and s.attack.uses("steps")]
+        if not candidates:
+            return None
+        strongest = min(candidates, key=lambda s: float(np.nanmean(
+            [summaries[(m.name, s.tag)]["foreground_mean"]["Dice"] for m in self.run.models])))
+        rerun = convergence_setting(strongest, self.run.check_factor)
+        for model in self.run.models:
+            self.attack(model, rerun)
+            ev = Evaluation(model, rerun, model)
+            self.predict(ev)
+            summaries[(model.name, ev.key)] = self.metrics(ev, rw, labels)
+        return rerun
+
+    def evidence(self, model: Model, settings: List[Setting], evaluations: List[Evaluation],
+                 summaries: dict) -> Evidence:
+        """What :func:`nnunet_adv.evaluation.checks.run_checks` reads for ``model``."""
+        def dice(key: str) -> List[float]:
+            return [entry["foreground_dice"] for entry in summaries[(model.name, key)]["metric_per_case"]]
+
+        members = worst_case_members(settings)
+        e = Evidence()
+        for s in members:
+            if s.check == "convergence":
+                e.convergence = (s.label, dice(s.tag))
+            elif uses_gradients(s):
+                e.white_box[s.label] = dice(s.tag)
+                records = load_records(self.folder.adversarial(model.name, s.tag))["cases"]
+                cases = [records.get(c, {}) for c in self.run.cases]
+                if not e.gradients and any(rec.get("input_gradient") for rec in cases):
+                    e.gradients = [rec.get("input_gradient") for rec in cases]
+                for rec in cases:
+                    trace = rec.get("objective_trace") or []
+                    for name, values in (trace.items() if isinstance(trace, dict) else [(None, trace)]):
+                        e.traces.setdefault(s.label if name is None else f"{s.label} / {name}", []).append(values)
+            else:
+                e.other[s.label] = dice(s.tag)
+        for ev in evaluations:
+            if ev.transfer and ev.model.name == model.name and ev.setting in members:
+                e.other[f"{ev.setting.label} from {ev.source.name}"] = dice(ev.key)
+        saturation = [s for s in settings if s.check == "saturation"]
+        if saturation:
+            e.saturation = dice(saturation[0].tag)
+        return e
 
     def check_settings(self) -> None:
         """A new report folder gets ``evaluation.json``; a resumed one must have been made with the

@@ -16,6 +16,7 @@ from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import attack_class
 from nnunet_adv.attacks.targeted import nlcen_iterations
 from nnunet_adv.errors import UserError
+from nnunet_adv.evaluation.checks import SATURATION_EPS
 from nnunet_adv.evaluation.corruptions import parse_corruptions
 
 
@@ -37,6 +38,9 @@ class Setting:
     sweep: bool = False
     corruption: Optional[Tuple[str, int]] = None
     worst: bool = False
+    #: an attack the checks add (:mod:`nnunet_adv.evaluation.checks`): "gradient-free", "saturation"
+    #: or "convergence"; None for the user's own settings
+    check: Optional[str] = None
 
     @property
     def tag(self) -> str:
@@ -89,7 +93,50 @@ def worst_case_setting(settings: Sequence[Setting]) -> List[Setting]:
 
 
 def worst_case_members(settings: Sequence[Setting]) -> List[Setting]:
-    return [s for s in settings if s.attack is not None and not s.sweep and not attack_class(s.attack.name).control]
+    """Every attack run at the evaluation's budgets (AutoAttack's rule): the user's, the checks'
+    gradient-free attack and convergence re-run; not the sweep, controls or the saturation check."""
+    return [s for s in settings if s.attack is not None and not s.sweep and s.check != "saturation"
+            and not attack_class(s.attack.name).control]
+
+
+#: attacks that take no gradient of the model they attack
+GRADIENT_FREE = ("square", "gn")
+
+
+def uses_gradients(setting: Setting) -> bool:
+    """Whether the setting's attack follows the attacked model's input gradient (white box)."""
+    return setting.attack is not None and setting.attack.name not in GRADIENT_FREE \
+        and not attack_class(setting.attack.name).control
+
+
+def check_settings(settings: Sequence[Setting], seed: int, queries: int) -> List[Setting]:
+    """The attacks the checks add: Square at the largest eps of the attacks (unless one of them is
+    already Square: the one inside ``autoattack-rog`` counts as white box, since the preset's worst
+    case mixes it with gradient attacks) and PGD at the saturation budget."""
+    members = worst_case_members(settings)
+    if not members:
+        return []
+    out = []
+    eps = [s.attack.eps for s in members if s.attack.eps is not None]
+    if eps and not any(s.attack.name == "square" for s in members):
+        out.append(Setting(f"square:eps={max(eps):g},queries={queries}",
+                           _seeded(AttackConfig.parse(f"square:eps={max(eps):g},queries={queries}"), seed),
+                           check="gradient-free"))
+    # Madry's step rule (2.5 eps / steps): five steps cross the ball from any random start
+    text = f"pgd:eps={SATURATION_EPS:g},alpha={SATURATION_EPS / 2:g},steps=5"
+    out.append(Setting(text, _seeded(AttackConfig.parse(text), seed), check="saturation"))
+    return out
+
+
+def convergence_setting(setting: Setting, factor: int) -> Optional[Setting]:
+    """``setting``'s attack with ``factor`` x its steps (the convergence check), or None where the
+    attack has no steps."""
+    config = setting.attack
+    if config is None or not config.uses("steps"):
+        return None
+    steps = int(config.options.get("steps", config.defaults["steps"])) * factor
+    rerun = replace(config, options={**config.options, "steps": steps}, text=None)
+    return Setting(f"{rerun.label} ({factor}x the steps of {setting.label})", rerun, check="convergence")
 
 
 def attack_settings(texts: Sequence[str], seed: int) -> List[Setting]:

@@ -12,13 +12,14 @@ import datetime
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from nnunet_adv.attacks import attack_class
+from nnunet_adv.evaluation.checks import ADVICE, WARN
 from nnunet_adv.evaluation.figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve, plot_saliency
 from nnunet_adv.files import atomic_write_text
 from nnunet_adv.metrics import lpips_available, robust_fraction
@@ -68,6 +69,7 @@ class ReportContext:
     folds: list
     checkpoint: str
     cases: List[str]
+    checks: Dict[str, dict] = field(default_factory=dict)  # model name -> checks.run_checks(...)
 
     @property
     def root(self) -> Path:
@@ -119,7 +121,7 @@ def write_summary_json(ctx: ReportContext) -> None:
     for model, setting, source, key in ctx.rows():
         s = ctx.summary(model.name, key)
         kind = "worst case" if setting.worst else "corruption" if setting.corruption else "sweep" if setting.sweep \
-            else "attack" if setting.attack else "clean"
+            else f"check: {setting.check}" if setting.check else "attack" if setting.attack else "clean"
         results.append({"model": model.name, "attack": setting.label, "kind": kind, "eps": setting.eps,
                         "sweep": setting.sweep, "crafted_on": source,
                         "corruption": None if setting.corruption is None else {"name": setting.corruption[0],
@@ -142,9 +144,14 @@ def write_summary_json(ctx: ReportContext) -> None:
                            "robust_fraction": f"cases with foreground Dice > {ROG_FACTOR} x mean clean Dice (ROG)",
                            "NSD": "normalised surface Dice at the tolerance in evaluation.json (mm), MONAI's "
                                   "implementation; NaN when a class is absent from both maps",
-                           "worst case": "per case the attack (of --attacks, controls left out) with the lowest "
-                                         "foreground Dice (worst_of), then nnU-Net's averaging (AutoAttack's rule)"},
-           "results": results}
+                           "worst case": "per case the attack with the lowest foreground Dice (worst_of) of every "
+                                         "attack run at the evaluation's budgets: --attacks, the checks' "
+                                         "gradient-free attack and convergence re-run, the transfer attacks "
+                                         "(controls and the saturation check left out), then nnU-Net's averaging "
+                                         "(AutoAttack's rule)",
+                           "checks": "per model: gradient, loss rises, gradient-free or transfer, saturation, "
+                                     "convergence; status pass / warn / not run (docs/evaluate.md)"},
+           "checks": ctx.checks, "results": results}
     atomic_write_text(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
 
 
@@ -252,10 +259,10 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
     """``report.md``, one section per function below; returns its text."""
-    main = [s for s in ctx.settings if not s.sweep and s.corruption is None]
-    attacked = [s for s in ctx.settings if s.attack is not None]
+    main = [s for s in ctx.settings if not s.sweep and s.corruption is None and s.check is None]
+    attacked = [s for s in ctx.settings if s.attack is not None and s.check is None]
     lines = (_header_section(ctx) + _dice_section(ctx, main) + _nsd_section(ctx, main)
-             + _worst_case_lines(ctx, main) + _attack_effect_section(ctx, attacked)
+             + _worst_case_lines(ctx, main) + _checks_section(ctx) + _attack_effect_section(ctx, attacked)
              + _corruption_section(ctx, [s for s in ctx.settings if s.corruption is not None])
              + _sweep_section(ctx, [s for s in ctx.settings if s.sweep])
              + _transfer_section(ctx, attacked))
@@ -313,6 +320,38 @@ def _worst_case_lines(ctx: ReportContext, main: list) -> List[str]:
             + "; ".join(f"{m.name}: " + ", ".join(f"{case} {entry.get('worst_of')}" for case, entry in
                                                  zip(ctx.cases, ctx.summary(m.name, 'worst-case')["metric_per_case"]))
                         for m in ctx.models) + ".", ""]
+
+
+def _checks_section(ctx: ReportContext) -> List[str]:
+    """Per model, each check's numbers and status; a model with a warning is marked untrustworthy,
+    in words, with what to run next."""
+    if not ctx.checks:
+        return []
+    lines = ["## Checks: can the worst case be trusted?", ""]
+    rows = []
+    for model, found in ctx.checks.items():
+        for name, c in found.items():
+            numbers = ", ".join(f"{k} {_number(v)}" for k, v in c["numbers"].items())
+            rows.append([model, name, c["status"].upper() if c["status"] == WARN else c["status"], numbers,
+                         c["finding"]])
+    lines += _table(["model", "check", "status", "numbers", "finding"], rows) + [""]
+    for model, found in ctx.checks.items():
+        warned = [name for name, c in found.items() if c["status"] == WARN]
+        if warned:
+            lines += [f"**The worst-case Dice of {model} is not trustworthy.** The attacks may have missed "
+                      f"inputs that break it ({', '.join(warned)}): treat its worst case as an upper bound on its "
+                      f"robustness, not a measurement. Next: " + "; ".join(ADVICE[n] for n in warned) + ".", ""]
+        elif all(c["status"] == "pass" for c in found.values()):
+            lines += [f"{model}: every check passed.", ""]
+    return lines + ["What each check catches: docs/evaluate.md, \"How to make a robustness claim\".", ""]
+
+
+def _number(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_number(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
 def _attack_effect_section(ctx: ReportContext, attacked: list) -> List[str]:

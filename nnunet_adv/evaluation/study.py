@@ -40,7 +40,7 @@ from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation.case_metrics import nan_mean
 from nnunet_adv.evaluation.figures import plot_robustness_curve
 from nnunet_adv.evaluation.pipeline import EvaluationRun, RobustnessEvaluation, labelled_cases, worst_case_summary
-from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, worst_case_setting
+from nnunet_adv.evaluation.plan import Model, Setting, attack_settings, check_settings, worst_case_setting
 from nnunet_adv.files import atomic_write_json, atomic_write_text
 from nnunet_adv.locks import folder_lock
 from nnunet_adv.records import first_difference
@@ -84,6 +84,19 @@ def lp_attacks(eps: float, steps: Optional[int]) -> List[str]:
     n = steps or PUBLISHED_STEPS["lp"]
     apgd = f"apgd-rog:eps={eps:g}" + (f",steps={steps}" if steps else "")
     return [f"pgd:eps={eps:g},steps={n}", apgd, f"segpgd:eps={eps:g},steps={n}", f"cospgd:eps={eps:g},steps={n}"]
+
+
+def complete_attacks(eps: float, steps: Optional[int]) -> List[str]:
+    """ROG's complete AutoAttack at ``eps`` (x/255), run at the report's budget; ``steps`` (a quick study)
+    also cuts its restarts to 1 and Square's queries to 10 x steps."""
+    quick = f",steps={steps},restarts=1,queries={10 * steps}" if steps else ""
+    return [f"autoattack-rog:eps={eps:g}{quick}"]
+
+
+def check_strength(steps: Optional[int]) -> Tuple[int, int]:
+    """(Square queries, convergence factor) of the checks: (100, 5) as published, (10 x steps, 2) for a
+    quick study."""
+    return (100, 5) if not steps else (10 * steps, 2)
 
 
 def other_attacks(steps: Optional[int]) -> List[str]:
@@ -240,11 +253,14 @@ class Study:
         return timing
 
     # ------------------------------------------------------------------------------ run
-    def evaluations(self, s: dict) -> List[Tuple[str, List[str]]]:
-        """(report folder, attack strings): one report per eps of the sweep (its worst-case row is the
-        worst case over the L-inf attacks at that eps) and one for VAFA's variants and GN."""
-        return ([(f"eps-{eps:g}", lp_attacks(eps, s["attack_steps"])) for eps in s["eps_sweep"]]
-                + [("vafa-gn", other_attacks(s["attack_steps"]))])
+    def evaluations(self, s: dict) -> List[Tuple[str, List[str], bool]]:
+        """(report folder, attack strings, checks): one report per eps of the sweep (its worst-case row is
+        the worst case over the L-inf attacks at that eps) and one for VAFA's variants and GN. The report's
+        eps also runs ROG's complete AutoAttack and the checks (:mod:`nnunet_adv.evaluation.checks`)."""
+        steps, report = s["attack_steps"], s["report_eps"]
+        return ([(f"eps-{eps:g}", lp_attacks(eps, steps) + (complete_attacks(eps, steps) if eps == report else []),
+                  eps == report) for eps in s["eps_sweep"]]
+                + [("vafa-gn", other_attacks(steps), False)])
 
     def execute(self) -> str:
         """Train, evaluate and write the tables (the study folder locked against a second run,
@@ -288,13 +304,16 @@ class Study:
         cases = labelled_cases(self.images, self.labels, dataset_json, rw)
         model_list = [Model(label, folder) for label, folder in models.items()]
         evaluations = self.evaluations(s)
-        for i, (folder, texts) in enumerate(evaluations):
-            self.log(f"3/3 evaluation {i + 1}/{len(evaluations)} ({folder}): {', '.join(texts)} on "
-                     f"{len(model_list)} models x {len(cases)} held-out cases")
+        queries, factor = check_strength(s["attack_steps"])
+        for i, (folder, texts, checks) in enumerate(evaluations):
+            self.log(f"3/3 evaluation {i + 1}/{len(evaluations)} ({folder}): {', '.join(texts)}"
+                     f"{' and the checks' if checks else ''} on {len(model_list)} models x {len(cases)} held-out cases")
             attacks = [Setting("clean")] + attack_settings(texts, r.seed)
+            attacks += worst_case_setting(attacks)
             report = out / "evaluation" / folder
             RobustnessEvaluation(EvaluationRun(
-                models=model_list, settings=attacks + worst_case_setting(attacks), images=self.images,
+                models=model_list, settings=attacks + (check_settings(attacks, r.seed, queries) if checks else []),
+                checks=checks, check_factor=factor, images=self.images,
                 labels=self.labels, cases=cases, output=report, dataset_json=dataset_json, plans=plans,
                 folds=[r.fold], device=r.device, tta=False, eot_mirroring=False, tile_batch_size=s["tile_batch_size"],
                 progress=r.progress, resume=report.exists(), seed=r.seed, num_examples=0,
@@ -306,13 +325,20 @@ class Study:
     def write_tables(self, out: Path, models, timings: dict, s: dict, clean_val: Optional[float]) -> str:
         """study.json (every number), study.md (the table) and worst_case_vs_eps.png."""
         results: Dict[Tuple[str, str], dict] = {}  # (model, attack) -> that evaluation's summary
-        for folder, _ in self.evaluations(s):
+        checks, extra = {}, []  # the report eps' checks per model; their attacks that count in its worst case
+        for folder, _, with_checks in self.evaluations(s):
             summary = json.loads((out / "evaluation" / folder / "summary.json").read_text())
             for result in summary["results"]:
-                if result.get("kind") != "worst case":
+                if result.get("kind") != "worst case" and result.get("crafted_on") in (None, result["model"]):
                     results[(result["model"], result["attack"])] = result
+                if with_checks and result.get("kind") in ("check: gradient-free", "check: convergence") \
+                        and result["attack"] not in extra:
+                    extra.append(result["attack"])
+            if with_checks:
+                checks = summary.get("checks", {})
         steps, e = s["attack_steps"], s["report_eps"]
         vafa = other_attacks(steps)[:2]
+        linf = lp_attacks(e, steps) + complete_attacks(e, steps) + extra  # everything run at the report eps
 
         def dice(cases: List[dict]) -> float:
             """Mean over cases of the per-case foreground Dice (NaN cases left out)."""
@@ -337,14 +363,16 @@ class Study:
             per_it = ((float(np.median(timing["epoch_seconds"])) / s["finetune"]["its"])
                       if timing["epoch_seconds"] else None)
             rows.append({"model": m.name, "folder": m.folder.name, "clean": mean(m.name, "clean"),
-                         "attacks": {a: mean(m.name, a) for a in lp_attacks(e, steps) + other_attacks(steps)},
-                         "worst_case": worst(m.name, lp_attacks(e, steps) + vafa),
-                         "worst_case_lp": worst(m.name, lp_attacks(e, steps)),
-                         "worst_case_lp_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps))
+                         "attacks": {a: mean(m.name, a) for a in linf + other_attacks(steps)},
+                         "worst_case": worst(m.name, linf + vafa),
+                         "worst_case_lp": worst(m.name, linf),
+                         "worst_case_lp_vs_eps": {f"{x:g}": worst(m.name, linf if x == e else lp_attacks(x, steps))
                                                   for x in s["eps_sweep"]},
                          "clean_jaccard": jaccard(results[(m.name, "clean")]["metric_per_case"]),
-                         "worst_case_lp_jaccard_vs_eps": {f"{x:g}": worst(m.name, lp_attacks(x, steps), jaccard)
-                                                          for x in s["eps_sweep"]},
+                         "worst_case_lp_jaccard_vs_eps": {
+                             f"{x:g}": worst(m.name, linf if x == e else lp_attacks(x, steps), jaccard)
+                             for x in s["eps_sweep"]},
+                         "checks": {name: c["status"] for name, c in checks.get(m.name, {}).items()},
                          "train_seconds": timing["wall_seconds"], "iterations": iterations,
                          "attack_steps_per_iteration": timing.get("attack_steps"),
                          "seconds_per_iteration": per_it})
@@ -357,6 +385,7 @@ class Study:
                                          else (r["worst_case"] - base["worst_case"]) / hours)
         record = {"settings": json.loads((out / STUDY_JSON).read_text())["settings"], "clean_model": {
             "validation_dice": clean_val, "train_seconds": timings["clean"]["wall_seconds"]}, "results": rows,
+            "check_attacks": extra, "checks": checks,
             "cases": len(results[(rows[0]["model"], "clean")]["metric_per_case"])}
         atomic_write_json(out / STUDY_JSON, record)
         curves = {r["model"]: {"eps": [0.0] + list(s["eps_sweep"]),
@@ -399,17 +428,20 @@ def _f(v, digits: int = 3) -> str:
 
 
 def _short(attack: str) -> str:
-    return attack.split(":")[0]
+    """A column header: the attack's name (``pgd 5x steps`` for the convergence check's re-run)."""
+    rerun = re.search(r"\((\d+)x the steps of", attack)
+    return attack.split(":")[0] + (f" {rerun.group(1)}x steps" if rerun else "")
 
 
 def study_markdown(record: dict, title: str) -> str:
     """The table of one study (``study.json``'s record)."""
     s, rows = record["settings"], record["results"]
     e, steps = s["report_eps"], s["attack_steps"]
-    attacks = lp_attacks(e, steps) + other_attacks(steps)
+    extra = record.get("check_attacks", [])
+    attacks = lp_attacks(e, steps) + complete_attacks(e, steps) + extra + other_attacks(steps)
     cm = record["clean_model"]
     header = ["model", "clean"] + [_short(a) for a in attacks] + [f"worst L-inf (eps {e:g})",
-              "worst incl. VAFA", "train s", "s / it vs clean", "attack steps / it", "robust Dice / h"]
+              "worst incl. VAFA", "checks", "train s", "s / it vs clean", "attack steps / it", "robust Dice / h"]
     lines = [f"# {title}", "",
              f"Clean model ({CLEAN}, {s['clean']['ep']} x {s['clean']['its']} iterations): nnU-Net validation Dice "
              f"{_f(cm['validation_dice'])}, trained in {_f(cm['train_seconds'], 0)} s. "
@@ -418,7 +450,9 @@ def study_markdown(record: dict, title: str) -> str:
              f"({CLEAN_CONTINUED}: the clean model trained on alike, the baseline). Mean foreground Dice on "
              f"{record['cases']} held-out volumes, predicted without test-time mirroring (every attack white box). "
              f"L-inf attacks at eps {e:g}/255 of each volume's intensity window: "
-             + ", ".join(f"`{a}`" for a in lp_attacks(e, steps)) + "; VAFA: " + ", ".join(
+             + ", ".join(f"`{a}`" for a in lp_attacks(e, steps) + complete_attacks(e, steps) + extra)
+             + " (ROG's complete AutoAttack; the checks' gradient-free Square and convergence re-run)"
+             + "; VAFA: " + ", ".join(
                  f"`{a}`" for a in other_attacks(steps)[:2]) + "; `slice-rescale` (the authors' rescale alone) "
              "and `gn:std=4` "
              "(noise): controls, not in the worst case. "
@@ -427,9 +461,13 @@ def study_markdown(record: dict, title: str) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([r["model"], _f(r["clean"])] + [_f(r["attacks"][a]) for a in attacks] + [
-            _f(r["worst_case_lp"]), _f(r["worst_case"]), _f(r["train_seconds"], 0), _f(r["cost_vs_clean"], 2),
+            _f(r["worst_case_lp"]), _f(r["worst_case"]), _checks_cell(r.get("checks")), _f(r["train_seconds"], 0),
+            _f(r["cost_vs_clean"], 2),
             _f(r.get("attack_steps_per_iteration"), 1), _f(r["robust_dice_per_hour"], 3)]) + " |")
-    lines += ["", "Worst case over PGD, APGD, SegPGD, CosPGD vs eps (x/255):", "",
+    lines += ["", f"Checks (evaluation/eps-{e:g}/report.md has their numbers): a worst case is trustworthy only where "
+              "every check passes; `warn: ...` names the checks that failed (docs/evaluate.md).", "",
+              f"Worst case over PGD, APGD, SegPGD, CosPGD vs eps (x/255; at eps {e:g} also ROG's complete AutoAttack "
+              "and the checks' attacks):", "",
               "| model | clean | " + " | ".join(f"eps {x:g}" for x in s["eps_sweep"]) + " |",
               "|---|---|" + "---|" * len(s["eps_sweep"])]
     for r in rows:
@@ -437,6 +475,14 @@ def study_markdown(record: dict, title: str) -> str:
             _f(v) for v in r["worst_case_lp_vs_eps"].values()) + " |")
     lines += ["", "![worst case vs eps](worst_case_vs_eps.png)", ""]
     return "\n".join(lines)
+
+
+def _checks_cell(checks: Optional[dict]) -> str:
+    """'pass', 'warn: gradient, convergence' or 'n/a' (no checks ran) for the table."""
+    if not checks:
+        return "n/a"
+    warned = [name for name, status in checks.items() if status == "warn"]
+    return "warn: " + ", ".join(warned) if warned else "pass"
 
 
 def combine_studies(folders: Sequence[Path]) -> str:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import build_attack
 from nnunet_adv.errors import UserError
-from nnunet_adv.metrics import dice_per_class, psnr, ssim
+from nnunet_adv.metrics import dice_per_class, input_gradient_stats, psnr, ssim
 from nnunet_adv.threat_model import ThreatModel, to_raw
 from nnunet_adv.volume.export import (
     WriteError,
@@ -63,15 +63,29 @@ class _Monitored(nn.Module):
         super().__init__()
         self.window, self.x0, self.mask, self.on_forward = window, x0, mask, on_forward
         self.forwards = 0
+        self.first_gradient: Optional[torch.Tensor] = None  # (1, C, *S): the attack's first input gradient
 
     def restrict(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mask is None else self.x0 + self.mask * (x - self.x0)
 
     def forward(self, x):
+        if x.requires_grad and self.first_gradient is None:
+            x.register_hook(self._keep_first_gradient)  # what the gradient-masking check reads
         out = self.window(self.restrict(x))
         self.forwards += 1
         self.on_forward()
         return out
+
+    def _keep_first_gradient(self, grad: torch.Tensor) -> None:
+        if self.first_gradient is None:
+            self.first_gradient = grad.detach().float().clone()
+
+    def gradient_stats(self, eps: Optional[torch.Tensor]) -> Optional[dict]:
+        """:func:`nnunet_adv.metrics.input_gradient_stats` of the attack's first input gradient
+        inside nnU-Net's mask (outside it the input is fixed); None for gradient-free attacks."""
+        if self.first_gradient is None:
+            return None
+        return input_gradient_stats(self.first_gradient, self.mask, eps)
 
 
 class VolumeAttack:
@@ -238,6 +252,8 @@ class VolumeAttack:
             "dice_adv": self._dice(adv_logits.argmax(1), y),
             "dice_adv_exported": exported.get("dice"),
             "attack_forwards": model.forwards,
+            "input_gradient": model.gradient_stats(None if eps_net is None else torch.as_tensor(eps_net)),
+            "objective_trace": _traces(attack),
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_per_phase": phases,
         }
@@ -307,6 +323,13 @@ def _nonfinite_in_nifti(path) -> int:
         return 0
 
 
+def _traces(attack):
+    """The objective at every input gradient of the attack (a list), or per member of an ensemble
+    (a dict name -> list); what the report's "loss rises" check reads."""
+    traces = getattr(attack, "traces", None)
+    return dict(traces) if traces is not None else list(attack.trace)
+
+
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.float(), target.long()))
 
@@ -315,6 +338,8 @@ def _expected_forwards(attack: AttackConfig) -> Optional[int]:
     if attack.members:
         return sum(_expected_forwards(m) for m in attack.members)
     o = {**attack.defaults, **attack.options}
+    if attack.name == "square":
+        return (int(o["queries"]) + 1) * int(o.get("restarts", 1) or 1)
     if "steps" in o:
         return int(o["steps"]) * int(o.get("restarts", 1) or 1)
     return 1

@@ -27,12 +27,15 @@ ATTACKS = ["pgd:eps=16,steps=2,alpha=8", "vafa-3d:q_max=20,steps=2,block_size=16
            "vafa-3d-ref:q_max=20,steps=2,block_size=16,rescale_tile=16", "slice-rescale:rescale_tile=16"]
 SWEEP = ["4", "8", "16"]
 NUM_EXAMPLES = 2
+#: the checks' attacks, small: Square with 3 queries, PGD at 64/255 (saturation), the strongest attack with
+#: twice its steps (convergence)
+CHECKS = ["--check_queries", 3, "--check_factor", 2]
 
 
 def _evaluate_args(tree, out, *extra):
     return ["nnUNetv2_adv_evaluate", "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs", "-o", out,
             "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", *MODELS, "--disable_tta", "-device", "cpu",
-            "--disable_progress_bar", *extra]
+            "--disable_progress_bar", *CHECKS, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,9 @@ def test_report_files_and_layout(report):
     for name in ("summary.json", "metrics.csv", "report.md", "robustness_curve.png", "examples.png", "saliency.png"):
         assert (out / name).is_file(), name
     settings = ["clean", *ATTACKS, *[f"ifgsm-targeted:steps=2,eps={e}" for e in SWEEP]]
-    # every model x setting white-box and its worst case, plus the transfer rows of the other model
-    assert len(summary["results"]) == len(MODELS) * (len(settings) + 1) + (len(settings) - 1)
+    # every model x setting white-box and its worst case, plus the transfer rows of the other model; the
+    # checks' Square and saturation attacks white-box and transferred, their convergence re-run white-box
+    assert len(summary["results"]) == len(MODELS) * (len(settings) + 1) + (len(settings) - 1) + 3 * 2 + 2
     for model in MODELS:
         for setting in settings:
             r = _result(summary, model, setting)
@@ -82,9 +86,14 @@ def test_report_files_and_layout(report):
     assert [c["metrics"] for c in transfer["metric_per_case"]] == [c["metrics"] for c in pgd["metric_per_case"]]
     # the adversarial images are kept next to the predictions
     readable = sorted(p.name.rsplit("-", 1)[0] for p in (out / "adversarial" / MODELS[0]).iterdir())
-    assert readable == sorted(["pgd_eps-16_steps-2_alpha-8", "vafa-3d_q_max-20_steps-2_block_size-16",
-                               "vafa-3d-ref_q_max-20_steps-2_block_size-16_rescale_tile-16",
-                               "slice-rescale_rescale_tile-16", *[f"ifgsm-targeted_steps-2_eps-{e}" for e in SWEEP]])
+    checks = ["square_eps-16_queries-3", "pgd_eps-64_alpha-32_steps-5"]
+    mine = ["pgd_eps-16_steps-2_alpha-8", "vafa-3d_q_max-20_steps-2_block_size-16",
+            "vafa-3d-ref_q_max-20_steps-2_block_size-16_rescale_tile-16", "slice-rescale_rescale_tile-16",
+            *[f"ifgsm-targeted_steps-2_eps-{e}" for e in SWEEP]]
+    # the convergence check re-ran the strongest white-box attack of the four with twice its steps
+    convergence = [r for r in readable if r not in mine + checks]
+    assert len(convergence) == 1 and "steps-4" in convergence[0], readable
+    assert readable == sorted(mine + checks + convergence)
 
 
 def test_vafa_variants_side_by_side_and_named(report):
@@ -113,6 +122,40 @@ def test_attacks_change_predictions(report):
     assert np.mean([c["ASR"] for c in pgd["metric_per_case"]]) > 0.01
     assert pgd["foreground_mean"]["Dice"] < _result(summary, MODELS[0], "clean")["foreground_mean"]["Dice"]
     assert all(c["ASR"] is None for c in _result(summary, MODELS[0], "clean")["metric_per_case"])
+
+
+def test_checks_in_the_report_and_the_worst_case_over_everything_run(report):
+    """report.md's Checks section and summary.json's ``checks``: every check per model with numbers and a
+    status; the worst case takes the lowest Dice per case over the attacks, the checks' Square and
+    convergence re-run and the transfer attack (never the saturation attack, another budget)."""
+    summary, text = report["summary"], (report["out"] / "report.md").read_text()
+    names = ["gradient", "loss rises", "gradient-free or transfer", "saturation", "convergence"]
+    assert set(summary["checks"]) == set(MODELS)
+    for model in MODELS:
+        found = summary["checks"][model]
+        assert list(found) == names
+        assert all(c["status"] in ("pass", "warn") and c["numbers"] and c["finding"] for c in found.values()), found
+        assert 0 <= found["gradient"]["numbers"]["zero_fraction"] < 0.5  # a real network's gradient is dense
+        assert found["saturation"]["numbers"]["dice"] == pytest.approx(
+            _result(summary, model, "pgd:eps=64,alpha=32,steps=5")["foreground_mean"]["Dice"], abs=0.15)
+        for name in names:
+            assert any(line.startswith(f"| {model} | {name} |") for line in text.splitlines()), (model, name)
+        # a warning marks the model's worst case untrustworthy in report.md, else every check passed
+        warned = any(c["status"] == "warn" for c in found.values())
+        assert (f"**The worst-case Dice of {model} is not trustworthy.**" in text) == warned
+        assert (f"{model}: every check passed." in text) == (not warned)
+    assert "## Checks: can the worst case be trusted?" in text
+    # the worst case over everything run at the evaluation's budgets
+    copy = MODELS[1]
+    worst = _result(summary, copy, "worst case", crafted_on=copy)["metric_per_case"]
+    members = [r for r in summary["results"] if r["model"] == copy and r["kind"] in ("attack", "check: gradient-free",
+                                                                                     "check: convergence")
+               and r["attack"] != "slice-rescale:rescale_tile=16"]
+    assert any(r["crafted_on"] == MODELS[0] for r in members) and any(r["kind"] == "check: convergence"
+                                                                       for r in members)
+    for i, case in enumerate(worst):
+        lowest = min(r["metric_per_case"][i]["foreground_dice"] for r in members)
+        assert case["foreground_dice"] == pytest.approx(lowest)
 
 
 def _nnunet_evaluate(tree, pred_folder, out_json):

@@ -39,6 +39,12 @@ def test_the_study_trains_fine_tunes_evaluates_and_writes_one_table(study):
         # the curve's Jaccard panel: the Jaccard of each case's worst attack (it used to be left empty)
         jaccard = [r["clean_jaccard"], *r["worst_case_lp_jaccard_vs_eps"].values()]
         assert set(r["worst_case_lp_jaccard_vs_eps"]) == {"4", "8"} and all(0 <= j <= 1 for j in jaccard)
+        # the report eps ran ROG's complete AutoAttack and the checks; both count in its worst case
+        assert r["worst_case_lp"] <= r["attacks"]["autoattack-rog:eps=4,steps=1,restarts=1,queries=10"] + 1e-9
+        assert set(r["checks"]) == {"gradient", "loss rises", "gradient-free or transfer", "saturation", "convergence"}
+        assert set(r["checks"].values()) <= {"pass", "warn"}
+        assert r["worst_case_lp_vs_eps"]["4"] == r["worst_case_lp"]
+    assert any(a.startswith("square:eps=4,queries=10") for a in record["check_attacks"])
     assert rows["nnUNetTrainerPGDAT"]["attack_steps_per_iteration"] == 3.0
     assert (rows["clean-continued"]["attack_steps_per_iteration"] == 0.0
             and rows["clean-continued"]["cost_vs_clean"] == 1)
@@ -48,6 +54,10 @@ def test_the_study_trains_fine_tunes_evaluates_and_writes_one_table(study):
         assert "worst case" in report
     table = (out / "study.md").read_text()
     assert "| clean-continued |" in table and "worst L-inf (eps 4)" in table and "vafa-3d-ref" in table
+    header = next(line for line in table.splitlines() if line.startswith("| model | clean |"))
+    assert "| autoattack-rog |" in header and "| square |" in header and "| checks |" in header
+    assert "## Checks: can the worst case be trusted?" in (out / "evaluation" / "eps-4" / "report.md").read_text()
+    assert "## Checks" not in (out / "evaluation" / "eps-8" / "report.md").read_text()
     assert (out / "worst_case_vs_eps.png").stat().st_size > 0
 
 

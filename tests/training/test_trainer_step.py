@@ -128,8 +128,14 @@ FAST_OPTIONS = {
     "ensemble": {"attacks": [("fgsm", {}), ("pgd", {"steps": 2})]},
     "apgd-rog": {"steps": 2, "restarts": 2}, "vafa-3d-ref": {"steps": 2, "block_size": (8, 8, 8)},
     "vafa-2d-ref": {"steps": 2}, "slice-rescale": {},
+    "apgd-dlr": {"steps": 2, "restarts": 1}, "fab": {"steps": 2, "restarts": 1}, "square": {"queries": 3},
+    "autoattack-rog": {"steps": 1, "restarts": 1, "queries": 2},
 }
-LP_ATTACKS = {"apgd-ce", "apgd-rog", "bim", "cospgd", "fgsm", "ifgsm-targeted", "pgd", "segpgd", "ensemble"}
+LP_ATTACKS = {"apgd-ce", "apgd-rog", "bim", "cospgd", "fgsm", "ifgsm-targeted", "pgd", "segpgd", "ensemble",
+              "apgd-dlr", "fab", "square", "autoattack-rog"}
+#: FAB keeps a point only where it pushed the Dice below its threshold within the budget (ROG), else
+#: the clean image: on a barely trained network at 4/255 that may be every sample
+MAY_RETURN_CLEAN = {"fab"}
 
 
 def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
@@ -148,7 +154,7 @@ def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
         trainer.alpha_over_eps = 0.5 if "alpha" in attack_defaults(name) else None
         x_adv = trainer.craft_adversarial(x, target)
         assert x_adv.shape == x.shape and torch.isfinite(x_adv).all(), name
-        assert not torch.equal(x_adv, x), name
+        assert name in MAY_RETURN_CLEAN or not torch.equal(x_adv, x), name
         if name in LP_ATTACKS:
             assert ((x_adv - x).abs() <= budget.eps + 1e-6).all(), name
         # the trainer passes the projection box to every attack that takes one (gn included)
