@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", choices=demo_data.SOURCES, default="auto",
                         help="mricron: real MRI (error if mricron-data is missing); synthetic; "
                              "auto: real MRI if available, else synthetic (default)")
+    parser.add_argument("--structures", choices=list(demo_data.STRUCTURES), default=demo_data.DEFAULT_STRUCTURES,
+                        help="the two labelled AAL structures (default: %(default)s; caudate-putamen: a second "
+                             "task of other anatomy)")
     parser.add_argument("--template_dir", default=None,
                         help=f"folder with ch2.nii.gz and aal.nii.gz (default: "
                              f"${demo_data.TEMPLATE_DIR_ENV}, else "
@@ -63,7 +66,7 @@ def run(args) -> int:
         folder = demo_data.build_demo_dataset(
             raw_root, dataset_id=args.dataset_id, name=args.name, num_train=args.num_train,
             num_test=args.num_test, crop_size=crop, seed=args.seed, source=args.source,
-            template_folder=args.template_dir, progress=True)
+            template_folder=args.template_dir, progress=True, structures=args.structures)
     except demo_data.DemoDataError:
         raise
     except OSError as err:  # e.g. raw folder not writable

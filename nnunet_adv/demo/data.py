@@ -8,7 +8,9 @@ mild seeded augmentations (intensity scale/shift/gamma; small rotation, scaling 
 elastic displacement, applied identically to image (linear) and labels (nearest)), so that
 the cases are distinct but remain real anatomy.
 
-Labels: 0 background, 1 hippocampus (AAL 37/38), 2 amygdala (AAL 41/42).
+Labels: 0 background, 1 hippocampus (AAL 37/38), 2 amygdala (AAL 41/42); or, with
+``structures="caudate-putamen"`` (a second task of other anatomy), 1 caudate (AAL 71/72) and
+2 putamen (AAL 73/74).
 
 Where the package is missing a synthetic dataset with the same layout is generated instead
 (smooth blobs of two classes in a noisy, smoothly varying background).
@@ -58,12 +60,46 @@ ATLAS_FILE = "aal.nii.gz"
 TEMPLATE_FILES = (T1_FILE, ATLAS_FILE)
 INSTALL_HINT = "apt-get install -y mricron-data"
 
-#: AAL atlas value -> demo label (left and right collapse into one class each).
-AAL_TO_DEMO = {37: 1, 38: 1, 41: 2, 42: 2}
-#: AAL values of hippocampus and amygdala per hemisphere (used to centre the crops).
-AAL_BY_SIDE = {"left": (37, 41), "right": (38, 42)}
 
-LABELS = {"background": 0, "hippocampus": 1, "amygdala": 2}
+
+@dataclass(frozen=True)
+class Structures:
+    """The two AAL structures a demo dataset segments: label 1 and label 2, left and right
+    collapsed into one class each.
+
+    Attributes:
+        names: the two label names (dataset.json).
+        aal: per structure, its (left, right) AAL atlas values.
+    """
+
+    names: Tuple[str, str]
+    aal: Tuple[Tuple[int, int], Tuple[int, int]]
+
+    @property
+    def labels(self) -> Dict[str, int]:
+        return {"background": 0, self.names[0]: 1, self.names[1]: 2}
+
+    @property
+    def aal_to_demo(self) -> Dict[int, int]:
+        """AAL atlas value -> demo label."""
+        return {value: label for label, pair in enumerate(self.aal, start=1) for value in pair}
+
+    @property
+    def aal_by_side(self) -> Dict[str, Tuple[int, int]]:
+        """AAL values of both structures per hemisphere (they centre the crops)."""
+        return {"left": (self.aal[0][0], self.aal[1][0]), "right": (self.aal[0][1], self.aal[1][1])}
+
+
+#: the structures a demo dataset can segment: the default, and a second task of other anatomy (the
+#: basal ganglia: larger, higher-contrast structures) for checking that a result generalises
+STRUCTURES = {"hippocampus-amygdala": Structures(("hippocampus", "amygdala"), ((37, 38), (41, 42))),
+              "caudate-putamen": Structures(("caudate", "putamen"), ((71, 72), (73, 74)))}
+DEFAULT_STRUCTURES = "hippocampus-amygdala"
+
+#: the default structures' maps (AAL value -> demo label; AAL values per hemisphere; labels)
+AAL_TO_DEMO = STRUCTURES[DEFAULT_STRUCTURES].aal_to_demo
+AAL_BY_SIDE = STRUCTURES[DEFAULT_STRUCTURES].aal_by_side
+LABELS = STRUCTURES[DEFAULT_STRUCTURES].labels
 CHANNEL_NAMES = {"0": "T1"}  # not "CT": nnU-Net z-scores each image
 FILE_ENDING = ".nii.gz"
 MANIFEST_FILE = "demo_cases.json"
@@ -158,8 +194,10 @@ def _missing_message(folder: Path, missing: Sequence[str]) -> str:
             f"install it with `{INSTALL_HINT}` or point ${TEMPLATE_DIR_ENV} at its templates")
 
 
-def load_templates(folder: Union[str, os.PathLike, None] = None) -> Templates:
-    """Load Colin27 T1 + AAL from ``template_dir(folder)``.
+def load_templates(folder: Union[str, os.PathLike, None] = None,
+                   structures: str = DEFAULT_STRUCTURES) -> Templates:
+    """Load Colin27 T1 + AAL from ``template_dir(folder)``, the AAL labels of ``structures``
+    (a key of :data:`STRUCTURES`) mapped to 1 and 2.
 
     Raises:
         TemplatesMissingError: a template file is absent.
@@ -175,12 +213,13 @@ def load_templates(folder: Union[str, os.PathLike, None] = None) -> Templates:
         raise DemoDataError(f"{T1_FILE} and {ATLAS_FILE} in {root} are not on the same grid")
     t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
     atlas = np.asarray(atlas_img.dataobj).astype(np.int32)
+    chosen = STRUCTURES[structures]
     # A lookup table maps every AAL value to 0/1/2 in one pass.
-    lut = np.zeros(max(int(atlas.max()), max(AAL_TO_DEMO)) + 1, dtype=np.uint8)
-    for aal_value, demo_label in AAL_TO_DEMO.items():
+    lut = np.zeros(max(int(atlas.max()), max(chosen.aal_to_demo)) + 1, dtype=np.uint8)
+    for aal_value, demo_label in chosen.aal_to_demo.items():
         lut[aal_value] = demo_label
     centres = {side: _bbox_centre(np.isin(atlas, values), f"AAL {values} in {ATLAS_FILE}")
-               for side, values in AAL_BY_SIDE.items()}
+               for side, values in chosen.aal_by_side.items()}
     return Templates(t1=t1, labels=lut[atlas], affine=t1_img.affine.astype(np.float64),
                      centres=centres)
 
@@ -413,8 +452,7 @@ def _mricron_case(templates: Templates, split: str, index: int, seed: int,
         image, labels, affine = render_mricron_case(templates, params, size)
         if _has_all_classes(labels):
             return image, labels, affine, params
-    raise DemoDataError(f"could not fit hippocampus and amygdala into a {size} crop; "
-                        f"use a larger crop size")
+    raise DemoDataError(f"could not fit both structures into a {size} crop; use a larger crop size")
 
 
 def _synthetic_case(split: str, index: int, seed: int, size: Tuple[int, int, int]):
@@ -521,16 +559,17 @@ def _write_case(folder: Path, split: str, identifier: str, image: np.ndarray,
 
 
 def _write_dataset_json(folder: Path, name: str, num_train: int, num_test: int,
-                        source: str, seed: int) -> None:
+                        source: str, seed: int, structures: str = DEFAULT_STRUCTURES) -> None:
+    chosen = STRUCTURES[structures]
     if source == "mricron":
-        description = ("Crops around hippocampus (1) and amygdala (2) of the Colin27 T1 MRI "
+        description = (f"Crops around {chosen.names[0]} (1) and {chosen.names[1]} (2) of the Colin27 T1 MRI "
                        "with AAL labels (Debian mricron-data), flipped and mildly augmented.")
         reference = "Holmes et al. 1998 (Colin27); Tzourio-Mazoyer et al. 2002 (AAL)"
     else:
         description = "Synthetic 3D blobs (classes 1 and 2) in noisy background."
         reference = "nnunet_adv.demo.data (synthetic)"
     generate_dataset_json(
-        str(folder), channel_names=CHANNEL_NAMES, labels=LABELS, num_training_cases=num_train,
+        str(folder), channel_names=CHANNEL_NAMES, labels=chosen.labels, num_training_cases=num_train,
         file_ending=FILE_ENDING, dataset_name=name, description=description,
         reference=reference, license="see the licenses of mricron-data / Colin27 / AAL",
         converted_by="nnunet_adv.demo.data", numTest=num_test,
@@ -543,7 +582,7 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
                        crop_size: Union[int, Sequence[int]] = DEFAULT_CROP_SIZE, seed: int = 0,
                        source: str = "auto",
                        template_folder: Union[str, os.PathLike, None] = None,
-                       progress: bool = False) -> Path:
+                       progress: bool = False, structures: str = DEFAULT_STRUCTURES) -> Path:
     """Write ``raw_root/Dataset{dataset_id:03d}_{name}`` in nnU-Net v2 raw format.
 
     Args:
@@ -560,6 +599,8 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
         template_folder: folder with ch2.nii.gz / aal.nii.gz (default: $NNUNET_ADV_MRICRON_DIR,
             else /usr/share/mricron/templates).
         progress: show a tqdm bar while writing cases.
+        structures: which AAL structures are labels 1 and 2 (:data:`STRUCTURES`): the default
+            hippocampus and amygdala, or caudate and putamen (a second task of other anatomy).
 
     Returns:
         The dataset folder.
@@ -575,18 +616,20 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
     """
     raw_root = Path(raw_root)
     _validate(raw_root, dataset_id, name, num_train, num_test, source, seed)
+    if structures not in STRUCTURES:
+        raise DemoDataConfigError(f"structures must be one of {', '.join(STRUCTURES)}, got {structures!r}")
     size = _normalise_size(crop_size)
     final = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
     _refuse_existing(raw_root, int(dataset_id))
     used_source = resolve_source(source, template_folder)
-    templates = load_templates(template_folder) if used_source == "mricron" else None
+    templates = load_templates(template_folder, structures) if used_source == "mricron" else None
 
     # os.mkdir (not mkdtemp) so the folder gets the usual umask permissions, not 0700.
     partial = raw_root / f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(partial)
     try:
         _write_all(partial, templates, used_source, name, num_train, num_test, size,
-                   int(seed), progress)
+                   int(seed), progress, structures)
         _refuse_existing(raw_root, int(dataset_id))  # someone may have created it meanwhile
         os.rename(partial, final)
     except BaseException:
@@ -597,7 +640,7 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
 
 def _write_all(folder: Path, templates: Optional[Templates], source: str, name: str,
                num_train: int, num_test: int, size: Tuple[int, int, int], seed: int,
-               progress: bool) -> None:
+               progress: bool, structures: str = DEFAULT_STRUCTURES) -> None:
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir()
     records = []
@@ -614,8 +657,8 @@ def _write_all(folder: Path, templates: Optional[Templates], source: str, name: 
             record = CaseRecord(identifier, split, source)
         _write_case(folder, split, identifier, image, labels, affine)
         records.append(asdict(record))
-    _write_dataset_json(folder, name, num_train, num_test, source, seed)
-    manifest = {"source": source, "seed": seed, "crop_size": list(size),
+    _write_dataset_json(folder, name, num_train, num_test, source, seed, structures)
+    manifest = {"source": source, "seed": seed, "crop_size": list(size), "structures": structures,
                 "template_files": list(TEMPLATE_FILES) if source == "mricron" else None,
                 "cases": records}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))

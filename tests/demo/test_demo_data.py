@@ -414,3 +414,30 @@ def test_console_script_is_installed():
         pytest.skip(f"console script not installed next to {sys.executable}")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--num_train" in result.stdout
+
+
+@requires_mricron
+def test_a_second_task_of_other_anatomy_caudate_and_putamen(tmp_path):
+    """``structures="caudate-putamen"``: labels 1 and 2 are AAL 71/72 and 73/74, named so in
+    dataset.json; the un-augmented anchor case equals the atlas there, and every case holds both."""
+    folder = build_demo_dataset(tmp_path, dataset_id=905, num_train=3, num_test=1, crop_size=40, seed=0,
+                                source="mricron", structures="caudate-putamen")
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "caudate": 1,
+                                                                           "putamen": 2}
+    root = demo_data.template_dir()
+    t1, template_affine = _load(root / "ch2.nii.gz")
+    aal, _ = _load(root / "aal.nii.gz")
+    expected = np.zeros(aal.shape, np.uint8)
+    expected[np.isin(aal, (71, 72))] = 1
+    expected[np.isin(aal, (73, 74))] = 2
+    cases = list(_cases(folder))
+    _, image_path, label_path = cases[0]
+    labels, affine = _load(label_path)
+    start = np.round((np.linalg.inv(template_affine) @ affine)[:3, 3]).astype(int)
+    region = tuple(slice(s, s + n) for s, n in zip(start, labels.shape))
+    np.testing.assert_array_equal(labels, expected[region])
+    np.testing.assert_array_equal(_load(image_path)[0], t1[region])
+    for _, _, path in cases:
+        assert set(np.unique(_load(path)[0]).tolist()) == {0, 1, 2}
+    with pytest.raises(demo_data.DemoDataConfigError, match="structures must be one of"):
+        build_demo_dataset(tmp_path, dataset_id=906, num_train=1, num_test=0, structures="thalamus")

@@ -145,6 +145,14 @@ def test_checks_in_the_report_and_the_worst_case_over_everything_run(report):
         assert (f"**The worst-case Dice of {model} is not trustworthy.**" in text) == warned
         assert (f"{model}: every check passed." in text) == (not warned)
     assert "## Checks: can the worst case be trusted?" in text
+    # Square on whole volumes through the sliding window: one forward per query and the start, no gradient
+    square = next((report["out"] / "adversarial" / MODELS[0]).glob("square_eps-16_queries-3-*"))
+    for case in json.loads((square / "attack.json").read_text())["cases"].values():
+        assert case["attack_forwards"] == 4 and case["input_gradient"] is None and case["objective_trace"] == []
+        assert max(case["linf_raw"]) > 0  # it moved the image
+    pgd = next((report["out"] / "adversarial" / MODELS[0]).glob("pgd_eps-16_steps-2_alpha-8-*"))
+    for case in json.loads((pgd / "attack.json").read_text())["cases"].values():
+        assert len(case["objective_trace"]) == 2 and case["input_gradient"]["l1"] > 0
     # the worst case over everything run at the evaluation's budgets
     copy = MODELS[1]
     worst = _result(summary, copy, "worst case", crafted_on=copy)["metric_per_case"]
