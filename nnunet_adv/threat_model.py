@@ -131,6 +131,7 @@ class ThreatModel:
             raise ThreatModelError("the configuration lists no normalization_schemes")
         intensity_properties = intensity_properties or {}
         self._ct_stats = {}
+        self._patch_windows = False  # with_patch_windows(): every window is the patch's own range
         for c, scheme in enumerate(self.schemes):
             if scheme not in KNOWN_SCHEMES:
                 raise ThreatModelError(
@@ -181,6 +182,16 @@ class ThreatModel:
         copy.schemes = list(self.schemes)
         copy._ct_stats = {c: {**stats, "percentile_00_5": float(lower), "percentile_99_5": float(upper)}
                           for c, stats in self._ct_stats.items()}
+        copy._patch_windows = self._patch_windows
+        return copy
+
+    def with_patch_windows(self) -> "ThreatModel":
+        """The same threat model with every channel's window and box the clean patch's own
+        ``[min, max]`` per sample, CT channels included: SEAT's convention (``b_eps = (b_max - b_min)
+        * eps`` over each patch, TrustAI/SEAT ``libs/trainer.py``), where ours gives CT channels the
+        dataset window. Raw units are unchanged."""
+        copy = ThreatModel.__new__(ThreatModel)
+        copy.schemes, copy._ct_stats, copy._patch_windows = list(self.schemes), dict(self._ct_stats), True
         return copy
 
     @property
@@ -228,6 +239,8 @@ class ThreatModel:
         return Budget(*(t.reshape(bshape) for t in (eps, lower, upper, window)))
 
     def _box(self, c, scheme, patch_min, patch_max):
+        if self._patch_windows:
+            return patch_min, patch_max
         if scheme in _CT_SCHEMES:
             s = self._ct_stats[c]
             lo = (s["percentile_00_5"] - s["mean"]) / s["std"]

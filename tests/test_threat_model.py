@@ -31,6 +31,20 @@ def test_ct_channel_uses_dataset_window():
     assert torch.allclose(tm.budget(x, eps_raw=30).eps, torch.full((2, 1, 1, 1, 1), 0.6))
 
 
+def test_patch_windows_give_every_channel_its_patch_range_as_seat_does():
+    tm = ThreatModel.from_plans(_plans(["CTNormalization"], CT_PROPS), "3d_fullres")
+    x = torch.zeros(2, 1, 4, 4, 4)
+    x[0, 0, 0, 0, 0], x[1, 0, 1, 1, 1] = 3.0, -1.0   # patch ranges 3 and 1 (the dataset window is 40)
+    seat = tm.with_patch_windows()
+    b = seat.budget(x, eps_frac=0.1)
+    assert torch.allclose(b.eps.flatten(), torch.tensor([0.3, 0.1]))
+    assert torch.allclose(b.lower.flatten(), torch.tensor([0.0, -1.0]))
+    assert torch.allclose(b.upper.flatten(), torch.tensor([3.0, 0.0]))
+    # the original keeps the dataset window, and raw units are unchanged (30 HU = 30 / std)
+    assert torch.allclose(tm.budget(x, eps_frac=0.1).eps, torch.full((2, 1, 1, 1, 1), 4.0))
+    assert torch.allclose(seat.budget(x, eps_raw=30).eps, torch.full((2, 1, 1, 1, 1), 0.6))
+
+
 def test_inherited_configuration_is_resolved():
     tm = ThreatModel.from_plans(_plans(["CTNormalization"], CT_PROPS), "3d_cascade_fullres")
     assert tm.schemes == ["CTNormalization"]

@@ -9,7 +9,7 @@ from nnunet_adv.training.names import trainer_from_name
 
 from .dual_norm import nnUNetTrainerDualBN, nnUNetTrainerDualNorm
 from .nlce import nnUNetTrainerNLCE, nnUNetTrainerNLCE_MultiStage, nnUNetTrainerNLCE_VAFT
-from .saat import nnUNetTrainerSAAT
+from .saat import nnUNetTrainerSAAT, nnUNetTrainerSAAT_SEAT
 from .short import (
     nnUNetTrainer_AdvDemoCPU,
     nnUNetTrainer_AdvDemoGPU,
@@ -49,6 +49,7 @@ __all__ = [
     "nnUNetTrainerVAFT",
     "nnUNetTrainerVAFA",
     "nnUNetTrainerSAAT",
+    "nnUNetTrainerSAAT_SEAT",
     "nnUNetTrainerDualBN",
     "nnUNetTrainerDualNorm",
     "nnUNetTrainerNLCE",

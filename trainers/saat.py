@@ -28,6 +28,18 @@ Inner attack (``saat_inner_attack``):
 * ``"pgd"``: PGD with ``m`` steps (random start, step ``alpha_over_eps * eps``) crafted on the
   unwrapped network in eval mode, one optimiser step on the adversarial loss.
 
+Two choices differ from SEAT's code (TrustAI/SEAT ``libs/trainer.py``, ``train``) and are named options
+(:class:`nnUNetTrainerSAAT_SEAT` takes SEAT's for both):
+
+* ``saat_grad_measure``: ``"input"`` (default) the gradient with respect to the network input the step
+  trained on (``clip(x + delta)``); ``"perturbation"`` SEAT's ``delta.grad``, the same except where the
+  box clamp is active (there it is 0). SEAT also sums over the batch and keeps the GradScaler's loss
+  scale in it; here it is the mean over samples, unscaled (the rule compares an epoch's magnitude with a
+  multiple of an earlier one, so a constant factor cancels; a loss scale that changes does not).
+* ``saat_window``: ``"threat-model"`` (default) eps as a fraction of each channel's window of the
+  threat model (z-scored channels: the clean patch's range; CT channels: the dataset window);
+  ``"patch"`` SEAT's ``(b_max - b_min) * eps`` of every patch, CT channels included.
+
 Logged every epoch (training log, progress.png panel, checkpoint ``logging``): ``saat_m`` (the
 iterations used in the epoch), ``saat_grad_magnitude`` (its mean magnitude), ``saat_threshold``
 (after the epoch's decision). The rule's state is saved in every checkpoint under
@@ -67,6 +79,8 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
     saat_m_max: int = 5
     saat_m_init: int = 1
     saat_m_start: int = 2
+    saat_grad_measure: str = "input"      # "input" | "perturbation" (SEAT: delta.grad)
+    saat_window: str = "threat-model"     # "threat-model" | "patch" (SEAT: every patch's own range)
     progress_panel_keys = SAAT_LOG_KEYS
 
     # ------------------------------------------------------------------ set-up
@@ -76,6 +90,14 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
             raise RecipeError(name, f"saat_inner_attack must be 'free' or 'pgd' (got {self.saat_inner_attack!r})")
         if self.saat_inner_attack == "free" and self.alpha_over_eps is None:
             raise RecipeError(name, "Free-AT needs a step size: set alpha_over_eps (published: 0.5)")
+        if self.saat_grad_measure not in ("input", "perturbation"):
+            raise RecipeError(name, f"saat_grad_measure must be 'input' or 'perturbation' (got "
+                                    f"{self.saat_grad_measure!r})")
+        if self.saat_window not in ("threat-model", "patch"):
+            raise RecipeError(name, f"saat_window must be 'threat-model' or 'patch' (got {self.saat_window!r})")
+        if self.saat_grad_measure == "perturbation" and self.saat_inner_attack != "free":
+            raise RecipeError(name, "saat_grad_measure 'perturbation' is Free-AT's delta gradient: it needs "
+                                    "saat_inner_attack 'free'")
         if self.adversarial_loss_weight <= 0:
             raise RecipeError(name, "SAAT trains on adversarial examples: adversarial_loss_weight must be > 0")
         try:
@@ -130,7 +152,8 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         return self._step_output([terms], [total], [magnitude])
 
     def _free_step(self, data, target, m: int) -> dict:
-        budget = self.threat_model.budget(data, eps_frac=self.eps_frac, eps_raw=self.eps_raw)
+        threat_model = self.threat_model.with_patch_windows() if self.saat_window == "patch" else self.threat_model
+        budget = threat_model.budget(data, eps_frac=self.eps_frac, eps_raw=self.eps_raw)
         eps, step = budget.eps, budget.scaled(self.alpha_over_eps)
         delta = self.free_delta
         if delta is None or delta.shape != data.shape or delta.device != data.device:
@@ -146,7 +169,8 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
             x_in.retain_grad()
             scale = self._loss_scale()
             terms, total = self._optimise(data, x_in, target)
-            magnitude = self._magnitude(x_in.grad, scale)
+            measured = x_in.grad if self.saat_grad_measure == "input" else delta_leaf.grad
+            magnitude = None if measured is None else self._magnitude(measured, scale)
             if magnitude is not None and delta_leaf.grad is not None:
                 delta = torch.maximum(torch.minimum(delta + step * delta_leaf.grad.sign(), eps), -eps)
             all_terms.append(terms)
@@ -204,3 +228,12 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
             return
         self.saat.load_state_dict(state)
         self.print_to_log_file(f"SAAT: restored m = {self.saat.m}, threshold = {self.saat.threshold:.6g}")
+
+
+class nnUNetTrainerSAAT_SEAT(nnUNetTrainerSAAT):
+    """SAAT with SEAT's own choices (TrustAI/SEAT ``libs/trainer.py``): the magnitude of the
+    perturbation's gradient (0 where the box clamp is active) and eps of every patch's own range,
+    CT channels included. The step stays eps/2 (SEAT's ``b_eps // 2`` is 0 on z-scored data)."""
+
+    saat_grad_measure = "perturbation"
+    saat_window = "patch"

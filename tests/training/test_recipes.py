@@ -305,6 +305,41 @@ def test_saat_free_at_step_replays_m_times_with_a_persistent_buffer(nnunet_tree,
     assert torch.allclose(seen[0], expected, atol=1e-6)
 
 
+def test_saat_seat_measures_the_perturbations_gradient_on_each_patchs_range(nnunet_tree, monkeypatch):
+    """nnUNetTrainerSAAT_SEAT: the magnitude is SEAT's delta.grad (0 where the box clamp is active,
+    x_in.grad elsewhere) and eps is a share of each patch's range (SEAT's b_eps)."""
+    from nnunet_adv.trainers import nnUNetTrainerSAAT_SEAT
+
+    class _Short(nnUNetTrainerSAAT_SEAT):
+        num_iterations_per_epoch, num_val_iterations_per_epoch, num_epochs = 1, 1, 1
+
+    trainer = _make_trainer(_Short, nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer.network.train()
+    batch = make_batch(trainer, seed=0)
+    x = batch["data"]
+    windows = []
+    real_with = type(trainer.threat_model).with_patch_windows
+    monkeypatch.setattr(type(trainer.threat_model), "with_patch_windows",
+                        lambda self: windows.append(1) or real_with(self))
+    eps = real_with(trainer.threat_model).budget(x, eps_frac=8 / 255).eps
+    trainer.free_delta = eps.expand_as(x).clone()  # +eps everywhere: the patch's maximum is clamped
+    measured, inputs = [], []
+    real_magnitude = trainer._magnitude
+    monkeypatch.setattr(trainer, "_magnitude", lambda g, scale: measured.append(g.detach().clone())
+                        or real_magnitude(g, scale))
+    real_optimise = trainer._optimise
+    monkeypatch.setattr(trainer, "_optimise", lambda d, x_in, t: inputs.append(x_in) or real_optimise(d, x_in, t))
+    trainer.train_step(batch)
+    assert windows and len(measured) == 1
+    clamped = x + eps > x.flatten(2).amax(2)[..., None, None, None]
+    assert clamped.any() and (measured[0][clamped] == 0).all()
+    assert torch.equal(measured[0][~clamped], inputs[0].grad[~clamped])
+    assert (inputs[0].grad[clamped] != 0).any()  # the input gradient ("input", ours) is not 0 there
+    with pytest.raises(RecipeError, match="saat_grad_measure"):
+        _make_trainer(type("_Bad", (_Short,), {"saat_grad_measure": "delta"}), nnunet_tree, "3d_fullres", True,
+                      monkeypatch)
+
+
 # SEAT (TrustAI/SEAT at_main.py): epochs 1..15, the m each epoch trains with, check_mag 3, gamma 1.1,
 # adv_iters 5, under a magnitude rising 1.2x per epoch and one falling 0.8x per epoch
 SEAT_M_RISING = [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
