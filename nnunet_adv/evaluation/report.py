@@ -343,6 +343,10 @@ def _checks_section(ctx: ReportContext) -> List[str]:
                       f"robustness, not a measurement. Next: " + "; ".join(ADVICE[n] for n in warned) + ".", ""]
         elif all(c["status"] == "pass" for c in found.values()):
             lines += [f"{model}: every check passed.", ""]
+        else:
+            missing = [name for name, c in found.items() if c["status"] != "pass"]
+            lines += [f"{model}: no check warned, but {', '.join(missing)} did not run: the report cannot vouch for "
+                      f"that part of its worst case.", ""]
     return lines + ["What each check catches: docs/evaluate.md, \"How to make a robustness claim\".", ""]
 
 
