@@ -24,6 +24,7 @@ from nnunet_adv.attacks.options import canonical_name
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, at_least_one, cli_main, pick_device
 from nnunet_adv.errors import UserError
 from nnunet_adv.records import check_part
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENTS
 
 # attack-library options exposed as flags: name -> argparse kwargs
 _BOOL = {"type": lambda s: _parse_bool(s), "nargs": "?", "const": True, "metavar": "true|false"}  # noqa: E731
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="seed of the attack's random generator (default 0)")
     a.add_argument("--eot_mirroring", action="store_true",
                    help="attack the average over the model's allowed mirror axes (nnU-Net's test-time mirroring)")
+    a.add_argument("--previous_stage_gradient", choices=GRADIENTS, default=DEFAULT_GRADIENT,
+                   help="3d_cascade_fullres only: how the gradient passes the 3d_lowres stage's argmax: 'softmax' (its "
+                        "softmax as a differentiable surrogate, default) or 'fixed' (the previous stage held at its "
+                        "clean prediction); the exported image is always segmented by both stages, as deployed")
     a.add_argument("--list_attacks", action="store_true", help="print the attacks and their options, then exit")
     r = p.add_argument_group("run")
     r.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
@@ -224,7 +229,8 @@ def run(args, argv: List[str]) -> int:
                                   input_folder=input_folder, output_folder=output_folder, labels_folder=labels_folder,
                                   device=device, eot_mirroring=a.eot_mirroring, tile_batch_size=a.tile_batch_size,
                                   resume=a.continue_prediction, progress=not a.disable_progress_bar, part=part,
-                                  command=shlex.join(["nnUNetv2_adv_attack", *argv]), argv=list(argv)), log=say)
+                                  command=shlex.join(["nnUNetv2_adv_attack", *argv]), argv=list(argv),
+                                  previous_stage_gradient=a.previous_stage_gradient), log=say)
     records = result.report["cases"]
     for c in result.new:
         r = records[c]

@@ -47,6 +47,7 @@ from nnunet_adv.evaluation.plan import (
 )
 from nnunet_adv.records import check_part
 from nnunet_adv.volume import folders
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENTS
 from nnunet_adv.volume.folders import check_folders, configuration_of
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     eot.add_argument("--no_eot_mirroring", dest="eot_mirroring", action="store_false",
                      help="attack the plain network even though predictions use test-time mirroring (cheaper; the "
                           "attacks' effect is then underestimated: the report says so)")
+    a.add_argument("--previous_stage_gradient", choices=GRADIENTS, default=DEFAULT_GRADIENT,
+                   help="3d_cascade_fullres models: the attacks' gradient through the 3d_lowres stage, its softmax "
+                        "('softmax', default) or none ('fixed': held at its clean prediction); the report says which")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     a.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
@@ -230,7 +234,8 @@ def run(a, argv: List[str]) -> int:
         tile_batch_size=a.tile_batch_size, tta=not a.disable_tta, saliency=a.saliency, num_examples=a.num_examples,
         progress=not a.disable_progress_bar, resume=a.resume or part is not None, seed=a.seed, part=part,
         nsd_tolerance=a.nsd_tolerance[0] if len(a.nsd_tolerance) == 1 else list(a.nsd_tolerance),
-        command=shlex.join(["nnUNetv2_adv_evaluate", *argv])), log=say)
+        command=shlex.join(["nnUNetv2_adv_evaluate", *argv]), previous_stage_gradient=a.previous_stage_gradient),
+        log=say)
     text = evaluation.execute()
     if part is None:
         say(f"done: {root / 'report.md'}")

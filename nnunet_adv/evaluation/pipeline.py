@@ -51,6 +51,8 @@ from nnunet_adv.records import (
     split_cases,
     versions,
 )
+from nnunet_adv.volume.cascade import previous_stage_folder
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENT_MEANS
 from nnunet_adv.volume.engine import _similarity
 from nnunet_adv.volume.export import WriteError, write_image_like
 from nnunet_adv.volume.folders import find_cases
@@ -73,7 +75,8 @@ class EvaluationRun:
         eot_mirroring: attacks average nnU-Net's test-time mirroring; tile_batch_size: tiles per
         network call in the attacks; tta: predict with test-time mirroring; saliency: draw
         saliency maps; num_examples: cases in examples.png; progress: tqdm bars; command: the
-        command line recorded in the report.
+        command line recorded in the report; previous_stage_gradient: how attacks on a cascade stage
+        pass its previous stage (:mod:`nnunet_adv.volume.cascade`).
     """
 
     models: List[Model]
@@ -99,6 +102,7 @@ class EvaluationRun:
     nsd_tolerance: Union[float, Sequence[float]] = NSD_TOLERANCE_MM
     seed: int = 0
     part: Optional[Tuple[int, int]] = None
+    previous_stage_gradient: str = DEFAULT_GRADIENT
 
     @property
     def part_cases(self) -> List[str]:
@@ -115,7 +119,21 @@ class EvaluationRun:
                 "eot_mirroring": bool(self.eot_mirroring), "tile_batch_size": self.tile_batch_size,
                 "nsd_tolerance_mm": self.nsd_tolerance, "versions": versions(),
                 # the seed draws the corruptions' noise; an attack's seed is in its own folder's tag
-                "corruption_seed": self.seed if any(s.corruption is not None for s in self.settings) else None}
+                "corruption_seed": self.seed if any(s.corruption is not None for s in self.settings) else None,
+                **({"previous_stage_gradient": self.previous_stage_gradient} if self.cascades() else {})}
+
+    def cascades(self) -> Dict[str, Path]:
+        """Model name -> its previous stage's model folder, for the cascade stages among the models."""
+        stages = {m.name: previous_stage_folder(m.folder) for m in self.models}
+        return {name: folder for name, folder in stages.items() if folder is not None}
+
+    def deployment_notes(self) -> List[str]:
+        """Lines for the report saying how models that are not one network were run (cascades)."""
+        return [f"`{name}` is a cascade stage, deployed as nnU-Net deploys it: `{Path(folder).name}` segments each "
+                f"(clean, attacked or corrupted) image and its prediction is the cascade's previous-stage input "
+                f"(`nnUNetv2_predict -prev_stage_predictions`). Attack gradient "
+                f"`{self.previous_stage_gradient}`: {GRADIENT_MEANS[self.previous_stage_gradient]}."
+                for name, folder in self.cascades().items()]
 
 
 SETTINGS_JSON = "evaluation.json"
@@ -230,7 +248,8 @@ class RobustnessEvaluation:
                                        dataset=r.plans["dataset_name"], models=r.models, settings=r.settings,
                                        evaluations=evaluations, summaries=summaries, labels=labels, tta=r.tta,
                                        eot=r.eot_mirroring, device=r.device, folds=list(map(str, r.folds)),
-                                       checkpoint=r.checkpoint, cases=list(r.cases))
+                                       checkpoint=r.checkpoint, cases=list(r.cases),
+                                       notes=r.deployment_notes())
         report.write_summary_json(context)
         report.write_metrics_csv(context)
         figures = report.write_figures(context, r.cases, rw, r.num_examples)
@@ -297,7 +316,8 @@ class RobustnessEvaluation:
         attack_run = AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds, checkpoint=r.checkpoint,
                                input_folder=Path(r.images), output_folder=out, labels_folder=Path(r.labels),
                                device=r.device, eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size,
-                               resume=True, progress=r.progress, command=r.command, part=r.part)
+                               resume=True, progress=r.progress, command=r.command, part=r.part,
+                               previous_stage_gradient=r.previous_stage_gradient)
         if self._attack_done(out, attack_run):
             return
         self.log(f"attacking with {setting.label} on {model.name}")
@@ -377,8 +397,10 @@ class RobustnessEvaluation:
             source = {"corruption": load_records(self.image_folder(ev), CORRUPTION_JSON)["settings"]}
         elif ev.source is not None:
             source = {"crafted_on": ev.source.name, "attack": load_records(self.image_folder(ev))["settings"]["attack"]}
+        previous = previous_stage_folder(ev.model.folder)
         return {"model": str(Path(ev.model.folder).resolve()), "checkpoint": self.run.checkpoint,
-                "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source}
+                "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source,
+                **({} if previous is None else {"previous_stage": str(Path(previous).resolve())})}
 
     def predict(self, ev: Evaluation) -> None:
         """nnU-Net's predictions of one evaluation (this run's cases), written to a hidden folder, then
@@ -415,10 +437,21 @@ class RobustnessEvaluation:
         partial = out / (".partial" + ("" if r.part is None else f"-{r.part[1]}-of-{r.part[0]}"))
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+        images = [self.images_of(ev, c) for c in missing]
+        previous = previous_stage_folder(ev.model.folder)
+        previous_predictions = None
+        if previous is not None:  # a cascade, as nnUNetv2_predict -c 3d_lowres, then -prev_stage_predictions
+            previous_predictions = partial / "previous_stage"
+            previous_predictions.mkdir()
+            with _quiet():
+                self.predictor(Model(f"{ev.model.name} (previous stage)", previous)).predict_from_files_sequential(
+                    images, [str(previous_predictions / c) for c in missing], save_probabilities=False,
+                    overwrite=True)
         with _quiet():
-            predictor.predict_from_files_sequential([self.images_of(ev, c) for c in missing],
-                                                    [str(partial / c) for c in missing], save_probabilities=False,
-                                                    overwrite=True)
+            predictor.predict_from_files_sequential(images, [str(partial / c) for c in missing],
+                                                    save_probabilities=False, overwrite=True,
+                                                    folder_with_segs_from_prev_stage=None if previous is None
+                                                    else str(previous_predictions))
         for c in missing:
             name = wanted[c]
             record["files"][name] = file_digest(partial / name)
