@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-m", nargs="+", default=None, help="trained model folder(s) instead of -d/-c/-tr/-p")
     m.add_argument("-f", nargs="+", default=["0"], help="fold(s) of every model (default 0; several = ensemble)")
     m.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    m.add_argument("--inference_information", nargs="?", const="", default=None, metavar="JSON",
+                   help="also evaluate what nnUNetv2_find_best_configuration selected, as deployed: its "
+                        "inference_information.json (alone: the one of -d in nnUNet_results); an ensemble of "
+                        "configurations is attacked through all its members at once and predicted with "
+                        "nnUNetv2_predict --save_probabilities per member, nnUNetv2_ensemble and "
+                        "nnUNetv2_apply_postprocessing")
     a = p.add_argument_group("attacks")
     a.add_argument("--attacks", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="attacks as 'pgd:eps=4,steps=20' 'vafa-3d:q_max=20,steps=20,block_size=32' 'gn:std=4' "
@@ -123,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def models_of(a) -> List[Model]:
     """The models the flags name (-m folders, or -d/-c/-tr/-p); all of one dataset."""
-    if a.m is not None:
+    if a.inference_information is not None:
+        from nnunet_adv.volume.deployed_ensemble import read_inference_information  # torch: once the flags are read
+
+        deployed = read_inference_information(a.inference_information or None, a.d)
+        models = [Model(deployed.name if deployed.is_ensemble else deployed.members[0].name, deployed.members[0],
+                        members=tuple(deployed.members[1:]), postprocessing=deployed.postprocessing_file)]
+        if a.m is not None or a.c is not None:
+            raise CLIError("give either --inference_information or the models (-m, or -d/-c/-tr/-p), not both")
+    elif a.m is not None:
         if a.d is not None or a.tr is not None:
             raise CLIError("give either -m MODEL_FOLDER ... or -d DATASET -c CONFIGURATION -tr TRAINER ..., not both")
         models = [Model(Path(f).resolve().name, Path(f)) for f in a.m]
@@ -137,11 +151,12 @@ def models_of(a) -> List[Model]:
     if len(set(names)) != len(names):
         raise CLIError(f"a model is given twice: {', '.join(names)}")
     for model in models:
-        folders.check_model_folder(model.folder)
-        for fold in a.f:
-            ckpt = model.folder / f"fold_{fold}" / a.chk
-            if not ckpt.is_file():
-                raise CLIError(f"model {model.name}: checkpoint {ckpt} does not exist")
+        for folder in (model.folder, *model.members):
+            folders.check_model_folder(folder)
+            for fold in a.f:
+                ckpt = folder / f"fold_{fold}" / a.chk
+                if not ckpt.is_file():
+                    raise CLIError(f"model {model.name}: checkpoint {ckpt} does not exist")
     reference = json.loads((models[0].folder / "plans.json").read_text())["dataset_name"]
     labels = json.loads((models[0].folder / "dataset.json").read_text())["labels"]
     for model in models[1:]:

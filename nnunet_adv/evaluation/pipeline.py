@@ -128,12 +128,27 @@ class EvaluationRun:
         return {name: folder for name, folder in stages.items() if folder is not None}
 
     def deployment_notes(self) -> List[str]:
-        """Lines for the report saying how models that are not one network were run (cascades)."""
-        return [f"`{name}` is a cascade stage, deployed as nnU-Net deploys it: `{Path(folder).name}` segments each "
-                f"(clean, attacked or corrupted) image and its prediction is the cascade's previous-stage input "
-                f"(`nnUNetv2_predict -prev_stage_predictions`). Attack gradient "
-                f"`{self.previous_stage_gradient}`: {GRADIENT_MEANS[self.previous_stage_gradient]}."
-                for name, folder in self.cascades().items()]
+        """Lines for the report saying how models that are not one network were run (cascades, ensembles of
+        configurations, postprocessing)."""
+        notes = []
+        for m in self.models:
+            stages = ", ".join(f"`{Path(f).name}`" for f in (m.folder, *m.members))
+            then = ", then `nnUNetv2_apply_postprocessing`" if m.postprocessing else ""
+            if m.members:
+                notes.append(f"`{m.name}` is an ensemble of configurations as nnUNetv2_find_best_configuration "
+                             f"selected it: **its numbers are the ensemble's**: {stages} predicted with "
+                             f"`nnUNetv2_predict --save_probabilities`, averaged by `nnUNetv2_ensemble`{then}; every "
+                             f"attack is crafted through all members at once (their averaged probabilities; "
+                             f"postprocessing not differentiated).")
+            elif m.postprocessing:
+                notes.append(f"`{m.name}`: predictions postprocessed with `nnUNetv2_apply_postprocessing` "
+                             f"({Path(m.postprocessing).name}).")
+        for name, folder in self.cascades().items():
+            notes.append(f"`{name}` is a cascade stage, deployed as nnU-Net deploys it: `{Path(folder).name}` segments "
+                         f"each (clean, attacked or corrupted) image and its prediction is the cascade's "
+                         f"previous-stage input (`nnUNetv2_predict -prev_stage_predictions`). Attack gradient "
+                         f"`{self.previous_stage_gradient}`: {GRADIENT_MEANS[self.previous_stage_gradient]}.")
+        return notes
 
 
 SETTINGS_JSON = "evaluation.json"
@@ -206,7 +221,7 @@ class RobustnessEvaluation:
         self.folder = ReportFolder(Path(run.output))
         self.file_ending = run.dataset_json["file_ending"]
         self.done_work: List[str] = []  # what this run computed: "attack ...", "prediction ...", ...
-        self._predictors: Dict[str, object] = {}  # model name -> initialised nnUNetPredictor
+        self._predictors: Dict[str, object] = {}  # model folder -> initialised nnUNetPredictor
         self._attack_models: Dict[str, object] = {}  # model name -> TrainedModel (saliency)
 
     def execute(self) -> str:
@@ -317,7 +332,7 @@ class RobustnessEvaluation:
                                input_folder=Path(r.images), output_folder=out, labels_folder=Path(r.labels),
                                device=r.device, eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size,
                                resume=True, progress=r.progress, command=r.command, part=r.part,
-                               previous_stage_gradient=r.previous_stage_gradient)
+                               previous_stage_gradient=r.previous_stage_gradient, members=list(model.members))
         if self._attack_done(out, attack_run):
             return
         self.log(f"attacking with {setting.label} on {model.name}")
@@ -397,10 +412,13 @@ class RobustnessEvaluation:
             source = {"corruption": load_records(self.image_folder(ev), CORRUPTION_JSON)["settings"]}
         elif ev.source is not None:
             source = {"crafted_on": ev.source.name, "attack": load_records(self.image_folder(ev))["settings"]["attack"]}
-        previous = previous_stage_folder(ev.model.folder)
-        return {"model": str(Path(ev.model.folder).resolve()), "checkpoint": self.run.checkpoint,
+        m = ev.model
+        previous = previous_stage_folder(m.folder)
+        return {"model": str(Path(m.folder).resolve()), "checkpoint": self.run.checkpoint,
                 "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source,
-                **({} if previous is None else {"previous_stage": str(Path(previous).resolve())})}
+                **({} if previous is None else {"previous_stage": str(Path(previous).resolve())}),
+                **({"ensemble_members": [str(Path(f).resolve()) for f in m.members]} if m.members else {}),
+                **({} if m.postprocessing is None else {"postprocessing": str(Path(m.postprocessing).resolve())})}
 
     def predict(self, ev: Evaluation) -> None:
         """nnU-Net's predictions of one evaluation (this run's cases), written to a hidden folder, then
@@ -433,25 +451,10 @@ class RobustnessEvaluation:
             return
         self.log(f"predicting {len(missing)} case(s) of {ev.setting.label}"
                  + (f" crafted on {ev.source.name}" if ev.transfer else "") + f" with {ev.model.name}")
-        predictor = self.predictor(ev.model)
         partial = out / (".partial" + ("" if r.part is None else f"-{r.part[1]}-of-{r.part[0]}"))
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        images = [self.images_of(ev, c) for c in missing]
-        previous = previous_stage_folder(ev.model.folder)
-        previous_predictions = None
-        if previous is not None:  # a cascade, as nnUNetv2_predict -c 3d_lowres, then -prev_stage_predictions
-            previous_predictions = partial / "previous_stage"
-            previous_predictions.mkdir()
-            with _quiet():
-                self.predictor(Model(f"{ev.model.name} (previous stage)", previous)).predict_from_files_sequential(
-                    images, [str(previous_predictions / c) for c in missing], save_probabilities=False,
-                    overwrite=True)
-        with _quiet():
-            predictor.predict_from_files_sequential(images, [str(partial / c) for c in missing],
-                                                    save_probabilities=False, overwrite=True,
-                                                    folder_with_segs_from_prev_stage=None if previous is None
-                                                    else str(previous_predictions))
+        self.predict_deployed(ev.model, [self.images_of(ev, c) for c in missing], partial, missing)
         for c in missing:
             name = wanted[c]
             record["files"][name] = file_digest(partial / name)
@@ -460,6 +463,46 @@ class RobustnessEvaluation:
             atomic_write_checked_json(out / record_name, record)
         shutil.rmtree(partial, ignore_errors=True)
         self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
+
+    def predict_deployed(self, model: Model, images: List[List[str]], out: Path, cases: List[str]) -> None:
+        """nnU-Net's predictions ``out/CASE.ext`` of ``images`` by ``model`` as the user deploys it: one
+        ``nnUNetv2_predict``; a cascade stage after its previous stage (``-prev_stage_predictions``); an ensemble
+        of configurations with ``--save_probabilities`` per member, then ``nnUNetv2_ensemble``; then
+        ``nnUNetv2_apply_postprocessing`` where ``model.postprocessing`` names a file."""
+        folders = [model.folder, *model.members]
+        merged = out if model.postprocessing is None else out / "before_postprocessing"  # what is postprocessed
+        outputs = [out / f"member_{k}" for k in range(len(folders))] if model.members else [merged]
+        for k, folder in enumerate(folders):
+            previous = previous_stage_folder(folder)
+            previous_predictions = None
+            if previous is not None:  # a cascade, as nnUNetv2_predict -c 3d_lowres, then -prev_stage_predictions
+                previous_predictions = out / f"previous_stage_{k}"
+                self._predict_folder(previous, images, previous_predictions, cases, False)
+            self._predict_folder(folder, images, outputs[k], cases, bool(model.members), previous_predictions)
+        if model.members:
+            from nnunetv2.ensembling.ensemble import ensemble_folders  # as nnUNetv2_ensemble -np 1
+
+            with _quiet():
+                ensemble_folders([str(o) for o in outputs], str(merged), save_merged_probabilities=False,
+                                 num_processes=1, dataset_json_file_or_dict=str(model.folder / "dataset.json"),
+                                 plans_json_file_or_dict=str(model.folder / "plans.json"))
+        if model.postprocessing is not None:
+            from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing_to_folder
+            from nnunetv2.utilities.file_path_utilities import load_pickle  # as nnUNetv2_apply_postprocessing
+
+            pp_fns, pp_fn_kwargs = load_pickle(str(model.postprocessing))
+            with _quiet():
+                apply_postprocessing_to_folder(str(merged), str(out), pp_fns, pp_fn_kwargs,
+                                               str(model.folder / "plans.json"), str(model.folder / "dataset.json"),
+                                               num_processes=1)
+
+    def _predict_folder(self, folder: Path, images: List[List[str]], out: Path, cases: List[str],
+                        probabilities: bool, previous_predictions: Optional[Path] = None) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        with _quiet():
+            self.predictor(Model(folder.name, folder)).predict_from_files_sequential(
+                images, [str(out / c) for c in cases], save_probabilities=probabilities, overwrite=True,
+                folder_with_segs_from_prev_stage=None if previous_predictions is None else str(previous_predictions))
 
     def input_digests(self, ev: Evaluation, cases: Sequence[str]) -> Dict[str, Dict[str, str]]:
         """case -> SHA-256 per file name of the images ``ev`` predicts: the clean images (hashed by
@@ -478,7 +521,7 @@ class RobustnessEvaluation:
 
     def predictor(self, model: Model):
         """nnU-Net's predictor of ``model`` (cached)."""
-        if model.name not in self._predictors:
+        if str(model.folder) not in self._predictors:
             device = torch.device(self.run.device)
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.run.tta,
                                         perform_everything_on_device=device.type != "cpu", device=device,
@@ -486,8 +529,8 @@ class RobustnessEvaluation:
             with _quiet():
                 predictor.initialize_from_trained_model_folder(str(model.folder), use_folds=self.run.folds,
                                                                checkpoint_name=self.run.checkpoint)
-            self._predictors[model.name] = predictor
-        return self._predictors[model.name]
+            self._predictors[str(model.folder)] = predictor
+        return self._predictors[str(model.folder)]
 
     def metrics(self, ev: Evaluation, rw, labels) -> dict:
         """nnU-Net-style summary of one evaluation (cached in metrics/MODEL/KEY.json)."""

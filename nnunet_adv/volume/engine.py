@@ -44,6 +44,7 @@ from nnunet_adv.metrics import dice_per_class, psnr, ssim
 from nnunet_adv.network import WithPreviousStage
 from nnunet_adv.threat_model import ThreatModel, to_raw
 from nnunet_adv.volume.cascade import PreviousStage
+from nnunet_adv.volume.deployed_ensemble import AveragedProbabilities
 from nnunet_adv.volume.export import (
     WriteError,
     apply_raw_budget,
@@ -95,11 +96,16 @@ class VolumeAttack:
         tile_batch_size: sliding-window tiles per network call (same gradient; memory grows with it;
             on a CPU 4 is several times faster per tile than 1, see docs/whole_volume.md).
         previous_stage: a cascade stage's previous stage (required for ``3d_cascade_fullres``).
+        members: the other members of an ensemble of configurations (``model`` is the first): the attack
+            and every prediction use their averaged probabilities
+            (:class:`nnunet_adv.volume.deployed_ensemble.AveragedProbabilities`); each case must be
+            preprocessed to the same network grid by every member.
     """
 
     def __init__(self, model: TrainedModel, attack: AttackConfig, device: torch.device = torch.device("cpu"),
                  eot_mirroring: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                 tile_batch_size: int = 1, previous_stage: Optional[PreviousStage] = None):
+                 tile_batch_size: int = 1, previous_stage: Optional[PreviousStage] = None,
+                 members: Sequence[TrainedModel] = ()):
         self.model, self.attack, self.device, self.progress, self.log = model, attack, device, progress, log
         p = model.predictor
         self.plans_manager, self.configuration, self.dataset_json = p.plans_manager, p.configuration_manager, \
@@ -119,6 +125,15 @@ class VolumeAttack:
         mirror = model.mirror_axes if eot_mirroring else None
         self.window = SlidingWindowModel(model.networks, model.patch_size, tile_step_size=0.5, use_gaussian=True,
                                          mirror_axes=mirror, tile_batch_size=tile_batch_size)
+        self.members = list(members)
+        if self.members:
+            if self.threat_model.previous_stage_channels or any(
+                    m.predictor.configuration_manager.previous_stage_name for m in self.members):
+                raise UserError("an ensemble with a cascade stage is not supported (attack the cascade alone)")
+            self.window = AveragedProbabilities([self.window] + [
+                SlidingWindowModel(m.networks, m.patch_size, tile_step_size=0.5, use_gaussian=True,
+                                   mirror_axes=m.mirror_axes if eot_mirroring else None,
+                                   tile_batch_size=tile_batch_size) for m in self.members])
         self.preprocessor = self.configuration.preprocessor_class(verbose=False)
         self.classes = list(self.label_manager.foreground_labels)
         self.use_mask = any(s == "ZScoreNormalization" and m for s, m in
@@ -156,6 +171,15 @@ class VolumeAttack:
                                                                self.dataset_json)
         if previous is not None:
             data = np.vstack((data, self.previous_stage.one_hot(seg, data.dtype)))
+        for member in self.members:  # one perturbation for every member: the same network grid
+            p = member.predictor
+            other = p.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
+                raw, None, copy.deepcopy(props), p.plans_manager, p.configuration_manager, p.dataset_json)[0]
+            if other.shape != data.shape:
+                raise CaseError(f"the ensemble's members preprocess this case to different grids "
+                                f"({self.configuration.data_identifier}: {data.shape[1:]}, "
+                                f"{p.configuration_manager.data_identifier}: {other.shape[1:]}); only members with the "
+                                f"same spacing can be attacked together")
         return data.astype(np.float32), seg, properties
 
     def read_labels(self, label_file: str, raw_shape, properties: dict, net_shape, image_props: dict) -> np.ndarray:

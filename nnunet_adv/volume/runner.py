@@ -66,7 +66,8 @@ class AttackRun:
         eot_mirroring: attack nnU-Net's test-time mirroring average; tile_batch_size: tiles
         per network call; resume: skip cases whose images exist; command / argv: recorded;
         previous_stage_gradient: a cascade stage's gradient through its previous stage
-        (:data:`nnunet_adv.volume.cascade.GRADIENTS`).
+        (:data:`nnunet_adv.volume.cascade.GRADIENTS`); members: the other model folders of an ensemble of
+        configurations (``model_folder`` is its first member; :mod:`nnunet_adv.volume.deployed_ensemble`).
     """
 
     attack: AttackConfig
@@ -85,6 +86,7 @@ class AttackRun:
     argv: List[str] = field(default_factory=list)
     part: Optional[Tuple[int, int]] = None
     previous_stage_gradient: str = DEFAULT_GRADIENT
+    members: List[Path] = field(default_factory=list)
 
     @property
     def previous_stage(self) -> Optional[Path]:
@@ -191,10 +193,14 @@ def _load_engine(run: AttackRun, log: Callable[[str], None]) -> VolumeAttack:
         previous = PreviousStage(_load(run.previous_stage, run), model.predictor.label_manager,
                                  run.previous_stage_gradient, mirroring=run.eot_mirroring,
                                  tile_batch_size=run.tile_batch_size)
+    if run.members:
+        log(f"ensemble with {', '.join(str(m) for m in run.members)}: the attack sees the averaged probabilities")
+    members = [_load(folder, run) for folder in run.members]
     if run.labels_folder is None:
         log("no labels (-l): the attack targets the model's own clean prediction")
     return VolumeAttack(model, run.attack, torch.device(run.device), eot_mirroring=run.eot_mirroring,
-                        progress=run.progress, log=log, tile_batch_size=run.tile_batch_size, previous_stage=previous)
+                        progress=run.progress, log=log, tile_batch_size=run.tile_batch_size, previous_stage=previous,
+                        members=members)
 
 
 def _load(folder: Path, run: AttackRun):
@@ -286,7 +292,8 @@ def run_settings(run: AttackRun) -> dict:
             "labels": None if run.labels_folder is None else str(Path(run.labels_folder).resolve()),
             "eot_mirroring": bool(run.eot_mirroring),
             "sliding_window": {"tile_step_size": 0.5, "gaussian": True, "tile_batch_size": run.tile_batch_size},
-            "versions": versions(), **_previous_stage_settings(run)}
+            "versions": versions(), **_previous_stage_settings(run),
+            **({"ensemble_members": [str(Path(m).resolve()) for m in run.members]} if run.members else {})}
 
 
 def _previous_stage_settings(run: AttackRun) -> dict:
