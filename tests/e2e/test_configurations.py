@@ -1,23 +1,33 @@
-"""Every kind of nnU-Net model a user has, through the stock commands (issue 19): the cascade
-(``3d_lowres`` -> ``3d_cascade_fullres``), ResEnc plans, and a model exported to a zip and installed.
+"""Every kind of nnU-Net model a user has, through the stock commands (issue 19): the cascade, an ensemble of
+configurations (2d + 3d_fullres), ResEnc plans, and a model exported to a zip and installed.
 
 One module fixture makes what the tests need once: a hand-written plans file with a cascade
 (:func:`nnunet_tree.add_cascade`, tiny networks) whose two stages are trained with PGD-AT by the stock
 ``nnUNetv2_train`` (fold ``all``: nnU-Net's cascade trains on the previous stage's predictions of the
 training cases, which its validation writes), and nnU-Net's ResEnc M preset planned by
-``nnUNetv2_plan_experiment -pl nnUNetPlannerResEncM`` (it shares the nnUNetPlans data), shrunk and trained
-with PGD-AT. The exported zip is the session's shared 3d_fullres model.
+``nnUNetv2_plan_experiment -pl nnUNetPlannerResEncM`` (it shares the nnUNetPlans data), shrunk, its 3d_fullres
+and 2d trained with PGD-AT (the ensemble's members). The exported zip is the session's shared 3d_fullres
+model.
 
 The models are trained for two iterations: their Dice is low; what is checked is that the commands run
 and that the stock prediction of the exported images gives the report's numbers exactly.
 """
 import json
+import pickle
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from nnunet_tree import CASCADE_PLANS, DATASET_ID, DATASET_NAME, SHARED_TRAINER, add_cascade, shrink_networks
+from nnunetv2.ensembling.ensemble import entry_point_ensemble_folders
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
+from nnunetv2.postprocessing.remove_connected_components import (
+    entry_point_apply_postprocessing,
+    remove_all_but_largest_component_from_segmentation,
+)
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.cli.attack import main as attack_main
@@ -42,6 +52,7 @@ def models(shared_model):
     shrink_networks(tree.preprocessed / DATASET_NAME / f"{RESENC_PLANS}.json")
     tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", SHARED_TRAINER, "-p", RESENC_PLANS,
              "-device", "cpu")
+    tree.run("nnUNetv2_train", DATASET_ID, "2d", 0, "-tr", SHARED_TRAINER, "-p", RESENC_PLANS, "-device", "cpu")
     return tree
 
 
@@ -138,6 +149,55 @@ def _attack(tree, configuration, out, plans=CASCADE_PLANS, **options):
     return result.report
 
 
+def _stock(monkeypatch, entry_point, *argv):
+    """A stock nnU-Net command's entry point with ``argv``, in this process."""
+    monkeypatch.setattr(sys, "argv", [entry_point.__name__, *map(str, argv)])
+    entry_point()
+
+
+def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensembles_it(models, tmp_path,
+                                                                                         monkeypatch):
+    """What nnUNetv2_find_best_configuration writes for an ensemble of 2d and 3d_fullres (members, folds, a
+    postprocessing file of nnU-Net's format; the tiny ResEnc plans' models): nnUNetv2_adv_evaluate
+    --inference_information attacks it through both members and reports the Dice that nnUNetv2_predict
+    --save_probabilities per member, nnUNetv2_ensemble and nnUNetv2_apply_postprocessing give on the same
+    adversarial images."""
+    tree = models
+    results = tree.results / DATASET_NAME
+    members = [{"configuration": c, "trainer": SHARED_TRAINER, "plans_identifier": RESENC_PLANS}
+               for c in ("2d", "3d_fullres")]
+    pp_file = results / "ensembles" / "ensemble___resenc_2d___resenc_3d_fullres___0" / "postprocessing.pkl"
+    pp_file.parent.mkdir(parents=True, exist_ok=True)
+    pp_file.write_bytes(pickle.dumps(([remove_all_but_largest_component_from_segmentation],
+                                      [{"labels_or_regions": 1, "background_label": 0}])))
+    (results / "inference_information.json").write_text(json.dumps({
+        "folds": [0], "dataset_name_or_id": str(DATASET_ID),
+        "best_model_or_ensemble": {"postprocessing_file": str(pp_file), "selected_model_or_models": members,
+                                   "some_plans_file": str(_model(tree, "2d", RESENC_PLANS) / "plans.json")}}))
+    out = tmp_path / "report"
+    _command(evaluate_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs",
+             "-o", out, "-d", DATASET_ID, "--inference_information", "--attacks", ATTACK, "--disable_tta",
+             "-device", "cpu", "--disable_progress_bar")
+    summary = json.loads((out / "summary.json").read_text())
+    assert "its numbers are the ensemble's" in (out / "report.md").read_text()
+    adversarial = next((out / "adversarial" / "ensemble_2d+3d_fullres").iterdir())
+    record = json.loads((adversarial / "attack.json").read_text())
+    assert [Path(m).name for m in record["settings"]["ensemble_members"]] == [_model(tree, "3d_fullres",
+                                                                                     RESENC_PLANS).name]
+    stock = []
+    for c in ("2d", "3d_fullres"):
+        stock.append(tmp_path / c)
+        _stock(monkeypatch, predict_entry_point_modelfolder, "-i", adversarial, "-o", stock[-1], "-m",
+               _model(tree, c, RESENC_PLANS), "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,
+               "--save_probabilities")
+    _stock(monkeypatch, entry_point_ensemble_folders, "-i", *stock, "-o", tmp_path / "ensemble", "-np", 1)
+    _stock(monkeypatch, entry_point_apply_postprocessing, "-i", tmp_path / "ensemble", "-o", tmp_path / "pp",
+           "-pp_pkl_file", pp_file, "-np", 1, "-plans_json", _model(tree, "2d", RESENC_PLANS) / "plans.json")
+    ours = _result(summary, ATTACK)["foreground_mean"]["Dice"]
+    assert ours == pytest.approx(_dice(tree, tmp_path / "pp"), rel=1e-9)
+    assert ours != pytest.approx(_dice(tree, tmp_path / "3d_fullres"), rel=1e-9)  # not one member's numbers
+
+
 def test_resenc_plans_train_a_recipe_and_are_attacked(models, tmp_path, monkeypatch):
     """-p nnUNetResEncUNetMPlans: PGD-AT trained on nnU-Net's ResEnc M preset (tiny), attacked and predicted."""
     tree, out = models, tmp_path / "adv"
@@ -173,3 +233,28 @@ def test_an_exported_zip_is_installed_attacked_and_evaluated(models, tmp_path, m
              "-c", "3d_fullres", "-tr", SHARED_TRAINER, "-p", "nnUNetPlans", "-f", 0, "--steps", 1, "-device", "cpu",
              "--disable_progress_bar", env=other)
     assert json.loads((attacked / "attack.json").read_text())["model"]["folder"] == str(installed.resolve())
+
+
+def test_a_cascade_without_its_previous_stage_is_one_line(models, tmp_path, monkeypatch, capsys):
+    """The cascade stage alone (its 3d_lowres model missing): the attack and the evaluation stop with one line
+    naming what is missing, before any model loads."""
+    results = tmp_path / "results" / DATASET_NAME
+    cascade = results / _model(models, "3d_cascade_fullres").name
+    (cascade / "fold_all").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        (cascade / name).write_bytes((_model(models, "3d_cascade_fullres") / name).read_bytes())
+    (cascade / "fold_all" / "checkpoint_final.pth").write_bytes(b"")
+    other = {"nnUNet_results": str(tmp_path / "results")}
+    expected = ("3d_cascade_fullres needs the 3d_lowres model of the same trainer and plans",
+                f"{SHARED_TRAINER}__{CASCADE_PLANS}__3d_lowres")
+    for main, extra in ((attack_main, ["-o", tmp_path / "adv"]),
+                        (evaluate_main, ["-o", tmp_path / "report", "-l", models.dataset / "labelsTs",
+                                         "--attacks", ATTACK])):
+        for key, value in {**models.env, **other}.items():
+            if key.startswith("nnUNet_"):
+                monkeypatch.setenv(key, value)
+        assert main([str(a) for a in ["-i", models.dataset / "imagesTs", *extra, "-d", DATASET_ID, "-c",
+                                      "3d_cascade_fullres", "-f", "all", "-tr", SHARED_TRAINER, "-p", CASCADE_PLANS,
+                                      "-device", "cpu"]]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and all(text in lines[0] for text in expected), lines
