@@ -23,6 +23,7 @@ import torch
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 import nnunet_adv.metrics as image_metrics  # module access: LPIPS is optional, tests stand in for it
 from nnunet_adv.errors import UserError
@@ -479,22 +480,26 @@ class RobustnessEvaluation:
                 previous_predictions = out / f"previous_stage_{k}"
                 self._predict_folder(previous, images, previous_predictions, cases, False)
             self._predict_folder(folder, images, outputs[k], cases, bool(model.members), previous_predictions)
+        # nnUNetv2_ensemble's and nnUNetv2_apply_postprocessing's per-file functions, in this process (their
+        # commands run the same functions in a pool of spawned processes)
+        plans = PlansManager(str(model.folder / "plans.json"))
+        rw = plans.image_reader_writer_class()
         if model.members:
-            from nnunetv2.ensembling.ensemble import ensemble_folders  # as nnUNetv2_ensemble -np 1
+            from nnunetv2.ensembling.ensemble import merge_files
 
-            with _quiet():
-                ensemble_folders([str(o) for o in outputs], str(merged), save_merged_probabilities=False,
-                                 num_processes=1, dataset_json_file_or_dict=str(model.folder / "dataset.json"),
-                                 plans_json_file_or_dict=str(model.folder / "plans.json"))
+            label_manager = plans.get_label_manager(self.run.dataset_json)
+            merged.mkdir(parents=True, exist_ok=True)
+            for c in cases:
+                merge_files([str(o / f"{c}.npz") for o in outputs], str(merged / c), self.file_ending, rw,
+                            label_manager, False)
         if model.postprocessing is not None:
-            from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing_to_folder
-            from nnunetv2.utilities.file_path_utilities import load_pickle  # as nnUNetv2_apply_postprocessing
+            from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
+            from nnunetv2.utilities.file_path_utilities import load_pickle
 
             pp_fns, pp_fn_kwargs = load_pickle(str(model.postprocessing))
-            with _quiet():
-                apply_postprocessing_to_folder(str(merged), str(out), pp_fns, pp_fn_kwargs,
-                                               str(model.folder / "plans.json"), str(model.folder / "dataset.json"),
-                                               num_processes=1)
+            for c in cases:
+                load_postprocess_save(str(merged / f"{c}{self.file_ending}"), str(out / f"{c}{self.file_ending}"), rw,
+                                      pp_fns, pp_fn_kwargs)
 
     def _predict_folder(self, folder: Path, images: List[List[str]], out: Path, cases: List[str],
                         probabilities: bool, previous_predictions: Optional[Path] = None) -> None:

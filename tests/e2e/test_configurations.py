@@ -23,11 +23,13 @@ from nnunet_tree import CASCADE_PLANS, DATASET_ID, DATASET_NAME, SHARED_TRAINER,
 from nnunetv2.ensembling.ensemble import entry_point_ensemble_folders
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
+from nnunetv2.inference.predict_from_raw_data import predict_entry_point
 from nnunetv2.postprocessing.remove_connected_components import (
     entry_point_apply_postprocessing,
     remove_all_but_largest_component_from_segmentation,
 )
+from nnunetv2.utilities import file_path_utilities
+from nnunetv2.utilities.file_path_utilities import get_ensemble_name
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.cli.attack import main as attack_main
@@ -150,7 +152,8 @@ def _attack(tree, configuration, out, plans=CASCADE_PLANS, **options):
 
 
 def _stock(monkeypatch, entry_point, *argv):
-    """A stock nnU-Net command's entry point with ``argv``, in this process."""
+    """A stock nnU-Net command's entry point (what ``nnUNetv2_predict``, ``nnUNetv2_ensemble``,
+    ``nnUNetv2_apply_postprocessing`` run) with ``argv``, in this process (no interpreter start-up)."""
     monkeypatch.setattr(sys, "argv", [entry_point.__name__, *map(str, argv)])
     entry_point()
 
@@ -166,7 +169,8 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
     results = tree.results / DATASET_NAME
     members = [{"configuration": c, "trainer": SHARED_TRAINER, "plans_identifier": RESENC_PLANS}
                for c in ("2d", "3d_fullres")]
-    pp_file = results / "ensembles" / "ensemble___resenc_2d___resenc_3d_fullres___0" / "postprocessing.pkl"
+    folders = [str(_model(tree, c, RESENC_PLANS)) for c in ("2d", "3d_fullres")]
+    pp_file = results / "ensembles" / get_ensemble_name(*folders, (0,)) / "postprocessing.pkl"  # nnU-Net's place
     pp_file.parent.mkdir(parents=True, exist_ok=True)
     pp_file.write_bytes(pickle.dumps(([remove_all_but_largest_component_from_segmentation],
                                       [{"labels_or_regions": 1, "background_label": 0}])))
@@ -185,11 +189,12 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
     assert [Path(m).name for m in record["settings"]["ensemble_members"]] == [_model(tree, "3d_fullres",
                                                                                      RESENC_PLANS).name]
     stock = []
+    monkeypatch.setattr(file_path_utilities, "nnUNet_results", str(tree.results))  # nnU-Net read it at import
     for c in ("2d", "3d_fullres"):
         stock.append(tmp_path / c)
-        _stock(monkeypatch, predict_entry_point_modelfolder, "-i", adversarial, "-o", stock[-1], "-m",
-               _model(tree, c, RESENC_PLANS), "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 1, "-nps", 1,
-               "--save_probabilities")
+        _stock(monkeypatch, predict_entry_point, "-i", adversarial, "-o", stock[-1], "-d", DATASET_NAME, "-c", c,
+               "-tr", SHARED_TRAINER, "-p", RESENC_PLANS, "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 0,
+               "-nps", 0, "--save_probabilities")
     _stock(monkeypatch, entry_point_ensemble_folders, "-i", *stock, "-o", tmp_path / "ensemble", "-np", 1)
     _stock(monkeypatch, entry_point_apply_postprocessing, "-i", tmp_path / "ensemble", "-o", tmp_path / "pp",
            "-pp_pkl_file", pp_file, "-np", 1, "-plans_json", _model(tree, "2d", RESENC_PLANS) / "plans.json")
