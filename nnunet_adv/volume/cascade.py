@@ -45,6 +45,8 @@ def previous_stage_folder(model_folder: Path) -> Optional[Path]:
     ``previous_stage``): the same trainer and plans, the configuration the plans name as
     ``previous_stage`` (as nnU-Net's trainer finds it); one line when it is missing."""
     model_folder = Path(model_folder)
+    if not (model_folder / "plans.json").is_file():
+        return None  # not a model folder: its own check says so
     configuration = configuration_of(model_folder)  # one line for a folder not named as nnU-Net names them
     trainer, plans_name, _ = model_folder.resolve().name.split("__")
     plans = json.loads((model_folder / "plans.json").read_text())
