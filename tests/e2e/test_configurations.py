@@ -216,6 +216,33 @@ def test_resenc_plans_train_a_recipe_and_are_attacked(models, tmp_path, monkeypa
     assert all(c["status"] == "ok" and c["loss_adv"] > c["loss_clean"] for c in record["cases"].values())
 
 
+RECIPES = ("nnUNetTrainerPGDAT", "nnUNetTrainerFGSMAT", "nnUNetTrainerGNAug", "nnUNetTrainerVAFT", "nnUNetTrainerVAFA",
+           "nnUNetTrainerSAAT", "nnUNetTrainerDualBN", "nnUNetTrainerDualNorm", "nnUNetTrainerNLCE",
+           "nnUNetTrainerNLCE_VAFT")
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_every_recipe_builds_its_network_from_resenc_plans(models, configuration):
+    """Each recipe's network (what nnUNetv2_train and the predictors build through
+    build_network_architecture) from the ResEnc preset: a ResidualEncoderUNet with the recipe's changes
+    (NLCE modules, dual norms) that runs on half a patch."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import nnunet_adv.trainers as recipes
+    from nnunet_adv.modules.nlce import NLCE
+
+    plans = PlansManager(json.loads((models.preprocessed / DATASET_NAME / f"{RESENC_PLANS}.json").read_text()))
+    manager = plans.get_configuration(configuration)
+    x = torch.randn(1, 1, *[p // 2 for p in manager.patch_size])
+    for name in RECIPES:
+        network = getattr(recipes, name).build_network_architecture(plans, manager, 1, 3,
+                                                                    enable_deep_supervision=False)
+        assert type(network).__name__ == "ResidualEncoderUNet", name
+        assert ("NLCE" in name) == any(isinstance(m, NLCE) for m in network.modules()), name
+        with torch.no_grad():
+            assert network(x).shape == (1, 3, *x.shape[2:]), name
+
+
 def test_an_exported_zip_is_installed_attacked_and_evaluated(models, tmp_path, monkeypatch):
     """nnUNetv2_export_model_to_zip of the shared model, nnUNetv2_install_pretrained_model_from_zip into
     another nnUNet_results: evaluated with -m and attacked with -d/-c/-tr/-p there."""
