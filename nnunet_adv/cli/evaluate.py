@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-tr", nargs="+", default=None, help="trainer(s), one model each (default nnUNetTrainer)")
     m.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     m.add_argument("-m", nargs="+", default=None, help="trained model folder(s) instead of -d/-c/-tr/-p")
-    m.add_argument("-f", nargs="+", default=["0"], help="fold(s) of every model (default 0; several = ensemble)")
+    m.add_argument("-f", nargs="+", default=None,
+                   help="fold(s) of every model (default 0, or the folds of --inference_information; several = "
+                        "ensemble)")
     m.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     m.add_argument("--inference_information", nargs="?", const="", default=None, metavar="JSON",
                    help="also evaluate what nnUNetv2_find_best_configuration selected, as deployed: its "
@@ -129,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def models_of(a) -> List[Model]:
     """The models the flags name (-m folders, or -d/-c/-tr/-p); all of one dataset."""
+    a.f = a.f or (None if a.inference_information is not None else ["0"])
     if a.inference_information is not None:
         from nnunet_adv.volume.deployed_ensemble import read_inference_information  # torch: once the flags are read
 
         deployed = read_inference_information(a.inference_information or None, a.d)
+        a.f = a.f or [str(f) for f in deployed.folds]
         models = [Model(deployed.name if deployed.is_ensemble else deployed.members[0].name, deployed.members[0],
                         members=tuple(deployed.members[1:]), postprocessing=deployed.postprocessing_file)]
         if a.m is not None or a.c is not None:
