@@ -234,6 +234,9 @@ class RobustnessEvaluation:
 
     def _execute(self) -> str:
         r = self.run
+        if r.saliency and (r.cascades() or any(m.members for m in r.models)):
+            raise UserError("--saliency draws the input gradient of one network: not supported for a cascade stage or "
+                            "an ensemble of configurations (leave --saliency out)")
         self.check_settings()
         self.log(f"{len(r.models)} model(s), {len(r.settings)} setting(s), {len(r.cases)} case(s) on {r.device}; "
                  f"report in {r.output}")
