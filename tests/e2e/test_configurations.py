@@ -105,7 +105,8 @@ def test_pgdat_trains_the_cascade_and_never_perturbs_the_previous_stage(models, 
 
 def test_cascade_is_attacked_as_deployed_and_stock_prediction_gives_the_report_dice(models, tmp_path, monkeypatch):
     """nnUNetv2_adv_evaluate on the cascade (softmax surrogate), then the stock nnUNetv2_predict -c 3d_lowres
-    and -c 3d_cascade_fullres -prev_stage_predictions of the exported images: the same Dice."""
+    and -c 3d_cascade_fullres -prev_stage_predictions of the exported images (its entry point, in this
+    process): the same Dice."""
     tree, out = models, tmp_path / "report"
     _command(evaluate_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs",
              "-o", out, "-d", DATASET_ID, "-c", "3d_cascade_fullres", "-f", "all", "-tr", SHARED_TRAINER,
@@ -117,12 +118,13 @@ def test_cascade_is_attacked_as_deployed_and_stock_prediction_gives_the_report_d
     record = json.loads((adversarial / "attack.json").read_text())
     assert record["settings"]["previous_stage"]["gradient"] == "softmax"
     assert record["settings"]["previous_stage"]["model"].endswith("__3d_lowres")
-    common = ["-f", "all", "-tr", SHARED_TRAINER, "-p", CASCADE_PLANS, "-d", DATASET_ID, "-device", "cpu",
+    common = ["-f", "all", "-tr", SHARED_TRAINER, "-p", CASCADE_PLANS, "-d", DATASET_NAME, "-device", "cpu",
               "--disable_tta", "-npp", 0, "-nps", 0]
     low, cascade = tmp_path / "low", tmp_path / "cascade"
-    tree.run("nnUNetv2_predict", "-i", adversarial, "-o", low, "-c", "3d_lowres", *common)
-    tree.run("nnUNetv2_predict", "-i", adversarial, "-o", cascade, "-c", "3d_cascade_fullres",
-             "-prev_stage_predictions", low, *common)
+    monkeypatch.setattr(file_path_utilities, "nnUNet_results", str(tree.results))  # nnU-Net read it at import
+    _stock(monkeypatch, predict_entry_point, "-i", adversarial, "-o", low, "-c", "3d_lowres", *common)
+    _stock(monkeypatch, predict_entry_point, "-i", adversarial, "-o", cascade, "-c", "3d_cascade_fullres",
+           "-prev_stage_predictions", low, *common)
     ours = _result(summary, ATTACK)["foreground_mean"]["Dice"]
     assert ours == pytest.approx(_dice(tree, cascade), rel=1e-9)
     # the previous stage held fixed is the other choice; 3d_lowres alone is a configuration like any other
