@@ -1,6 +1,7 @@
 """Small helpers for nnU-Net's (possibly wrapped) networks, used by training/ and volume/ alike."""
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -25,3 +26,24 @@ def network_mode(network: nn.Module, train: bool):
         yield network
     finally:
         network.train(was_training)
+
+
+class WithPreviousStage(nn.Module):
+    """A cascade stage's network seen by an attack: it takes the image channels only and appends the
+    previous stage's channels itself, so that no attack can change them.
+
+    Args:
+        network: the cascade network; input (B, C_img + C_prev, *S), as nnU-Net feeds it.
+        previous_stage: the previous stage's channels (B, C_prev, *S): a tensor held fixed, or a callable
+            of the image channels (B, C_img, *S) that computes them (a differentiable surrogate).
+    Shapes: ``forward`` (B, C_img, *S) -> the network's output.
+    """
+
+    def __init__(self, network: nn.Module, previous_stage):
+        super().__init__()
+        self.network = network
+        self.previous_stage = previous_stage
+
+    def forward(self, x):
+        previous = self.previous_stage(x) if callable(self.previous_stage) else self.previous_stage
+        return self.network(torch.cat([x, previous.to(x.dtype)], 1))

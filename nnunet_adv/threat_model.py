@@ -40,6 +40,15 @@ converts all of them for one batch.
 Z-scored data are never clamped to [0, 1] (a published benchmark did that and its
 attacks destroyed the images whatever eps was): their box is the clean patch's range.
 
+Cascades: a ``3d_cascade_fullres`` network reads the image channels followed by the previous stage's
+one-hot segmentation (one channel per foreground label, nnU-Net's ``convert_labelmap_to_one_hot``).
+Those channels are not part of the image and are never perturbed: ``previous_stage_channels`` counts
+them, :attr:`ThreatModel.num_channels` counts the image channels only, every budget, window and box is
+per image channel, and :meth:`ThreatModel.split` / :meth:`ThreatModel.join` separate and rejoin the two
+parts of a network input (attacks see the image channels only, through
+:class:`nnunet_adv.network.WithPreviousStage`). A budget asked for the whole network input gives the
+previous stage's channels a zero radius and no box (:meth:`ThreatModel.budget`).
+
 This module needs no nnU-Net import: it reads plain plans dictionaries.
 """
 from __future__ import annotations
@@ -119,14 +128,22 @@ class ThreatModel:
     """Converts user budgets into network-input units for one nnU-Net configuration.
 
     Args:
-        normalization_schemes: one scheme class name per input channel, as in the plans.
+        normalization_schemes: one scheme class name per image channel, as in the plans.
         intensity_properties: ``foreground_intensity_properties_per_channel`` of the plans
             (keys ``"0"``, ``"1"``, ...; required for CT channels).
+        previous_stage_channels: channels after the image channels that carry a previous cascade
+            stage's one-hot segmentation (0 unless the configuration has a ``previous_stage``); never
+            perturbed. None: a cascade stage whose labels were not given; budgets of its image channels
+            work, :meth:`split` does not.
     """
 
     def __init__(self, normalization_schemes: Sequence[str],
-                 intensity_properties: Optional[Mapping[str, Mapping[str, float]]] = None):
+                 intensity_properties: Optional[Mapping[str, Mapping[str, float]]] = None,
+                 previous_stage_channels: Optional[int] = 0):
         self.schemes = list(normalization_schemes)
+        self.previous_stage_channels = previous_stage_channels
+        if previous_stage_channels is not None and not int(previous_stage_channels) >= 0:
+            raise ThreatModelError(f"previous_stage_channels must be >= 0, got {previous_stage_channels}")
         if not self.schemes:
             raise ThreatModelError("the configuration lists no normalization_schemes")
         intensity_properties = intensity_properties or {}
@@ -150,8 +167,9 @@ class ThreatModel:
                 self._ct_stats[c] = {k: float(props[k]) for k in _CT_KEYS}
 
     @classmethod
-    def from_plans(cls, plans: Mapping, configuration: str) -> "ThreatModel":
-        """Build from an nnU-Net plans dict (``nnUNetPlans.json``) and a configuration name."""
+    def from_plans(cls, plans: Mapping, configuration: str, dataset_json: Optional[Mapping] = None) -> "ThreatModel":
+        """Build from an nnU-Net plans dict (``nnUNetPlans.json``) and a configuration name; a cascade
+        stage (``previous_stage`` in the configuration) needs ``dataset_json`` (its labels) to :meth:`split`."""
         configs = plans.get("configurations", {})
         if configuration not in configs:
             raise ThreatModelError(f"configuration {configuration!r} not in plans "
@@ -159,14 +177,24 @@ class ThreatModel:
         cfg = _resolve_configuration(configs, configuration)
         props = plans.get("foreground_intensity_properties_per_channel",
                           plans.get("foreground_intensity_properties_by_modality"))
-        return cls(cfg.get("normalization_schemes", []), props)
+        previous = 0
+        if cfg.get("previous_stage"):
+            previous = None if dataset_json is None else \
+                len([v for k, v in dataset_json["labels"].items() if k != "ignore" and v != 0])
+        return cls(cfg.get("normalization_schemes", []), props, previous_stage_channels=previous)
 
     @classmethod
-    def from_managers(cls, plans_manager, configuration_manager) -> "ThreatModel":
-        """Build from nnU-Net's PlansManager / ConfigurationManager (as trainers and predictors hold them)."""
+    def from_managers(cls, plans_manager, configuration_manager, label_manager=None) -> "ThreatModel":
+        """Build from nnU-Net's PlansManager / ConfigurationManager (as trainers and predictors hold them);
+        a cascade stage (``previous_stage_name``) needs the ``label_manager`` to :meth:`split`: its input
+        carries one channel per foreground label of the previous stage (nnU-Net's
+        ``determine_num_input_channels``)."""
         props = plans_manager.plans.get("foreground_intensity_properties_per_channel",
                                         plans_manager.plans.get("foreground_intensity_properties_by_modality"))
-        return cls(configuration_manager.normalization_schemes, props)
+        previous = 0
+        if configuration_manager.previous_stage_name is not None:
+            previous = None if label_manager is None else len(label_manager.foreground_labels)
+        return cls(configuration_manager.normalization_schemes, props, previous_stage_channels=previous)
 
     def with_raw_window(self, lower: float, upper: float) -> "ThreatModel":
         """The same threat model with every CT channel's window ``[p0.5, p99.5]`` replaced by the raw
@@ -180,6 +208,7 @@ class ThreatModel:
                                    f"channel(s) {', '.join(other)} are normalised per image")
         copy = ThreatModel.__new__(ThreatModel)
         copy.schemes = list(self.schemes)
+        copy.previous_stage_channels = self.previous_stage_channels
         copy._ct_stats = {c: {**stats, "percentile_00_5": float(lower), "percentile_99_5": float(upper)}
                           for c, stats in self._ct_stats.items()}
         copy._patch_windows = self._patch_windows
@@ -196,7 +225,31 @@ class ThreatModel:
 
     @property
     def num_channels(self) -> int:
+        """Image channels: the channels an attack perturbs."""
         return len(self.schemes)
+
+    @property
+    def num_input_channels(self) -> int:
+        """Channels of the network input: the image channels, then the previous stage's."""
+        if self.previous_stage_channels is None:
+            raise ThreatModelError("a cascade stage's threat model needs its labels (dataset.json / label manager) "
+                                   "to tell the previous stage's channels from the image's")
+        return self.num_channels + self.previous_stage_channels
+
+    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A network input (B, num_input_channels, *S) as (image channels (B, num_channels, *S), the
+        previous stage's channels (B, previous_stage_channels, *S) or None when there are none)."""
+        if x.shape[1] != self.num_input_channels:
+            raise ThreatModelError(f"expected a network input of shape (B, {self.num_input_channels}, *spatial), "
+                                   f"got {tuple(x.shape)}")
+        if not self.previous_stage_channels:
+            return x, None
+        return x[:, :self.num_channels], x[:, self.num_channels:]
+
+    @staticmethod
+    def join(images: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`split`: (B, C_img, *S) and (B, C_prev, *S) or None -> the network input."""
+        return images if previous is None else torch.cat([images, previous.to(images.dtype)], 1)
 
     def budget(self, x: torch.Tensor, eps_frac: Optional[float | Sequence[float]] = None,
                eps_raw: Optional[float | Sequence[float]] = None,
@@ -204,7 +257,10 @@ class ThreatModel:
         """Budget for a batch of clean network inputs.
 
         Args:
-            x: (B, C, *spatial) clean, normalised network inputs.
+            x: (B, C, *spatial) clean, normalised network inputs: the image channels (C =
+                :attr:`num_channels`) or the whole input of a cascade stage (C = :attr:`num_input_channels`);
+                then the previous stage's channels get eps 0, window 0 and an unbounded box, so that a
+                projection onto the budget leaves them as they are.
             eps_frac: fraction of each channel's intensity window (``4/255``); a float or
                 one value per channel. Exactly one of eps_frac / eps_raw must be given.
             eps_raw: budget in raw image units (HU for CT); a float or one per channel.
@@ -217,6 +273,13 @@ class ThreatModel:
         if (eps_frac is None) == (eps_raw is None):
             raise ThreatModelError("give exactly one of eps_frac (fraction of the intensity window) "
                                    "or eps_raw (raw intensity units)")
+        if x.ndim >= 3 and self.previous_stage_channels and x.shape[1] == self.num_input_channels:
+            images = self.budget(x[:, :self.num_channels], eps_frac, eps_raw, raw_std)
+            fixed = (x.shape[0], self.previous_stage_channels) + (1,) * (x.ndim - 2)
+            pads = (torch.zeros(fixed, device=x.device), torch.full(fixed, -math.inf, device=x.device),
+                    torch.full(fixed, math.inf, device=x.device), torch.zeros(fixed, device=x.device))
+            return Budget(*(torch.cat([getattr(images, k), pad], 1)
+                            for k, pad in zip(("eps", "lower", "upper", "window"), pads)))
         if x.ndim < 3 or x.shape[1] != self.num_channels:
             raise ThreatModelError(f"expected input of shape (B, {self.num_channels}, *spatial), "
                                    f"got {tuple(x.shape)}")

@@ -17,8 +17,9 @@ torch.set_num_threads(THREADS)
 
 
 #: the longest files first, so that the two workers end together (xdist hands out files in this order)
-LONGEST_FIRST = ("e2e/test_attack_cli.py", "e2e/test_e2e_recipes.py", "e2e/test_study.py", "faults/",
-                 "e2e/test_ecosystem.py", "e2e/test_e2e_training.py", "e2e/test_evaluate_cli.py")
+LONGEST_FIRST = ("e2e/test_attack_cli.py", "e2e/test_configurations.py", "e2e/test_e2e_recipes.py",
+                 "e2e/test_study.py", "faults/", "e2e/test_ecosystem.py", "e2e/test_e2e_training.py",
+                 "e2e/test_evaluate_cli.py")
 
 
 def pytest_collection_modifyitems(items):

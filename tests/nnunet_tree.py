@@ -105,3 +105,39 @@ def predict_and_check(tree: NNUNetTree, trainer: str, configuration: str, out: P
     ref = nib.load(tree.dataset / "labelsTs" / written[0])
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+#: the hand-written plans with a cascade (:func:`add_cascade`)
+CASCADE_PLANS = "nnUNetPlansCascade"
+
+
+def add_cascade(tree: NNUNetTree, plans_name: str = CASCADE_PLANS) -> dict:
+    """A plans file ``plans_name`` with nnU-Net's cascade written by hand (nnU-Net plans ``3d_lowres`` only
+    for images large relative to the patch): ``3d_fullres`` as planned; ``3d_lowres`` a copy at twice the
+    spacing (half the patch, one pooling stage fewer) whose ``next_stage`` is ``3d_cascade_fullres``; and
+    ``3d_cascade_fullres`` inheriting ``3d_fullres`` with ``previous_stage: 3d_lowres`` (it reads the
+    3d_fullres data, as nnU-Net's own cascade plans do). Every network tiny (:func:`shrink_networks`);
+    3d_lowres is preprocessed with ``nnUNetv2_preprocess``."""
+    import copy
+
+    folder = tree.preprocessed / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    configs = plans["configurations"]
+    full = configs["3d_fullres"]
+    low = copy.deepcopy(full)
+    arch = low["architecture"]["arch_kwargs"]
+    for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
+        arch[key] = arch[key][:-1]
+    arch["n_conv_per_stage_decoder"] = arch["n_conv_per_stage_decoder"][:-1]
+    arch["n_stages"] -= 1
+    low.update(data_identifier=f"{plans_name}_3d_lowres", spacing=[2 * s for s in full["spacing"]],
+               patch_size=[p // 2 for p in full["patch_size"]], batch_size=2,
+               median_image_size_in_voxels=[m / 2 for m in full["median_image_size_in_voxels"]],
+               next_stage="3d_cascade_fullres")
+    configs["3d_lowres"] = low
+    configs["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans["plans_name"] = plans_name
+    (folder / f"{plans_name}.json").write_text(json.dumps(plans, indent=1))
+    plans = shrink_networks(folder / f"{plans_name}.json")
+    tree.run("nnUNetv2_preprocess", "-d", DATASET_ID, "-plans_name", plans_name, "-c", "3d_lowres", "-np", 1)
+    return plans

@@ -126,3 +126,41 @@ def test_the_unit_conversions_live_here_and_round_trip():
     raw_units = np.array([2.5, 10.0])
     assert np.allclose(to_raw(np.array([0.1, 0.2]), raw_units), [0.25, 2.0])
     assert np.allclose(to_network(to_raw(np.array([0.1, 0.2]), raw_units), raw_units), [0.1, 0.2])
+
+
+def test_a_cascade_stage_budgets_only_its_image_channels():
+    """3d_cascade_fullres: 1 CT channel, then one previous-stage channel per foreground label (2 here). Budgets
+    are per image channel; split/join separate the two parts; a budget asked for the whole input gives the
+    previous stage's channels radius 0 and no box, so a projection keeps them; PGD through WithPreviousStage
+    never sees them."""
+    from nnunet_adv.attacks import build_attack
+    from nnunet_adv.network import WithPreviousStage
+
+    plans = _plans(["CTNormalization"], CT_PROPS)
+    plans["configurations"]["3d_cascade_fullres"]["previous_stage"] = "3d_lowres"
+    dataset_json = {"labels": {"background": 0, "liver": 1, "tumour": 2}}
+    tm = ThreatModel.from_plans(plans, "3d_cascade_fullres", dataset_json)
+    assert (tm.num_channels, tm.previous_stage_channels, tm.num_input_channels) == (1, 2, 3)
+    assert ThreatModel.from_plans(plans, "3d_fullres", dataset_json).previous_stage_channels == 0
+    with pytest.raises(ThreatModelError, match="needs its labels"):
+        ThreatModel.from_plans(plans, "3d_cascade_fullres").split(torch.zeros(1, 3, 4, 4, 4))
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 1, 4, 4, 4, generator=generator)
+    previous = (torch.rand(2, 2, 4, 4, 4, generator=generator) > 0.5).float()
+    x = tm.join(image, previous)
+    assert torch.equal(tm.split(x)[0], image) and torch.equal(tm.split(x)[1], previous)
+    whole = tm.budget(x, eps_frac=4 / 255)
+    assert torch.allclose(whole.eps[:, :1], tm.budget(image, eps_frac=4 / 255).eps)
+    assert bool((whole.eps[:, 1:] == 0).all()) and bool(torch.isinf(whole.lower[:, 1:]).all())
+    with pytest.raises(ThreatModelError, match="expected a network input"):
+        tm.split(image)
+
+    seen = []
+    net = torch.nn.Conv3d(3, 3, 1)
+    model = WithPreviousStage(lambda z: seen.append(z.shape[1]) or net(z), previous)
+    labels = torch.randint(0, 3, (2, 1, 4, 4, 4), generator=generator)
+    x_adv = build_attack("pgd", steps=2, **{k: v for k, v in tm.attack_budget(image, eps_frac=4 / 255,
+                                                                              alpha_over_eps=0.5).items()
+                                           if k != "window"})(model, image, labels)
+    assert x_adv.shape == image.shape and set(seen) == {3}
+    assert bool(((x_adv - image).abs() <= tm.budget(image, eps_frac=4 / 255).eps + 1e-6).all())

@@ -24,6 +24,7 @@ from nnunet_adv.attacks.options import canonical_name
 from nnunet_adv.cli.common import CLIError, OneLineArgumentParser, at_least_one, cli_main, pick_device
 from nnunet_adv.errors import UserError
 from nnunet_adv.records import check_part
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENTS
 
 # attack-library options exposed as flags: name -> argparse kwargs
 _BOOL = {"type": lambda s: _parse_bool(s), "nargs": "?", "const": True, "metavar": "true|false"}  # noqa: E731
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold(s); several = ensemble as nnU-Net (-f 0 1 or -f 0 -f 1; 'all'). "
                         "Default: every fold_X of the model folder that has the checkpoint")
     m.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    m.add_argument("--inference_information", nargs="?", const="", default=None, metavar="JSON",
+                   help="the model or ensemble of configurations nnUNetv2_find_best_configuration selected: its "
+                        "inference_information.json (alone: the one of -d in nnUNet_results); an ensemble is attacked "
+                        "through all its members at once (their averaged probabilities); folds from the file unless -f")
     a = p.add_argument_group("attack")
     a.add_argument("--attack_name", default="pgd", help="attack (default pgd); see --list_attacks")
     budget = a.add_mutually_exclusive_group()
@@ -94,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="seed of the attack's random generator (default 0)")
     a.add_argument("--eot_mirroring", action="store_true",
                    help="attack the average over the model's allowed mirror axes (nnU-Net's test-time mirroring)")
+    a.add_argument("--previous_stage_gradient", choices=GRADIENTS, default=DEFAULT_GRADIENT,
+                   help="3d_cascade_fullres only: how the gradient passes the 3d_lowres stage's argmax: 'softmax' (its "
+                        "softmax as a differentiable surrogate, default) or 'fixed' (the previous stage held at its "
+                        "clean prediction); the exported image is always segmented by both stages, as deployed")
     a.add_argument("--list_attacks", action="store_true", help="print the attacks and their options, then exit")
     r = p.add_argument_group("run")
     r.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
@@ -212,8 +221,8 @@ def run(args, argv: List[str]) -> int:
     at_least_one("--tile_batch_size", a.tile_batch_size)
     part = check_part(a.num_parts, a.part_id)
     config = attack_config_from_args(a)
-    folder = folders.model_folder(a.m, a.d, a.c, a.tr, a.p)
-    folds = folders.resolve_folds(folder, a.f, a.chk)
+    folder, members, folds = _model_of(a, folders)
+    folds = folders.resolve_folds(folder, folds, a.chk)
     input_folder, output_folder = Path(a.i), Path(a.o)
     labels_folder = None if a.l is None else Path(a.l)
     device = pick_device(a.device)
@@ -224,7 +233,8 @@ def run(args, argv: List[str]) -> int:
                                   input_folder=input_folder, output_folder=output_folder, labels_folder=labels_folder,
                                   device=device, eot_mirroring=a.eot_mirroring, tile_batch_size=a.tile_batch_size,
                                   resume=a.continue_prediction, progress=not a.disable_progress_bar, part=part,
-                                  command=shlex.join(["nnUNetv2_adv_attack", *argv]), argv=list(argv)), log=say)
+                                  command=shlex.join(["nnUNetv2_adv_attack", *argv]), argv=list(argv),
+                                  previous_stage_gradient=a.previous_stage_gradient, members=members), log=say)
     records = result.report["cases"]
     for c in result.new:
         r = records[c]
@@ -240,6 +250,18 @@ def run(args, argv: List[str]) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _model_of(a, folders):
+    """(the model folder, the other members of an ensemble, the folds asked for or None) of the flags."""
+    if a.inference_information is None:
+        return folders.model_folder(a.m, a.d, a.c, a.tr, a.p), [], a.f
+    if a.m is not None or a.c is not None:
+        raise CLIError("give either --inference_information or the model (-m, or -d/-c/-tr/-p), not both")
+    from nnunet_adv.volume.deployed_ensemble import read_inference_information  # torch: after the flags are read
+
+    deployed = read_inference_information(a.inference_information or None, a.d)
+    return deployed.members[0], deployed.members[1:], a.f or [str(f) for f in deployed.folds]
 
 
 def _fmt(v) -> str:

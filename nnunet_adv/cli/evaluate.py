@@ -48,6 +48,7 @@ from nnunet_adv.evaluation.plan import (
 )
 from nnunet_adv.records import check_part
 from nnunet_adv.volume import folders
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENTS
 from nnunet_adv.volume.folders import check_folders, configuration_of
 
 SWEEP_ATTACK_DEFAULT = "ifgsm-targeted"
@@ -68,8 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-tr", nargs="+", default=None, help="trainer(s), one model each (default nnUNetTrainer)")
     m.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     m.add_argument("-m", nargs="+", default=None, help="trained model folder(s) instead of -d/-c/-tr/-p")
-    m.add_argument("-f", nargs="+", default=["0"], help="fold(s) of every model (default 0; several = ensemble)")
+    m.add_argument("-f", nargs="+", default=None,
+                   help="fold(s) of every model (default 0, or the folds of --inference_information; several = "
+                        "ensemble)")
     m.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    m.add_argument("--inference_information", nargs="?", const="", default=None, metavar="JSON",
+                   help="also evaluate what nnUNetv2_find_best_configuration selected, as deployed: its "
+                        "inference_information.json (alone: the one of -d in nnUNet_results); an ensemble of "
+                        "configurations is attacked through all its members at once and predicted with "
+                        "nnUNetv2_predict --save_probabilities per member, nnUNetv2_ensemble and "
+                        "nnUNetv2_apply_postprocessing")
     a = p.add_argument_group("attacks")
     a.add_argument("--attacks", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="attacks as 'pgd:eps=4,steps=20' 'vafa-3d:q_max=20,steps=20,block_size=32' 'gn:std=4' "
@@ -97,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     eot.add_argument("--no_eot_mirroring", dest="eot_mirroring", action="store_false",
                      help="attack the plain network even though predictions use test-time mirroring (cheaper; the "
                           "attacks' effect is then underestimated: the report says so)")
+    a.add_argument("--previous_stage_gradient", choices=GRADIENTS, default=DEFAULT_GRADIENT,
+                   help="3d_cascade_fullres models: the attacks' gradient through the 3d_lowres stage, its softmax "
+                        "('softmax', default) or none ('fixed': held at its clean prediction); the report says which")
     c = p.add_argument_group("checks (docs/evaluate.md: how to make a robustness claim)")
     c.add_argument("--no_checks", dest="checks", action="store_false",
                    help="leave out the checks (gradient masking, loss, gradient-free/transfer, saturation, "
@@ -130,7 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def models_of(a) -> List[Model]:
     """The models the flags name (-m folders, or -d/-c/-tr/-p); all of one dataset."""
-    if a.m is not None:
+    a.f = a.f or (None if a.inference_information is not None else ["0"])
+    if a.inference_information is not None:
+        from nnunet_adv.volume.deployed_ensemble import read_inference_information  # torch: once the flags are read
+
+        deployed = read_inference_information(a.inference_information or None, a.d)
+        a.f = a.f or [str(f) for f in deployed.folds]
+        models = [Model(deployed.name if deployed.is_ensemble else deployed.members[0].name, deployed.members[0],
+                        members=tuple(deployed.members[1:]), postprocessing=deployed.postprocessing_file)]
+        if a.m is not None or a.c is not None:
+            raise CLIError("give either --inference_information or the models (-m, or -d/-c/-tr/-p), not both")
+    elif a.m is not None:
         if a.d is not None or a.tr is not None:
             raise CLIError("give either -m MODEL_FOLDER ... or -d DATASET -c CONFIGURATION -tr TRAINER ..., not both")
         models = [Model(Path(f).resolve().name, Path(f)) for f in a.m]
@@ -144,11 +166,12 @@ def models_of(a) -> List[Model]:
     if len(set(names)) != len(names):
         raise CLIError(f"a model is given twice: {', '.join(names)}")
     for model in models:
-        folders.check_model_folder(model.folder)
-        for fold in a.f:
-            ckpt = model.folder / f"fold_{fold}" / a.chk
-            if not ckpt.is_file():
-                raise CLIError(f"model {model.name}: checkpoint {ckpt} does not exist")
+        for folder in (model.folder, *model.members):
+            folders.check_model_folder(folder)
+            for fold in a.f:
+                ckpt = folder / f"fold_{fold}" / a.chk
+                if not ckpt.is_file():
+                    raise CLIError(f"model {model.name}: checkpoint {ckpt} does not exist")
     reference = json.loads((models[0].folder / "plans.json").read_text())["dataset_name"]
     labels = json.loads((models[0].folder / "dataset.json").read_text())["labels"]
     for model in models[1:]:
@@ -246,7 +269,8 @@ def run(a, argv: List[str]) -> int:
         progress=not a.disable_progress_bar, resume=a.resume or part is not None, seed=a.seed, part=part,
         nsd_tolerance=a.nsd_tolerance[0] if len(a.nsd_tolerance) == 1 else list(a.nsd_tolerance),
         checks=a.checks, check_factor=a.check_factor,
-        command=shlex.join(["nnUNetv2_adv_evaluate", *argv])), log=say)
+        command=shlex.join(["nnUNetv2_adv_evaluate", *argv]), previous_stage_gradient=a.previous_stage_gradient),
+        log=say)
     text = evaluation.execute()
     if part is None:
         say(f"done: {root / 'report.md'}")

@@ -23,6 +23,7 @@ import torch
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 import nnunet_adv.metrics as image_metrics  # module access: LPIPS is optional, tests stand in for it
 from nnunet_adv.errors import UserError
@@ -60,6 +61,8 @@ from nnunet_adv.records import (
     split_cases,
     versions,
 )
+from nnunet_adv.volume.cascade import previous_stage_folder
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENT_MEANS
 from nnunet_adv.volume.engine import _similarity
 from nnunet_adv.volume.export import WriteError, write_image_like
 from nnunet_adv.volume.folders import find_cases
@@ -84,7 +87,8 @@ class EvaluationRun:
         saliency maps; checks: run the checks of :mod:`nnunet_adv.evaluation.checks` (their attacks
         are among ``settings``; the convergence re-run with ``check_factor`` x the steps is added here);
         num_examples: cases in examples.png; progress: tqdm bars; command: the
-        command line recorded in the report.
+        command line recorded in the report; previous_stage_gradient: how attacks on a cascade stage
+        pass its previous stage (:mod:`nnunet_adv.volume.cascade`).
     """
 
     models: List[Model]
@@ -112,6 +116,7 @@ class EvaluationRun:
     part: Optional[Tuple[int, int]] = None
     checks: bool = True
     check_factor: int = 5
+    previous_stage_gradient: str = DEFAULT_GRADIENT
 
     @property
     def part_cases(self) -> List[str]:
@@ -128,7 +133,36 @@ class EvaluationRun:
                 "eot_mirroring": bool(self.eot_mirroring), "tile_batch_size": self.tile_batch_size,
                 "nsd_tolerance_mm": self.nsd_tolerance, "versions": versions(),
                 # the seed draws the corruptions' noise; an attack's seed is in its own folder's tag
-                "corruption_seed": self.seed if any(s.corruption is not None for s in self.settings) else None}
+                "corruption_seed": self.seed if any(s.corruption is not None for s in self.settings) else None,
+                **({"previous_stage_gradient": self.previous_stage_gradient} if self.cascades() else {})}
+
+    def cascades(self) -> Dict[str, Path]:
+        """Model name -> its previous stage's model folder, for the cascade stages among the models."""
+        stages = {m.name: previous_stage_folder(m.folder) for m in self.models}
+        return {name: folder for name, folder in stages.items() if folder is not None}
+
+    def deployment_notes(self) -> List[str]:
+        """Lines for the report saying how models that are not one network were run (cascades, ensembles of
+        configurations, postprocessing)."""
+        notes = []
+        for m in self.models:
+            stages = ", ".join(f"`{Path(f).name}`" for f in (m.folder, *m.members))
+            then = ", then `nnUNetv2_apply_postprocessing`" if m.postprocessing else ""
+            if m.members:
+                notes.append(f"`{m.name}` is an ensemble of configurations as nnUNetv2_find_best_configuration "
+                             f"selected it: **its numbers are the ensemble's**: {stages} predicted with "
+                             f"`nnUNetv2_predict --save_probabilities`, averaged by `nnUNetv2_ensemble`{then}; every "
+                             f"attack is crafted through all members at once (their averaged probabilities; "
+                             f"postprocessing not differentiated).")
+            elif m.postprocessing:
+                notes.append(f"`{m.name}`: predictions postprocessed with `nnUNetv2_apply_postprocessing` "
+                             f"({Path(m.postprocessing).name}).")
+        for name, folder in self.cascades().items():
+            notes.append(f"`{name}` is a cascade stage, deployed as nnU-Net deploys it: `{Path(folder).name}` segments "
+                         f"each (clean, attacked or corrupted) image and its prediction is the cascade's "
+                         f"previous-stage input (`nnUNetv2_predict -prev_stage_predictions`). Attack gradient "
+                         f"`{self.previous_stage_gradient}`: {GRADIENT_MEANS[self.previous_stage_gradient]}.")
+        return notes
 
 
 SETTINGS_JSON = "evaluation.json"
@@ -201,7 +235,7 @@ class RobustnessEvaluation:
         self.folder = ReportFolder(Path(run.output))
         self.file_ending = run.dataset_json["file_ending"]
         self.done_work: List[str] = []  # what this run computed: "attack ...", "prediction ...", ...
-        self._predictors: Dict[str, object] = {}  # model name -> initialised nnUNetPredictor
+        self._predictors: Dict[str, object] = {}  # model folder -> initialised nnUNetPredictor
         self._attack_models: Dict[str, object] = {}  # model name -> TrainedModel (saliency)
 
     def execute(self) -> str:
@@ -213,6 +247,9 @@ class RobustnessEvaluation:
 
     def _execute(self) -> str:
         r = self.run
+        if r.saliency and (r.cascades() or any(m.members for m in r.models)):
+            raise UserError("--saliency draws the input gradient of one network: not supported for a cascade stage or "
+                            "an ensemble of configurations (leave --saliency out)")
         self.check_settings()
         self.log(f"{len(r.models)} model(s), {len(r.settings)} setting(s), {len(r.cases)} case(s) on {r.device}; "
                  f"report in {r.output}")
@@ -254,7 +291,8 @@ class RobustnessEvaluation:
                                        dataset=r.plans["dataset_name"], models=r.models, settings=settings,
                                        evaluations=evaluations, summaries=summaries, labels=labels, tta=r.tta,
                                        eot=r.eot_mirroring, device=r.device, folds=list(map(str, r.folds)),
-                                       checkpoint=r.checkpoint, cases=list(r.cases), checks=found)
+                                       checkpoint=r.checkpoint, cases=list(r.cases), checks=found,
+                                       notes=r.deployment_notes())
         report.write_summary_json(context)
         report.write_metrics_csv(context)
         figures = report.write_figures(context, r.cases, rw, r.num_examples)
@@ -370,7 +408,8 @@ class RobustnessEvaluation:
         attack_run = AttackRun(attack=setting.attack, model_folder=model.folder, folds=r.folds, checkpoint=r.checkpoint,
                                input_folder=Path(r.images), output_folder=out, labels_folder=Path(r.labels),
                                device=r.device, eot_mirroring=r.eot_mirroring, tile_batch_size=r.tile_batch_size,
-                               resume=True, progress=r.progress, command=r.command, part=r.part)
+                               resume=True, progress=r.progress, command=r.command, part=r.part,
+                               previous_stage_gradient=r.previous_stage_gradient, members=list(model.members))
         if self._attack_done(out, attack_run):
             return
         self.log(f"attacking with {setting.label} on {model.name}")
@@ -450,8 +489,13 @@ class RobustnessEvaluation:
             source = {"corruption": load_records(self.image_folder(ev), CORRUPTION_JSON)["settings"]}
         elif ev.source is not None:
             source = {"crafted_on": ev.source.name, "attack": load_records(self.image_folder(ev))["settings"]["attack"]}
-        return {"model": str(Path(ev.model.folder).resolve()), "checkpoint": self.run.checkpoint,
-                "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source}
+        m = ev.model
+        previous = previous_stage_folder(m.folder)
+        return {"model": str(Path(m.folder).resolve()), "checkpoint": self.run.checkpoint,
+                "folds": [str(f) for f in self.run.folds], "test_time_mirroring": bool(self.run.tta), "input": source,
+                **({} if previous is None else {"previous_stage": str(Path(previous).resolve())}),
+                **({"ensemble_members": [str(Path(f).resolve()) for f in m.members]} if m.members else {}),
+                **({} if m.postprocessing is None else {"postprocessing": str(Path(m.postprocessing).resolve())})}
 
     def predict(self, ev: Evaluation) -> None:
         """nnU-Net's predictions of one evaluation (this run's cases), written to a hidden folder, then
@@ -484,14 +528,10 @@ class RobustnessEvaluation:
             return
         self.log(f"predicting {len(missing)} case(s) of {ev.setting.label}"
                  + (f" crafted on {ev.source.name}" if ev.transfer else "") + f" with {ev.model.name}")
-        predictor = self.predictor(ev.model)
         partial = out / (".partial" + ("" if r.part is None else f"-{r.part[1]}-of-{r.part[0]}"))
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        with _quiet():
-            predictor.predict_from_files_sequential([self.images_of(ev, c) for c in missing],
-                                                    [str(partial / c) for c in missing], save_probabilities=False,
-                                                    overwrite=True)
+        self.predict_deployed(ev.model, [self.images_of(ev, c) for c in missing], partial, missing)
         for c in missing:
             name = wanted[c]
             record["files"][name] = file_digest(partial / name)
@@ -500,6 +540,50 @@ class RobustnessEvaluation:
             atomic_write_checked_json(out / record_name, record)
         shutil.rmtree(partial, ignore_errors=True)
         self.done_work.append(f"prediction {ev.key} with {ev.model.name}")
+
+    def predict_deployed(self, model: Model, images: List[List[str]], out: Path, cases: List[str]) -> None:
+        """nnU-Net's predictions ``out/CASE.ext`` of ``images`` by ``model`` as the user deploys it: one
+        ``nnUNetv2_predict``; a cascade stage after its previous stage (``-prev_stage_predictions``); an ensemble
+        of configurations with ``--save_probabilities`` per member, then ``nnUNetv2_ensemble``; then
+        ``nnUNetv2_apply_postprocessing`` where ``model.postprocessing`` names a file."""
+        folders = [model.folder, *model.members]
+        merged = out if model.postprocessing is None else out / "before_postprocessing"  # what is postprocessed
+        outputs = [out / f"member_{k}" for k in range(len(folders))] if model.members else [merged]
+        for k, folder in enumerate(folders):
+            previous = previous_stage_folder(folder)
+            previous_predictions = None
+            if previous is not None:  # a cascade, as nnUNetv2_predict -c 3d_lowres, then -prev_stage_predictions
+                previous_predictions = out / f"previous_stage_{k}"
+                self._predict_folder(previous, images, previous_predictions, cases, False)
+            self._predict_folder(folder, images, outputs[k], cases, bool(model.members), previous_predictions)
+        # nnUNetv2_ensemble's and nnUNetv2_apply_postprocessing's per-file functions, in this process (their
+        # commands run the same functions in a pool of spawned processes)
+        plans = PlansManager(str(model.folder / "plans.json"))
+        rw = plans.image_reader_writer_class()
+        if model.members:
+            from nnunetv2.ensembling.ensemble import merge_files
+
+            label_manager = plans.get_label_manager(self.run.dataset_json)
+            merged.mkdir(parents=True, exist_ok=True)
+            for c in cases:
+                merge_files([str(o / f"{c}.npz") for o in outputs], str(merged / c), self.file_ending, rw,
+                            label_manager, False)
+        if model.postprocessing is not None:
+            from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
+            from nnunetv2.utilities.file_path_utilities import load_pickle
+
+            pp_fns, pp_fn_kwargs = load_pickle(str(model.postprocessing))
+            for c in cases:
+                load_postprocess_save(str(merged / f"{c}{self.file_ending}"), str(out / f"{c}{self.file_ending}"), rw,
+                                      pp_fns, pp_fn_kwargs)
+
+    def _predict_folder(self, folder: Path, images: List[List[str]], out: Path, cases: List[str],
+                        probabilities: bool, previous_predictions: Optional[Path] = None) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        with _quiet():
+            self.predictor(Model(folder.name, folder)).predict_from_files_sequential(
+                images, [str(out / c) for c in cases], save_probabilities=probabilities, overwrite=True,
+                folder_with_segs_from_prev_stage=None if previous_predictions is None else str(previous_predictions))
 
     def input_digests(self, ev: Evaluation, cases: Sequence[str]) -> Dict[str, Dict[str, str]]:
         """case -> SHA-256 per file name of the images ``ev`` predicts: the clean images (hashed by
@@ -518,7 +602,7 @@ class RobustnessEvaluation:
 
     def predictor(self, model: Model):
         """nnU-Net's predictor of ``model`` (cached)."""
-        if model.name not in self._predictors:
+        if str(model.folder) not in self._predictors:
             device = torch.device(self.run.device)
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.run.tta,
                                         perform_everything_on_device=device.type != "cpu", device=device,
@@ -526,8 +610,8 @@ class RobustnessEvaluation:
             with _quiet():
                 predictor.initialize_from_trained_model_folder(str(model.folder), use_folds=self.run.folds,
                                                                checkpoint_name=self.run.checkpoint)
-            self._predictors[model.name] = predictor
-        return self._predictors[model.name]
+            self._predictors[str(model.folder)] = predictor
+        return self._predictors[str(model.folder)]
 
     def metrics(self, ev: Evaluation, rw, labels) -> dict:
         """nnU-Net-style summary of one evaluation (cached in metrics/MODEL/KEY.json)."""

@@ -22,10 +22,14 @@ from nnunet_adv.evaluation.corruptions import parse_corruptions
 
 @dataclass
 class Model:
-    """A trained nnU-Net model folder and its name in the report."""
+    """A trained nnU-Net model folder and its name in the report; for an ensemble of configurations
+    (:mod:`nnunet_adv.volume.deployed_ensemble`) ``folder`` is its first member, ``members`` the others;
+    ``postprocessing``: the postprocessing.pkl applied to its predictions (nnUNetv2_apply_postprocessing)."""
 
     name: str
     folder: Path
+    members: tuple = ()
+    postprocessing: Optional[Path] = None
 
 
 @dataclass

@@ -70,6 +70,7 @@ class ReportContext:
     checkpoint: str
     cases: List[str]
     checks: Dict[str, dict] = field(default_factory=dict)  # model name -> checks.run_checks(...)
+    notes: List[str] = field(default_factory=list)  # how models that are not one network ran (cascades)
 
     @property
     def root(self) -> Path:
@@ -284,6 +285,7 @@ def _header_section(ctx: ReportContext) -> List[str]:
                 "underestimated** (the mirrored views rescue a non-robust model most); use the default adaptive "
                 "attack (EOT over the mirroring) or --disable_tta." if ctx.tta and not ctx.eot else ""), "",
              f"Command: `{ctx.command}`", ""]
+    lines += [line for note in ctx.notes for line in (note, "")]
     names = list(dict.fromkeys(s.attack.name for s in ctx.settings if s.attack is not None))
     if names:
         lines += ["Attacks: " + "; ".join(f"`{n}` {attack_class(n).summary}" for n in names) + ".", ""]

@@ -44,7 +44,7 @@ from torch import autocast, distributed as dist, nn
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import attack_defaults
 from nnunet_adv.errors import UserError
-from nnunet_adv.network import network_mode, unwrap_network
+from nnunet_adv.network import WithPreviousStage, network_mode, unwrap_network
 from nnunet_adv.outputs import split_batch
 from nnunet_adv.threat_model import ThreatModel, ThreatModelError
 from nnunet_adv.training.pretrained import KEEP_HEADS_ATTRIBUTE
@@ -119,7 +119,8 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             self._apply_schedule()
             self.logger.local_logger = AdversarialLocalLogger(extra_panel_keys=self.progress_panel_keys)
             try:
-                self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager)
+                self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration_manager,
+                                                              self.label_manager)
             except ThreatModelError as e:
                 raise RecipeError(type(self).__name__, str(e)) from None
             self.configure_attack()
@@ -270,15 +271,20 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
             for_training: True for the training step, False for robust validation (see
                 :meth:`attack_context`).
         Returns:
-            (B, C, *patch) tensor, detached, within the budget and the projection box.
+            (B, C, *patch) tensor, detached, within the budget and the projection box. On a cascade stage
+            (``3d_cascade_fullres``) only the image channels are attacked; the previous stage's one-hot
+            channels are returned as they came (:class:`nnunet_adv.network.WithPreviousStage`).
         """
-        attack = self._build_attack(data, overrides or {})
+        images, previous = self.threat_model.split(data)  # a cascade stage: the previous stage's channels
+        attack = self._build_attack(images, overrides or {})
         net = unwrap_network(self.network)
+        model = net if previous is None else WithPreviousStage(net, previous.float())  # never perturbed
         # fp32 input gradients: fp16 gradients of a Dice+CE loss underflow to all-zero sign steps.
         # Disabled on every device: a caller's CPU/MPS autocast must not leak into the attack either.
         with torch.enable_grad(), autocast(self.device.type, enabled=False), \
                 network_mode(net, self.attack_in_train_mode), self.attack_context(net, for_training):
-            return attack(net, data.float(), target).detach()
+            x_adv = attack(model, images.float(), target).detach()
+        return self.threat_model.join(x_adv, previous)
 
     def attack_context(self, network: nn.Module, for_training: bool) -> ContextManager:
         """Hook: context the attack runs in on the unwrapped ``network`` (default: none).

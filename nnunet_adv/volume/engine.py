@@ -16,6 +16,11 @@ on [0, 1] images = 2.55/255 of the window).
 
 Targets: the reference segmentation when a label file is given, else the model's own clean
 prediction (argmax of the same sliding window on the clean image).
+
+A cascade stage (``3d_cascade_fullres``) is attacked as deployed (:mod:`nnunet_adv.volume.cascade`):
+the previous stage segments the image, its one-hot channels are appended to the network input, and
+only the image channels are perturbed; the gradient through the previous stage is its softmax
+surrogate or none (held fixed), as ``previous_stage.gradient`` says.
 """
 from __future__ import annotations
 
@@ -36,7 +41,10 @@ from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import build_attack
 from nnunet_adv.errors import UserError
 from nnunet_adv.metrics import dice_per_class, input_gradient_stats, psnr, ssim
+from nnunet_adv.network import WithPreviousStage
 from nnunet_adv.threat_model import ThreatModel, to_raw
+from nnunet_adv.volume.cascade import PreviousStage
+from nnunet_adv.volume.deployed_ensemble import AveragedProbabilities
 from nnunet_adv.volume.export import (
     WriteError,
     apply_raw_budget,
@@ -101,11 +109,17 @@ class VolumeAttack:
         log: callable for one-line messages.
         tile_batch_size: sliding-window tiles per network call (same gradient; memory grows with it;
             on a CPU 4 is several times faster per tile than 1, see docs/whole_volume.md).
+        previous_stage: a cascade stage's previous stage (required for ``3d_cascade_fullres``).
+        members: the other members of an ensemble of configurations (``model`` is the first): the attack
+            and every prediction use their averaged probabilities
+            (:class:`nnunet_adv.volume.deployed_ensemble.AveragedProbabilities`); each case must be
+            preprocessed to the same network grid by every member.
     """
 
     def __init__(self, model: TrainedModel, attack: AttackConfig, device: torch.device = torch.device("cpu"),
                  eot_mirroring: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                 tile_batch_size: int = 1):
+                 tile_batch_size: int = 1, previous_stage: Optional[PreviousStage] = None,
+                 members: Sequence[TrainedModel] = ()):
         self.model, self.attack, self.device, self.progress, self.log = model, attack, device, progress, log
         p = model.predictor
         self.plans_manager, self.configuration, self.dataset_json = p.plans_manager, p.configuration_manager, \
@@ -116,11 +130,24 @@ class VolumeAttack:
                             "cross-entropy over label classes")
         self.rw_class = self.plans_manager.image_reader_writer_class
         supported_writer(self.rw_class)
-        self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration)
+        self.threat_model = ThreatModel.from_managers(self.plans_manager, self.configuration, self.label_manager)
+        if self.threat_model.previous_stage_channels and previous_stage is None:
+            raise UserError(f"{p.configuration_name if hasattr(p, 'configuration_name') else 'a cascade stage'} needs "
+                            f"its previous stage ({self.configuration.previous_stage_name}) to be attacked")
+        self.previous_stage = previous_stage if self.threat_model.previous_stage_channels else None
         self.num_channels = self.threat_model.num_channels
         mirror = model.mirror_axes if eot_mirroring else None
         self.window = SlidingWindowModel(model.networks, model.patch_size, tile_step_size=0.5, use_gaussian=True,
                                          mirror_axes=mirror, tile_batch_size=tile_batch_size)
+        self.members = list(members)
+        if self.members:
+            if self.threat_model.previous_stage_channels or any(
+                    m.predictor.configuration_manager.previous_stage_name for m in self.members):
+                raise UserError("an ensemble with a cascade stage is not supported (attack the cascade alone)")
+            self.window = AveragedProbabilities([self.window] + [
+                SlidingWindowModel(m.networks, m.patch_size, tile_step_size=0.5, use_gaussian=True,
+                                   mirror_axes=m.mirror_axes if eot_mirroring else None,
+                                   tile_batch_size=tile_batch_size) for m in self.members])
         self.preprocessor = self.configuration.preprocessor_class(verbose=False)
         self.classes = list(self.label_manager.foreground_labels)
         self.use_mask = any(s == "ZScoreNormalization" and m for s, m in
@@ -149,9 +176,24 @@ class VolumeAttack:
         return raw, props
 
     def preprocess(self, raw: np.ndarray, props: dict):
-        """nnU-Net's preprocessing of a raw case (the predictor's code path without a label file)."""
-        data, seg, properties = self.preprocessor.run_case_npy(raw, None, copy.deepcopy(props), self.plans_manager,
-                                                               self.configuration, self.dataset_json)
+        """nnU-Net's preprocessing of a raw case (the predictor's code path without a label file); of a
+        cascade stage with the previous stage's segmentation of the same image appended as one-hot
+        channels, as ``nnUNetv2_predict -prev_stage_predictions`` does."""
+        previous = None if self.previous_stage is None else self.previous_stage.segmentation(raw, props)
+        data, seg, properties = self.preprocessor.run_case_npy(raw, previous, copy.deepcopy(props),
+                                                               self.plans_manager, self.configuration,
+                                                               self.dataset_json)
+        if previous is not None:
+            data = np.vstack((data, self.previous_stage.one_hot(seg, data.dtype)))
+        for member in self.members:  # one perturbation for every member: the same network grid
+            p = member.predictor
+            other = p.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
+                raw, None, copy.deepcopy(props), p.plans_manager, p.configuration_manager, p.dataset_json)[0]
+            if other.shape != data.shape:
+                raise CaseError(f"the ensemble's members preprocess this case to different grids "
+                                f"({self.configuration.data_identifier}: {data.shape[1:]}, "
+                                f"{p.configuration_manager.data_identifier}: {other.shape[1:]}); only members with the "
+                                f"same spacing can be attacked together")
         return data.astype(np.float32), seg, properties
 
     def read_labels(self, label_file: str, raw_shape, properties: dict, net_shape, image_props: dict) -> np.ndarray:
@@ -185,13 +227,18 @@ class VolumeAttack:
         raw, props = self.read(image_files)
         data, seg_net, properties = self.preprocess(raw, props)
         maps = raw_intensity_maps(raw, self.plans_manager, self.configuration)
-        x0 = torch.from_numpy(data)[None].to(self.device)
+        x_input = torch.from_numpy(data)[None].to(self.device)
+        x0, previous = self.threat_model.split(x_input)  # a cascade: the image channels and the previous stage's
+        attacked = self.window
+        if previous is not None:
+            low_shape = self.previous_stage.network_shape(raw, props)
+            attacked = WithPreviousStage(self.window, self.previous_stage.attacked_channels(previous, low_shape))
         mask = None
         if self.use_mask:
             mask = torch.from_numpy(np.asarray(seg_net[0] >= 0))[None, None].to(self.device, x0.dtype)
 
         with torch.no_grad():
-            clean_logits = self.window(x0)
+            clean_logits = self.window(x_input)
         clean_pred = clean_logits.argmax(1)
         if label_file is not None:
             target = torch.from_numpy(self.read_labels(label_file, raw.shape, properties, data.shape[1:], props))[None]
@@ -207,14 +254,14 @@ class VolumeAttack:
 
         total = _expected_forwards(self.attack)
         bar = _bar(total, Path(image_files[0]).name, self.progress)
-        model = _Monitored(self.window, x0, mask, bar.update)
+        model = _Monitored(attacked, x0, mask, bar.update)
         try:
             x_adv = attack(model, x0, target)
         finally:
             bar.close()
         x_adv = model.restrict(x_adv)
         with torch.no_grad():
-            adv_logits = self.window(x_adv)
+            adv_logits = attacked(x_adv)  # the model the attack saw (a cascade: its previous-stage channels)
         lap("attack")
 
         # back to raw geometry, onto the raw budget, written with the input's geometry
@@ -254,6 +301,7 @@ class VolumeAttack:
             "attack_forwards": model.forwards,
             "input_gradient": model.gradient_stats(None if eps_net is None else torch.as_tensor(eps_net)),
             "objective_trace": _traces(attack),
+            **({} if previous is None else {"previous_stage_gradient": self.previous_stage.gradient}),
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_per_phase": phases,
         }

@@ -43,6 +43,8 @@ from nnunet_adv.records import (
     split_cases,
     versions,
 )
+from nnunet_adv.volume.cascade import PreviousStage, check_previous_folds, previous_stage_folder
+from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENT_MEANS
 from nnunet_adv.volume.engine import VolumeAttack
 from nnunet_adv.volume.export import WriteError
 from nnunet_adv.volume.folders import check_folders, configuration_of, find_cases, require_folder
@@ -62,7 +64,10 @@ class AttackRun:
         labels_folder: nnU-Net's image naming, output never inside the input; labels None:
         attack the model's own clean prediction. device: ``"cpu"``, ``"cuda"``, ...;
         eot_mirroring: attack nnU-Net's test-time mirroring average; tile_batch_size: tiles
-        per network call; resume: skip cases whose images exist; command / argv: recorded.
+        per network call; resume: skip cases whose images exist; command / argv: recorded;
+        previous_stage_gradient: a cascade stage's gradient through its previous stage
+        (:data:`nnunet_adv.volume.cascade.GRADIENTS`); members: the other model folders of an ensemble of
+        configurations (``model_folder`` is its first member; :mod:`nnunet_adv.volume.deployed_ensemble`).
     """
 
     attack: AttackConfig
@@ -80,6 +85,14 @@ class AttackRun:
     command: str = ""
     argv: List[str] = field(default_factory=list)
     part: Optional[Tuple[int, int]] = None
+    previous_stage_gradient: str = DEFAULT_GRADIENT
+    members: List[Path] = field(default_factory=list)
+
+    @property
+    def previous_stage(self) -> Optional[Path]:
+        """A cascade stage's previous-stage model folder (:func:`previous_stage_folder`), None for other
+        configurations."""
+        return previous_stage_folder(self.model_folder)
 
     @property
     def record_name(self) -> str:
@@ -107,6 +120,8 @@ def run_attack(run: AttackRun, log: Callable[[str], None] = print) -> AttackResu
         run.attack.check_for(plans, configuration_of(Path(run.model_folder)), dataset_json)
     except UserError as e:
         raise UserError(f"attack '{run.attack.name}': {e}") from None
+    if run.previous_stage is not None:  # a cascade: its previous stage with the same folds, or one line
+        check_previous_folds(run.previous_stage, run.folds, run.checkpoint, configuration_of(Path(run.model_folder)))
     file_ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output_folder = Path(run.output_folder)
@@ -171,17 +186,32 @@ def _attack_cases(run: AttackRun, cases: Dict[str, dict], done: set, problems: D
 def _load_engine(run: AttackRun, log: Callable[[str], None]) -> VolumeAttack:
     """The trained model and the whole-volume attack on it (a model that cannot load is one line)."""
     log(f"model {run.model_folder} folds {run.folds} ({run.checkpoint}) on {run.device}")
-    try:
-        model = load_trained_model(run.model_folder, run.folds, run.checkpoint, device=torch.device(run.device))
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    except Exception as e:
-        raise UserError(f"cannot load the model from {run.model_folder}: {type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from None
+    model = _load(run.model_folder, run)
+    previous = None
+    if run.previous_stage is not None:
+        log(f"previous stage {run.previous_stage} (gradient: {run.previous_stage_gradient})")
+        previous = PreviousStage(_load(run.previous_stage, run), model.predictor.label_manager,
+                                 run.previous_stage_gradient, mirroring=run.eot_mirroring,
+                                 tile_batch_size=run.tile_batch_size)
+    if run.members:
+        log(f"ensemble with {', '.join(str(m) for m in run.members)}: the attack sees the averaged probabilities")
+    members = [_load(folder, run) for folder in run.members]
     if run.labels_folder is None:
         log("no labels (-l): the attack targets the model's own clean prediction")
     return VolumeAttack(model, run.attack, torch.device(run.device), eot_mirroring=run.eot_mirroring,
-                        progress=run.progress, log=log, tile_batch_size=run.tile_batch_size)
+                        progress=run.progress, log=log, tile_batch_size=run.tile_batch_size, previous_stage=previous,
+                        members=members)
+
+
+def _load(folder: Path, run: AttackRun):
+    """One trained model of the run (a model that cannot load is one line)."""
+    try:
+        return load_trained_model(folder, run.folds, run.checkpoint, device=torch.device(run.device))
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:
+        raise UserError(f"cannot load the model from {folder}: {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from None
 
 
 def _attack_one(engine: Optional[VolumeAttack], case: str, info: dict, problem: Optional[str],
@@ -262,7 +292,17 @@ def run_settings(run: AttackRun) -> dict:
             "labels": None if run.labels_folder is None else str(Path(run.labels_folder).resolve()),
             "eot_mirroring": bool(run.eot_mirroring),
             "sliding_window": {"tile_step_size": 0.5, "gaussian": True, "tile_batch_size": run.tile_batch_size},
-            "versions": versions()}
+            "versions": versions(), **_previous_stage_settings(run),
+            **({"ensemble_members": [str(Path(m).resolve()) for m in run.members]} if run.members else {})}
+
+
+def _previous_stage_settings(run: AttackRun) -> dict:
+    """A cascade stage's previous stage and how the gradient passes it (absent for other configurations)."""
+    previous = run.previous_stage
+    if previous is None:
+        return {}
+    return {"previous_stage": {"model": str(Path(previous).resolve()), "gradient": run.previous_stage_gradient,
+                               "gradient_means": GRADIENT_MEANS[run.previous_stage_gradient]}}
 
 
 def prior_report(output_folder: Path, settings: dict, resume: bool) -> Optional[dict]:
