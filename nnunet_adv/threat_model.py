@@ -53,6 +53,7 @@ This module needs no nnU-Net import: it reads plain plans dictionaries.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
@@ -219,9 +220,9 @@ class ThreatModel:
         ``[min, max]`` per sample, CT channels included: SEAT's convention (``b_eps = (b_max - b_min)
         * eps`` over each patch, TrustAI/SEAT ``libs/trainer.py``), where ours gives CT channels the
         dataset window. Raw units are unchanged."""
-        copy = ThreatModel.__new__(ThreatModel)
-        copy.schemes, copy._ct_stats, copy._patch_windows = list(self.schemes), dict(self._ct_stats), True
-        return copy
+        patched = copy.copy(self)  # every other attribute (the previous stage's channels, ...) as it is
+        patched._patch_windows = True
+        return patched
 
     @property
     def num_channels(self) -> int:

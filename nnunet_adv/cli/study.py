@@ -48,6 +48,8 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("-i", default=None, help="held-out images (default: the dataset's imagesTs)")
     p.add_argument("-l", default=None, help="their labels (default: the dataset's labelsTs)")
     p.add_argument("-f", type=int, default=0, help="fold (default 0)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of every model (default nnUNetPlans; e.g. "
+                                                   "nnUNetResEncUNetMPlans)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     p.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"))
     p.add_argument("--continue", dest="resume", action="store_true", help="reuse every finished model and result")
@@ -75,7 +77,7 @@ def run(args) -> int:
                            images=None if args.i is None else Path(args.i),
                            labels=None if args.l is None else Path(args.l),
                            resume=args.resume, progress=not args.disable_progress_bar, eps_sweep=args.eps_sweep,
-                           attack_steps=args.attack_steps, tile_batch_size=args.tile_batch_size),
+                           attack_steps=args.attack_steps, tile_batch_size=args.tile_batch_size, plans=args.p),
                   log=lambda line: print(f"[nnUNetv2_adv_study {time.time() - started:6.0f} s] {line}", flush=True))
     print("\n" + study.execute())
     return 0

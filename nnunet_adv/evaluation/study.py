@@ -116,7 +116,8 @@ class StudyRun:
     so each seed has its own models; attacks), clean_model (an existing clean model folder to fine-tune
     from instead of training one), finetune / clean (schedule overrides ``{"ep": E, "its": I}``),
     images / labels (held-out cases; default the dataset's imagesTs / labelsTs), resume, progress,
-    eps_sweep (x/255), attack_steps (overrides the steps of every evaluation attack; None: published).
+    eps_sweep (x/255), attack_steps (overrides the steps of every evaluation attack; None: published), plans (the
+    plans identifier every model trains with, nnU-Net's ``-p``: e.g. ``nnUNetResEncUNetMPlans``).
     """
 
     dataset: str
@@ -136,6 +137,7 @@ class StudyRun:
     tile_batch_size: Optional[int] = None
     eps_sweep: Optional[List[float]] = None
     attack_steps: Optional[int] = None
+    plans: str = "nnUNetPlans"
 
     @property
     def settings(self) -> dict:
@@ -195,6 +197,10 @@ class Study:
         self.results = results
         self.configuration = s["configuration"]
         self.raw = Path(os.environ.get("nnUNet_raw", "")) / results.name
+        plans_file = Path(os.environ.get("nnUNet_preprocessed", "")) / results.name / f"{r.plans}.json"
+        if not plans_file.is_file():
+            raise UserError(f"no plans {r.plans!r} for {results.name}: {plans_file} is missing (plan it with "
+                            f"nnUNetv2_plan_and_preprocess, e.g. -pl nnUNetPlannerResEncM for nnUNetResEncUNetMPlans)")
         if r.clean_model is not None:
             folder = Path(r.clean_model)
             check_model_folder(folder)
@@ -202,6 +208,9 @@ class Study:
             if plans["dataset_name"] != results.name or configuration_of(folder) != self.configuration:
                 raise UserError(f"the clean model {folder} is of {plans['dataset_name']} {configuration_of(folder)}, "
                                 f"not {results.name} {self.configuration}")
+            if plans.get("plans_name", "nnUNetPlans") != r.plans:
+                raise UserError(f"the clean model {folder} was trained with the plans {plans.get('plans_name')!r}, "
+                                f"not {r.plans!r} (-p)")
             if not (folder / f"fold_{r.fold}" / "checkpoint_final.pth").is_file():
                 raise UserError(f"the clean model {folder} has no fold_{r.fold}/checkpoint_final.pth")
         out = Path(r.output)
@@ -217,6 +226,8 @@ class Study:
         self.images, self.labels = images, labels
         recorded = out / STUDY_JSON
         settings = {"dataset": results.name, "fold": r.fold, "seed": r.seed, **{k: v for k, v in s.items()}}
+        if r.plans != "nnUNetPlans":  # recorded only when set, so studies made before -p existed resume
+            settings["plans"] = r.plans
         if recorded.is_file():
             difference = first_difference(json.loads(recorded.read_text()).get("settings"), settings)
             if difference is not None:
@@ -224,16 +235,20 @@ class Study:
         return settings
 
     # ------------------------------------------------------------------------------ training
+    def model_folder(self, trainer: str) -> Path:
+        """nnU-Net's folder of ``trainer`` with the study's plans and configuration."""
+        return self.results / f"{trainer}__{self.run.plans}__{self.configuration}"
+
     def train(self, trainer: str, pretrained: Optional[Path]) -> dict:
         """``nnUNetv2_train`` (reused when its checkpoint_final exists); returns timing."""
-        folder = self.results / f"{trainer}__nnUNetPlans__{self.configuration}"
+        folder = self.model_folder(trainer)
         fold = folder / f"fold_{self.run.fold}"
         timing_file = fold / "nnunet_adv_study_timing.json"
         if (fold / "checkpoint_final.pth").is_file() and timing_file.is_file():
             self.log(f"reusing {folder.name}")
             return json.loads(timing_file.read_text())
         cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(self.results.name), self.configuration,
-               str(self.run.fold), "-tr", trainer, "-device", self.run.device]
+               str(self.run.fold), "-tr", trainer, "-p", self.run.plans, "-device", self.run.device]
         if pretrained is not None:
             cmd += ["-pretrained_weights", str(pretrained)]
         self.log("$ nnUNetv2_train " + " ".join(cmd[1:]))
@@ -282,7 +297,7 @@ class Study:
             clean_name = _name(CLEAN, s["clean"], r.seed, validation=val)
             self.log(f"1/3 the clean model ({s['clean']['ep']} x {s['clean']['its']} iterations)")
             timings["clean"] = self.train(clean_name, None)
-            clean_folder = self.results / f"{clean_name}__nnUNetPlans__{self.configuration}"
+            clean_folder = self.model_folder(clean_name)
         else:
             clean_folder = Path(r.clean_model)
             timings["clean"] = {"wall_seconds": None, "epoch_seconds": []}
@@ -296,7 +311,7 @@ class Study:
             self.log(f"2/3 fine-tuning {i + 1}/{len(runs)}: {label} ({s['finetune']['ep']} x {s['finetune']['its']} "
                      f"iterations from the clean model)")
             timings[label] = self.train(trainer, checkpoint)
-            models[label] = self.results / f"{trainer}__nnUNetPlans__{self.configuration}"
+            models[label] = self.model_folder(trainer)
 
         dataset_json = json.loads((clean_folder / "dataset.json").read_text())
         plans = json.loads((clean_folder / "plans.json").read_text())

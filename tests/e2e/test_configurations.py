@@ -110,7 +110,8 @@ def test_cascade_is_attacked_as_deployed_and_stock_prediction_gives_the_report_d
     tree, out = models, tmp_path / "report"
     _command(evaluate_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs",
              "-o", out, "-d", DATASET_ID, "-c", "3d_cascade_fullres", "-f", "all", "-tr", SHARED_TRAINER,
-             "-p", CASCADE_PLANS, "--attacks", ATTACK, "--disable_tta", "-device", "cpu", "--disable_progress_bar")
+             "-p", CASCADE_PLANS, "--attacks", ATTACK, "--disable_tta", "-device", "cpu", "--disable_progress_bar",
+             "--no_checks")  # one attack folder: the checks' attacks are tested in test_evaluate_cli.py
     summary = json.loads((out / "summary.json").read_text())
     report = (out / "report.md").read_text()
     assert "is a cascade stage" in report and "`softmax`" in report
@@ -183,7 +184,7 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
     out = tmp_path / "report"
     _command(evaluate_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs",
              "-o", out, "-d", DATASET_ID, "--inference_information", "--attacks", ATTACK, "--disable_tta",
-             "-device", "cpu", "--disable_progress_bar")
+             "-device", "cpu", "--disable_progress_bar", "--no_checks")
     summary = json.loads((out / "summary.json").read_text())
     assert "its numbers are the ensemble's" in (out / "report.md").read_text()
     adversarial = next((out / "adversarial" / "ensemble_2d+3d_fullres").iterdir())
@@ -258,7 +259,7 @@ def test_an_exported_zip_is_installed_attacked_and_evaluated(models, tmp_path, m
     out = tmp_path / "report"
     _command(evaluate_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs",
              "-o", out, "-m", installed, "-f", 0, "--attacks", "pgd:eps=4,steps=1", "--disable_tta", "-device", "cpu",
-             "--disable_progress_bar", env=other)
+             "--disable_progress_bar", "--no_checks", env=other)
     summary = json.loads((out / "summary.json").read_text())
     clean = _result(summary, "clean")
     assert clean["foreground_mean"]["Dice"] == pytest.approx(_dice(tree, out / clean["prediction_folder"]), rel=1e-9)

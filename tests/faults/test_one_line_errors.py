@@ -94,3 +94,28 @@ def test_a_study_with_an_eps_twice_is_refused_before_training(nnunet_env, tmp_pa
     with pytest.raises(UserError, match="--eps_sweep gives eps 4 twice; give each eps once"):
         study.validate()
     assert not (tmp_path / "study").exists()
+
+
+def test_a_study_takes_any_plans_and_refuses_missing_ones(nnunet_env, tmp_path, monkeypatch):
+    """``nnUNetv2_adv_study -p``: every model trains with the plans (nnUNetv2_train -p, folders
+    TRAINER__PLANS__CONFIG); plans that were never made are one line before anything trains."""
+    import subprocess
+
+    from nnunet_tree import DATASET_ID
+
+    from nnunet_adv.errors import UserError
+    from nnunet_adv.evaluation.study import Study, StudyRun
+
+    with pytest.raises(UserError, match="no plans 'nnUNetPlansMissing' for"):
+        Study(StudyRun(dataset=str(DATASET_ID), output=tmp_path / "missing", plans="nnUNetPlansMissing")).validate()
+    assert not (tmp_path / "missing").exists()
+    study = Study(StudyRun(dataset=str(DATASET_ID), output=tmp_path / "study", plans="nnUNetPlans"))
+    study.validate()
+    study.run.plans = "nnUNetResEncUNetMPlans"  # as -p gives it (the command run is captured, not executed)
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(
+        cmd, 1))
+    with pytest.raises(UserError, match="failed with exit code 1"):
+        study.train("nnUNetTrainerClean_ep-1_its-1_seed-0", None)
+    assert commands and commands[0][commands[0].index("-p") + 1] == "nnUNetResEncUNetMPlans"
+    assert study.model_folder("T").name == f"T__nnUNetResEncUNetMPlans__{study.configuration}"
