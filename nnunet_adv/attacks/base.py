@@ -105,6 +105,9 @@ class Attack:
     summary: str = ""
     #: a control, not an attack (e.g. ``slice-rescale``): left out of worst cases
     control: bool = False
+    #: takes no gradient of the model (Square, Gaussian noise): the evaluation's checks set it against
+    #: the gradient attacks
+    gradient_free: bool = False
     defaults: Dict[str, Any] = dict(COMMON_DEFAULTS)
     #: whether the attack is targeted regardless of the ``targeted`` option
     always_targeted: bool = False

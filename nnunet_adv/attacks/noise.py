@@ -18,6 +18,7 @@ class GaussianNoise(Attack):
     """
 
     name = "gn"
+    gradient_free = True
     summary = "Gaussian noise, the VAFA paper's baseline"
     defaults = {**COMMON_DEFAULTS, "std": 4 / 255}
 

@@ -48,6 +48,7 @@ class Square(LpAttack):
     name = "square"
     summary = "Square: gradient-free random search in cubes, per-channel budgets (ROG)"
     supports_regions = False
+    gradient_free = True
     defaults = {k: v for k, v in {**LpAttack.defaults, "queries": 100, "p_init": 0.8, "rescale_schedule": True,
                                   "restarts": 1}.items() if k not in ("targeted", "target", "loss")}
 

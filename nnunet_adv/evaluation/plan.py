@@ -103,14 +103,12 @@ def worst_case_members(settings: Sequence[Setting]) -> List[Setting]:
             and not attack_class(s.attack.name).control]
 
 
-#: attacks that take no gradient of the model they attack
-GRADIENT_FREE = ("square", "gn")
-
-
 def uses_gradients(setting: Setting) -> bool:
     """Whether the setting's attack follows the attacked model's input gradient (white box)."""
-    return setting.attack is not None and setting.attack.name not in GRADIENT_FREE \
-        and not attack_class(setting.attack.name).control
+    if setting.attack is None:
+        return False
+    cls = attack_class(setting.attack.name)
+    return not (cls.gradient_free or cls.control)
 
 
 def check_settings(settings: Sequence[Setting], seed: int, queries: int) -> List[Setting]:
