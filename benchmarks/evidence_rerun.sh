@@ -23,7 +23,7 @@ export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f   # README: a sma
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results" "$work/logs"
 cd "$work"
 all="910:hippocampus-amygdala:AdvDemoMRI 911:caudate-putamen:AdvDemoBasalGanglia"
-datasets=$(for item in $all; do for id in ${DATASETS:-910 911}; do [ "${item%%:*}" = "$id" ] && echo "$item"; done; done)
+datasets=$(for item in $all; do for id in ${DATASETS:-910 911}; do [ "${item%%:*}" != "$id" ] || echo "$item"; done; done)
 seeds=${SEEDS:-0 1}
 study_options=()
 [ -n "${RECIPES:-}" ] && study_options+=(--recipes $RECIPES)
