@@ -86,8 +86,9 @@ class Ensemble(Attack):
         if len(self.skipped) == len(self.members):
             raise ValueError(f"ensemble: no member attack runs on a {k}-class model ({', '.join(self.skipped)})")
         if self.skipped:
-            warnings.warn(f"ensemble: {', '.join(self.skipped)} skipped: a {ctx.num_classes}-class model "
-                          f"(ROG runs APGD-DLR only on multi-class tasks)", RuntimeWarning, stacklevel=3)
+            needs = ", ".join(f"{m.name} needs {m.min_classes}" for m in self.members if m.name in self.skipped)
+            warnings.warn(f"ensemble: skipped on a {k}-class model: {needs} classes or more (as ROG runs "
+                          f"APGD-DLR only on multi-class tasks)", RuntimeWarning, stacklevel=3)
         self.traces = {}
         for member in self.members:
             if member.name in self.skipped:

@@ -86,17 +86,21 @@ def lp_attacks(eps: float, steps: Optional[int]) -> List[str]:
     return [f"pgd:eps={eps:g},steps={n}", apgd, f"segpgd:eps={eps:g},steps={n}", f"cospgd:eps={eps:g},steps={n}"]
 
 
+#: a quick study (``--attack_steps N``) gives gradient-free attacks this many queries per gradient step
+QUICK_QUERIES_PER_STEP = 10
+
+
 def complete_attacks(eps: float, steps: Optional[int]) -> List[str]:
     """ROG's complete AutoAttack at ``eps`` (x/255), run at the report's budget; ``steps`` (a quick study)
-    also cuts its restarts to 1 and Square's queries to 10 x steps."""
-    quick = f",steps={steps},restarts=1,queries={10 * steps}" if steps else ""
+    also cuts its restarts to 1 and Square's queries to ``QUICK_QUERIES_PER_STEP`` x steps."""
+    quick = f",steps={steps},restarts=1,queries={QUICK_QUERIES_PER_STEP * steps}" if steps else ""
     return [f"autoattack-rog:eps={eps:g}{quick}"]
 
 
 def check_strength(steps: Optional[int]) -> Tuple[int, int]:
-    """(Square queries, convergence factor) of the checks: (100, 5) as published, (10 x steps, 2) for a
-    quick study."""
-    return (100, 5) if not steps else (10 * steps, 2)
+    """(Square queries, convergence factor) of the checks: (100, 5) as published, (``QUICK_QUERIES_PER_STEP``
+    x steps, 2) for a quick study."""
+    return (100, 5) if not steps else (QUICK_QUERIES_PER_STEP * steps, 2)
 
 
 def other_attacks(steps: Optional[int]) -> List[str]:
