@@ -35,6 +35,7 @@ from nnunet_adv.evaluation.plan import (
     Evaluation,
     Model,
     Setting,
+    convergence_candidate,
     convergence_setting,
     evaluations_of,
     uses_gradients,
@@ -304,14 +305,13 @@ class RobustnessEvaluation:
 
     # ------------------------------------------------------------------------------ checks
     def convergence_rerun(self, settings: List[Setting], summaries: dict, rw, labels) -> Optional[Setting]:
-        """The convergence check's attack: the white-box gradient attack with the lowest mean Dice over
-        the models, with ``check_factor`` x its steps, run, predicted and measured on every model."""
-        candidates = [s for s in worst_case_members(settings) if s.check is None and uses_gradients(s)
-                      and s.attack.uses("steps")]
-        if not candidates:
-            return None
-        strongest = min(candidates, key=lambda s: float(np.nanmean(
+        """The convergence check's attack (:func:`convergence_candidate`: the strongest white-box attack by
+        mean Dice over the models) with ``check_factor`` x its steps, run, predicted and measured on every
+        model."""
+        strongest = convergence_candidate(settings, lambda s: float(np.nanmean(
             [summaries[(m.name, s.tag)]["foreground_mean"]["Dice"] for m in self.run.models])))
+        if strongest is None:
+            return None
         rerun = convergence_setting(strongest, self.run.check_factor)
         for model in self.run.models:
             self.attack(model, rerun)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.attacks import attack_class
+from nnunet_adv.attacks.ensemble import Ensemble
 from nnunet_adv.attacks.targeted import nlcen_iterations
 from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation.checks import SATURATION_EPS
@@ -128,6 +129,19 @@ def check_settings(settings: Sequence[Setting], seed: int, queries: int) -> List
     text = f"pgd:eps={SATURATION_EPS:g},alpha={SATURATION_EPS / 2:g},steps=5"
     out.append(Setting(text, _seeded(AttackConfig.parse(text), seed), check="saturation"))
     return out
+
+
+def convergence_candidate(settings: Sequence[Setting], mean_dice: Callable[[Setting], float]) -> Optional[Setting]:
+    """The attack the convergence check re-runs: of the white-box attacks with steps in the worst case,
+    the one with the lowest ``mean_dice``; a single attack before a preset of several (``autoattack-rog``):
+    the preset is already the minimum over its members, and re-running all of them at ``factor`` x their
+    steps would cost several times the whole evaluation (FAB alone is ~116 PGD steps per case at 1x)
+    where the question, "do more steps still lower the Dice?", is one attack's. A preset is re-run only
+    where it is the only candidate."""
+    candidates = [s for s in worst_case_members(settings) if s.check is None and uses_gradients(s)
+                  and s.attack.uses("steps")]
+    single = [s for s in candidates if not issubclass(attack_class(s.attack.name), Ensemble)]
+    return min(single or candidates, key=mean_dice, default=None)
 
 
 def convergence_setting(setting: Setting, factor: int) -> Optional[Setting]:

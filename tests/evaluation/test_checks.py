@@ -116,3 +116,19 @@ def test_each_check_warns_on_its_own_failure():
 def test_the_worst_case_keeps_a_number_over_nan():
     assert per_case_worst([[float("nan"), 0.5], [0.3, float("nan")]]) == [0.3, 0.5]
     assert math.isnan(per_case_worst([[float("nan")], [float("nan")]])[0])
+
+
+def test_the_convergence_check_reruns_the_strongest_single_attack_before_a_preset():
+    """The preset (autoattack-rog: APGD-CE, APGD-DLR, FAB, Square, PGD) is the minimum over its members and
+    so always the strongest; re-running it at 5x its steps costs several evaluations. The check re-runs the
+    strongest single white-box attack, and the preset only when nothing else qualifies; never a
+    gradient-free attack, a control, the sweep or the checks' own attacks."""
+    from nnunet_adv.evaluation.plan import attack_settings, convergence_candidate
+
+    settings = attack_settings(["autoattack-rog:eps=4", "pgd:eps=4,steps=10", "cospgd:eps=4,steps=10",
+                                "square:eps=4,queries=100", "gn:std=4"], seed=0)
+    dice = {"autoattack-rog": 0.1, "pgd": 0.5, "cospgd": 0.4, "square": 0.05, "gn": 0.0}
+    by_name = lambda s: dice[s.attack.name]  # noqa: E731
+    assert convergence_candidate(settings, by_name).attack.name == "cospgd"
+    assert convergence_candidate([settings[0], settings[3]], by_name).attack.name == "autoattack-rog"
+    assert convergence_candidate(settings[3:], by_name) is None
