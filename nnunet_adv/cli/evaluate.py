@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check_queries", type=int, default=100,
                    help="queries of the gradient-free Square attack the checks add (default 100; one forward each)")
     c.add_argument("--check_factor", type=int, default=5,
-                   help="the convergence check re-runs the strongest white-box attack with this many times its "
-                        "steps (default 5)")
+                   help="the convergence check re-runs the strongest single white-box attack (a preset only if "
+                        "alone) with this many times its steps (default 5)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
     a.add_argument("--tile_batch_size", type=int, default=1,
                    help="sliding-window tiles per network call in the attacks (as nnUNetv2_adv_attack; default 1)")
