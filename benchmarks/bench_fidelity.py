@@ -21,6 +21,12 @@ Usage (on 2 CPU cores: the small net about 2 min, each nnU-Net model 13.5 min of
 4 min of evaluation; the models and reports are kept and reused):
     python benchmarks/bench_fidelity.py --workdir /tmp/bench_fidelity --seed 0
 
+The VAFA variants side by side on the small net only (``--attacks`` replaces the list; the
+small net's volumes are attacked with their NIfTI spacing, so ``tile_mm`` maps to voxels as on a
+case; the table goes to ``<workdir>/fidelity_variants.md``):
+    python benchmarks/bench_fidelity.py --workdir /tmp/bench_fidelity --seed 0 --skip-nnunet \
+        --attacks "${VARIANTS[@]}"      # VARIANTS: see docs/fidelity.md
+
 Not a test: nothing is asserted.
 """
 from __future__ import annotations
@@ -49,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset's augmentations and of the attacks")
     p.add_argument("--toy-steps", type=int, default=400, help="training steps of the small 3D net (default 400)")
     p.add_argument("--skip-nnunet", action="store_true", help="only the small net")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help="attack strings instead of the default list (with --skip-nnunet: the small net only)")
     return p.parse_args(argv)
 
 
@@ -63,7 +71,7 @@ def run(*cmd, env) -> None:
 
 
 # --------------------------------------------------------------------------------------- datasets
-def datasets(workdir: Path, seed: int, env: dict):
+def datasets(workdir: Path, seed: int, env: dict, plan: bool = True):
     from nnunet_adv.demo.data import build_demo_dataset
 
     raw = Path(env["nnUNet_raw"])
@@ -80,7 +88,7 @@ def datasets(workdir: Path, seed: int, env: dict):
         dataset_json["channel_names"] = {"0": "CT"}
         (ct / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     pre = Path(env["nnUNet_preprocessed"])
-    todo = [i for i, d in ((MR_ID, mr), (CT_ID, ct)) if not (pre / d.name / "nnUNetPlans.json").is_file()]
+    todo = [i for i, d in ((MR_ID, mr), (CT_ID, ct)) if plan and not (pre / d.name / "nnUNetPlans.json").is_file()]
     if todo:  # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): >= 1 there
         run("nnUNetv2_plan_and_preprocess", "-d", *todo, "-c", CONFIGURATION, "-np", 1, "-npfp", 1,
             env=dict(env, nnUNet_n_proc_DA="1"))
@@ -137,9 +145,10 @@ def _mean(values):
 
 
 # --------------------------------------------------------------------------------------- small net
-def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
+def toy_rows(dataset: Path, seed: int, steps: int, attacks=ATTACKS) -> dict:
     """A small 3D U-Net-like net trained on random 32^3 crops (z-scored volumes, no augmentation),
-    attacked on the 4 held-out volumes with the library (threat model: each volume's range)."""
+    attacked on the 4 held-out volumes with the library (threat model: each volume's range; the
+    spacing: each volume's NIfTI voxel size, in its array's axis order)."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -152,10 +161,14 @@ def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
 
     torch.manual_seed(seed)
 
+    spacings = []
+
     def load(split):
         images, labels = [], []
         for f in sorted((dataset / f"images{split}").glob("*_0000.nii.gz")):
-            x = np.asarray(nib.load(f).dataobj, dtype=np.float32)
+            img = nib.load(f)
+            x = np.asarray(img.dataobj, dtype=np.float32)
+            spacings.append(tuple(float(z) for z in img.header.get_zooms()[:3]))
             y = np.asarray(nib.load(dataset / f"labels{split}" / f.name.replace("_0000.nii.gz", ".nii.gz")).dataobj)
             y = y.astype(np.int64)
             images.append((x - x.mean()) / max(x.std(), 1e-8))
@@ -200,9 +213,10 @@ def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
     net.eval()
     threat_model = ThreatModel(["ZScoreNormalization"])
     rows = {}
-    for text in ["clean"] + ATTACKS:
+    test_spacings = spacings[len(train_x):]
+    for text in ["clean"] + list(attacks):
         dice, rms, linf, sims = [], [], [], []
-        for x_np, y_np in zip(test_x, test_y):
+        for x_np, y_np, spacing in zip(test_x, test_y, test_spacings):
             x = torch.from_numpy(x_np)[None, None]
             y = torch.from_numpy(y_np)[None, None]
             if text == "clean":
@@ -211,7 +225,7 @@ def toy_rows(dataset: Path, seed: int, steps: int) -> dict:
                 config = AttackConfig.parse(text)
                 if config.seed is None and config.uses("seed"):
                     config = AttackConfig.parse(text + f",seed={seed}" if ":" in text else text + f":seed={seed}")
-                xa = config.build(threat_model, x)(net, x, y)
+                xa = config.build(threat_model, x, spacing=spacing)(net, x, y)
             with torch.no_grad():
                 pred = net(xa).argmax(1)[0].numpy()
             dice.append(np.nanmean(dice_per_class(pred, y_np, [1, 2])))
@@ -247,7 +261,9 @@ def main(argv=None) -> int:
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
-    mr, ct = datasets(workdir, args.seed, env)
+    mr, ct = datasets(workdir, args.seed, env, plan=not args.skip_nnunet)
+    if args.attacks:
+        return variants(args, workdir, mr)
     parts = [f"# VAFA fidelity, seed {args.seed}\n",
              "RMS and L-inf of the perturbation in x/255 of each image's intensity range; Dice: mean foreground "
              "Dice over the 4 held-out volumes.\n"]
@@ -262,6 +278,24 @@ def main(argv=None) -> int:
                                nnunet_rows(dataset, args.seed, env, workdir)))
             (workdir / "fidelity.md").write_text("\n".join(parts))
     print("\n".join(parts))
+    return 0
+
+
+def variants(args, workdir: Path, dataset: Path) -> int:
+    """The small net under ``args.attacks`` only (its rows cached under the list's hash)."""
+    import hashlib
+
+    tag = hashlib.sha1("\n".join(args.attacks).encode()).hexdigest()[:8]
+    cached = workdir / f"toy_rows_seed-{args.seed}_steps-{args.toy_steps}_{tag}.json"
+    started = time.time()
+    rows = json.loads(cached.read_text()) if cached.is_file() else toy_rows(dataset, args.seed, args.toy_steps,
+                                                                           args.attacks)
+    cached.write_text(json.dumps(rows))
+    text = table(f"Small 3D net ({args.toy_steps} steps, no intensity augmentation), z-scored MR, seed {args.seed}",
+                 rows)
+    (workdir / "fidelity_variants.md").write_text(text)
+    print(text)
+    log(f"variants: {time.time() - started:.0f} s")
     return 0
 
 

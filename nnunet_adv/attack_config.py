@@ -29,7 +29,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ __all__ = ["AttackConfig", "attack_names", "parse_bool", "WINDOW_UNITS", "RAW_UN
 
 #: options written in x/255 of the intensity window by strings and flags
 WINDOW_UNIT_KEYS = ("eps", "alpha", "std")
-#: options computed per batch (never given by a user)
-COMPUTED_KEYS = ("lower", "upper", "loss", "amp_loss_scale")
+#: options computed per batch (never given by a user); ``spacing``: the case's voxel spacing (mm)
+COMPUTED_KEYS = ("lower", "upper", "loss", "amp_loss_scale", "spacing")
 WINDOW_UNITS = "x/255 of each channel's intensity window (the papers' and reference code's units)"
 RAW_UNITS = "raw image intensity units (e.g. HU)"
 
@@ -337,21 +337,23 @@ class AttackConfig:
         return o
 
     def build(self, threat_model: ThreatModel, data: torch.Tensor, loss: Optional[Callable] = None,
-              raw_std: Optional[torch.Tensor] = None, **overrides):
+              raw_std: Optional[torch.Tensor] = None, spacing: Optional[Sequence[float]] = None, **overrides):
         """The attack for the batch ``data`` (B, C, *spatial), every budget in network units.
 
         eps, alpha, std and the projection box come from the threat model for ``data`` and go to
-        the attacks that take them; ``overrides`` (attack options, e.g. fewer steps for
-        validation) win over the configuration's options.
+        the attacks that take them; ``spacing`` (mm per voxel of ``data``'s grid, its axis order)
+        goes to the attacks that take it (VAFA's tile in mm); ``overrides`` (attack options, e.g.
+        fewer steps for validation) win over the configuration's options.
         """
-        return build_attack(self.name, **self.network_options(threat_model, data, loss, raw_std, **overrides))
+        return build_attack(self.name, **self.network_options(threat_model, data, loss, raw_std, spacing, **overrides))
 
     def network_options(self, threat_model: ThreatModel, data: torch.Tensor, loss: Optional[Callable] = None,
-                        raw_std: Optional[torch.Tensor] = None, **overrides) -> dict:
+                        raw_std: Optional[torch.Tensor] = None, spacing: Optional[Sequence[float]] = None,
+                        **overrides) -> dict:
         """The options :meth:`build` passes to the attack (budget tensors (B, C, 1, ..., 1))."""
         if self.name == "ensemble":
             options = {**self.options, **overrides}
-            options["attacks"] = [self._member(m).build(threat_model, data, loss=loss, raw_std=raw_std)
+            options["attacks"] = [self._member(m).build(threat_model, data, loss=loss, raw_std=raw_std, spacing=spacing)
                                   for m in self.members]
             return options
         if self.window_raw is not None:
@@ -362,6 +364,8 @@ class AttackConfig:
         computed = {k: v for k, v in budget.items() if k != "window"}
         if loss is not None:
             computed["loss"] = loss
+        if spacing is not None:
+            computed["spacing"] = tuple(float(s) for s in spacing)
         if self.seed is not None:
             computed["seed"] = self.seed
         options = {**self.options, **overrides}

@@ -47,6 +47,32 @@ def cross_entropy_map(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def monai_dice_loss(logits: Tensor, labels: Tensor, smooth_nr: float = 0.0, smooth_dr: float = 1e-6,
+                    squared_pred: bool = True, include_background: bool = True) -> Tensor:
+    """The Dice term of :func:`monai_dice_ce` alone (MONAI ``DiceLoss`` with the VAFA reference
+    code's settings): ``1 - (2 sum_i p_ik g_ik + smooth_nr) / (sum_i p_ik^2 + sum_i g_ik^2 +
+    smooth_dr)`` per sample b and class k (p = softmax, g = one-hot; squared denominators),
+    averaged over b and k. The VAFA paper's attack objective is "the Dice loss" (Eq. 2, Alg. 1).
+
+    Args / Returns: as :func:`monai_dice_ce` (a scalar in [0, 1], fp32).
+    """
+    logits, y = _prep(logits, labels)
+    return _soft_dice(logits, y, smooth_nr, smooth_dr, squared_pred, include_background)
+
+
+def _soft_dice(logits: Tensor, y: Tensor, smooth_nr: float, smooth_dr: float, squared_pred: bool,
+               include_background: bool) -> Tensor:
+    k = logits.shape[1]
+    p = torch.softmax(logits, 1)
+    g = F.one_hot(y, k).movedim(-1, 1).to(p.dtype)
+    if not include_background:
+        p, g = p[:, 1:], g[:, 1:]
+    dims = tuple(range(2, p.dim()))
+    intersection = (p * g).sum(dims)
+    denominator = ((p * p).sum(dims) + (g * g).sum(dims)) if squared_pred else (p.sum(dims) + g.sum(dims))
+    return (1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)).mean()
+
+
 def monai_dice_ce(logits: Tensor, labels: Tensor, smooth_nr: float = 0.0, smooth_dr: float = 1e-6,
                   squared_pred: bool = True, include_background: bool = True) -> Tensor:
     """The loss of the VAFA reference code: MONAI ``DiceCELoss(to_onehot_y=True, softmax=True,
@@ -65,16 +91,7 @@ def monai_dice_ce(logits: Tensor, labels: Tensor, smooth_nr: float = 0.0, smooth
         Scalar fp32.
     """
     logits, y = _prep(logits, labels)
-    k = logits.shape[1]
-    p = torch.softmax(logits, 1)
-    g = F.one_hot(y, k).movedim(-1, 1).to(p.dtype)
-    if not include_background:
-        p, g = p[:, 1:], g[:, 1:]
-    dims = tuple(range(2, p.dim()))
-    intersection = (p * g).sum(dims)
-    denominator = ((p * p).sum(dims) + (g * g).sum(dims)) if squared_pred else (p.sum(dims) + g.sum(dims))
-    dice = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
-    return dice.mean() + F.cross_entropy(logits, y)
+    return _soft_dice(logits, y, smooth_nr, smooth_dr, squared_pred, include_background) + F.cross_entropy(logits, y)
 
 
 def segpgd_loss(logits: Tensor, labels: Tensor, t: int, T: int, targeted: bool = False) -> Tensor:

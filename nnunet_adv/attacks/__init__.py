@@ -27,10 +27,13 @@ name                what                                                        
 ``fab``             targeted FAB, minimum-norm, as ROG adapts it                fab.py
 ``square``          Square: gradient-free random search (ROG)                   square.py
 ``autoattack-rog``  ROG's complete AutoAttack, per case the lowest Dice         autoattack.py
-``vafa-3d``         VAFA, 3D DCT quantisation attack (Hanif et al. 2023)         vafa.py
+``vafa-3d``         VAFA, 3D DCT quantisation attack (Hanif et al. 2023): the    vafa.py
+                    authors' q schedule (from q_max, q_min 5) with CE
 ``vafa-2d``         VAFA on 2D slices                                           vafa.py
-``vafa-3d-ref``     VAFA-3D as the authors' code runs it (per-slice rescale,    vafa.py
-                    DiceCE loss, clip to the window)
+``vafa-3d-paper``   VAFA-3D as the paper writes it (q from 1, Dice loss)        vafa.py
+``vafa-3d-ref``     VAFA-3D as the authors' code runs it (their tiles in mm,    vafa.py
+                    a table per tile, block 32, per-slice rescale, DiceCE
+                    loss, clip to the window)
 ``vafa-2d-ref``     VAFA-2D likewise                                            vafa.py
 ``slice-rescale``   control: the authors' per-slice rescale alone, no attack    vafa.py
 ``ensemble``        per-sample worst case (lowest Dice) over attacks            ensemble.py
@@ -52,14 +55,14 @@ from .registry import attack_class, attack_defaults, available_attacks, build_at
 from .segpgd import SegPGD
 from .square import Square
 from .targeted import TargetedIFGSM, nlcen_iterations
-from .vafa import VAFA2D, VAFA3D, SliceRescale, VAFA2DRef, VAFA3DRef
+from .vafa import VAFA2D, VAFA3D, SliceRescale, VAFA2DRef, VAFA3DPaper, VAFA3DRef
 
 register(FGSM, BIM, PGD, GaussianNoise, TargetedIFGSM, SegPGD, CosPGD, APGDCE, APGDROG, APGDDLR, FAB, Square, VAFA3D,
-         VAFA2D, VAFA3DRef, VAFA2DRef, SliceRescale, Ensemble, AutoAttackROG)
+         VAFA2D, VAFA3DPaper, VAFA3DRef, VAFA2DRef, SliceRescale, Ensemble, AutoAttackROG)
 
 __all__ = [
     "Attack", "FGSM", "BIM", "PGD", "GaussianNoise", "TargetedIFGSM", "SegPGD", "CosPGD", "APGDCE", "APGDROG",
     "APGDDLR", "FAB", "Square", "AutoAttackROG",
-    "VAFA3D", "VAFA2D", "VAFA3DRef", "VAFA2DRef", "SliceRescale", "Ensemble", "build_attack", "available_attacks",
-    "attack_defaults", "attack_class", "canonical_name", "nlcen_iterations", "register",
+    "VAFA3D", "VAFA2D", "VAFA3DPaper", "VAFA3DRef", "VAFA2DRef", "SliceRescale", "Ensemble", "build_attack",
+    "available_attacks", "attack_defaults", "attack_class", "canonical_name", "nlcen_iterations", "register",
 ]

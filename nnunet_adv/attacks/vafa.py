@@ -8,32 +8,20 @@ that makes JPEG-like compression of the image destroy what the network relies on
 """
 from __future__ import annotations
 
-import itertools
 import numbers
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..frequency import BACKENDS, dctn, from_blocks, idctn, normalize_block_size, soft_round, to_blocks
-from ..losses import monai_dice_ce
+from ..losses import monai_dice_ce, monai_dice_loss
 from ..outputs import full_res
 from ..ssim import block_ssim
 from .base import Attack, AttackContext
 from .options import COMMON_DEFAULTS, TARGET_DEFAULTS
 from .selection import per_sample_view
-
-
-def tile_starts(size: int, tile: int) -> List[int]:
-    """Start indices of the reference code's tiles along one axis: MONAI's ``dense_patch_slices``
-    with ``scan_interval = tile`` (non-overlapping, the last tile moved back to end at the border);
-    an axis no longer than the tile is one tile."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile + 1, tile))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)
-    return starts
+from .vafa_tiles import REF_TILE_MM, check_mm, check_tile, gather_tiles, stitch_tiles, tile_boxes, tile_voxels
 
 
 def _minmax(x: torch.Tensor, dims) -> torch.Tensor:
@@ -51,9 +39,9 @@ def rescale_slices(x01: torch.Tensor, slice_axis: int = 0, tile: Optional[Tuple[
         x01: ``(B, C, H, W)`` (one slice per image) or ``(B, C, D, H, W)``.
         slice_axis: spatial axis indexing the slices of a 3D image (nnU-Net's first axis: 0).
         tile: 3D only: the reference attacks non-overlapping tiles (96^3) and rescales the
-            slices of each tile separately; tiles as :func:`tile_starts`, a later tile
-            overwriting the overlap of the moved-back last one (the reference's stitching).
-            None: whole slices.
+            slices of each tile separately; tiles as :func:`~nnunet_adv.attacks.vafa_tiles.tile_boxes`,
+            a later tile overwriting the overlap of the moved-back last one (the reference's
+            stitching). None: whole slices.
     Returns:
         Same shape; every (tile) slice spans [0, 1] (a constant one is 0).
     """
@@ -64,10 +52,8 @@ def rescale_slices(x01: torch.Tensor, slice_axis: int = 0, tile: Optional[Tuple[
     dims = tuple(2 + d for d in range(3) if d != s)
     if tile is None:
         return _minmax(x01, dims)
-    spatial = x01.shape[2:]
     out = x01.clone()
-    ranges = [[(a, min(a + t, n)) for a in tile_starts(n, t)] for n, t in zip(spatial, tile)]
-    for box in itertools.product(*ranges):
+    for box in tile_boxes(x01.shape[2:], tile):
         idx = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in box)
         out[idx] = _minmax(x01[idx], dims)
     return out
@@ -84,26 +70,12 @@ def unit_window(ctx: AttackContext, lo: torch.Tensor, hi: torch.Tensor, clip: bo
     return lo, hi, ((ctx.x0 - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def _check_tile(value) -> Optional[Tuple[int, int, int]]:
-    if value is None:
-        return None
-    values = (value,) * 3 if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-    try:
-        values = tuple(values)
-    except TypeError:
-        values = ()
-    if len(values) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                                   for v in values):
-        raise ValueError(f"rescale_tile must be None, an integer or 3 integers >= 1, got {value!r}")
-    return tuple(int(v) for v in values)
-
-
 class VAFA3D(Attack):
     """VAFA-3D: learn 3D-DCT quantisation tables on ``h^3`` blocks.
 
     Algorithm (the reference code, on images mapped to [0, 1]; ``T = steps``)::
 
-        q <- q_max everywhere                         (paper Alg. 1: ones; ref. code: q_max)
+        q <- q_init (default q_max) everywhere       (paper Alg. 1: ones; ref. code: q_max)
         a <- 0.1 ; da = (1e-20 - 0.1) / T             soft-rounding temperature, annealed
         D  = DCT3_ortho(block(255 X) - 128)           per h^3 block (constant: computed once)
         repeat T times:
@@ -133,6 +105,19 @@ class VAFA3D(Attack):
     output cropped back; nothing is truncated. A block larger than the image is an error.
     The SSIM term is computed on the padded blocks.
 
+    Tiles (the reference code's geometry, :mod:`nnunet_adv.attacks.vafa_tiles`): the tile is
+    ``rescale_tile`` voxels when given, else ``tile_mm`` millimetres converted with ``spacing``
+    (the image's voxel spacing in mm, same axis order; the whole-volume attack and the trainers
+    pass the case's network-grid spacing through
+    :meth:`nnunet_adv.attack_config.AttackConfig.network_options`; None: the reference's
+    (2.0, 1.5, 1.5) mm, so the reference's 192 x 144 x 144 mm is its 96^3 voxels). With
+    ``tile_tables`` every tile of a 3D image is quantised on its own (its own block grid, padded
+    to block multiples inside the tile, its own ``q`` per block and coefficient: the
+    reference's ``(B_tiles, C, N_blocks, *block)`` tables), its slices rescaled on their own, and
+    the tiles stitched by overwriting in the reference's order; without it one block grid covers
+    the whole image (one table per volume: ``q`` per sample, channel, block and coefficient).
+    2D images are never tiled.
+
     Options:
         steps 20; q_max 20; q_min 5 (paper: 1); block_size (8, 8, 8) (class default; the
         reference experiments use 32); use_ssim_loss True; q_step 1.0; temperature
@@ -143,17 +128,23 @@ class VAFA3D(Attack):
         slice_axis 0 (the axis indexing slices among the spatial
         axes; nnU-Net's first spatial axis is the out-of-plane one, MONAI's (H, W, D) layout
         of the reference code uses -1); early_stop True; pad_mode 'replicate'; dct_backend
-        'matrix' ('torch_dct' = the reference's DCT); targeted / target, loss, seed (unused:
-        VAFA is deterministic), lower / upper, amp_loss_scale.
+        'matrix' ('torch_dct' = the reference's DCT); q_init None (the initial q; None: q_max,
+        the reference code; the paper's Alg. 1: 1); tile_mm None (the tile in mm, used when
+        rescale_tile is None); spacing None (mm per voxel, computed: see Tiles);
+        tile_tables False (one quantisation table per tile, see Tiles); targeted / target,
+        loss, seed (unused: VAFA is deterministic), lower / upper, amp_loss_scale.
     Shapes: images ``(B, C, D, H, W)`` -> same. Labels ``(B, [1,] D, H, W)`` (or a list).
+    After a call, ``q_tables`` holds the last tables (as the reference returns them):
+    ``(B, C, [T tiles,] n1, n2, n3, b1, b2, b3)`` (VAFA-2D: ``(B, C, [T,] n_slices, n1, n2, b1, b2)``).
     """
 
     name = "vafa-3d"
-    summary = "VAFA-3D as published (Hanif et al. 2023)"
+    summary = "VAFA-3D: the authors' quantisation (q from q_max, q_min 5) with CE, no rescale, block 8"
     block_ndim = 3
-    defaults = {**COMMON_DEFAULTS, **TARGET_DEFAULTS, "steps": 20, "q_max": 20.0, "q_min": 5.0,
+    defaults = {**COMMON_DEFAULTS, **TARGET_DEFAULTS, "steps": 20, "q_max": 20.0, "q_min": 5.0, "q_init": None,
                 "block_size": (8, 8, 8), "use_ssim_loss": True, "q_step": 1.0,
                 "temperature": (0.1, 1e-20), "renormalize_slices": False, "rescale_tile": None,
+                "tile_mm": None, "spacing": None, "tile_tables": False,
                 "clip_to_window": False, "slice_axis": 0, "early_stop": True, "pad_mode": "replicate",
                 "dct_backend": "matrix"}
 
@@ -166,6 +157,11 @@ class VAFA3D(Attack):
                 raise ValueError(f"{key} must be a positive number, got {v!r}")
         if o["q_min"] > o["q_max"]:
             raise ValueError(f"q_min ({o['q_min']}) must be <= q_max ({o['q_max']})")
+        q0 = o["q_init"]
+        if q0 is not None and (isinstance(q0, bool) or not isinstance(q0, numbers.Real)
+                               or not o["q_min"] <= q0 <= o["q_max"]):
+            raise ValueError(f"q_init must be None (q_max) or a number in [q_min, q_max] = "
+                             f"[{o['q_min']}, {o['q_max']}], got {q0!r}")
         o["block_size"] = normalize_block_size(o["block_size"], self.block_ndim)
         temp = o["temperature"]
         try:
@@ -174,8 +170,10 @@ class VAFA3D(Attack):
             raise ValueError(f"temperature must be a pair (start, end), got {temp!r}") from None
         if not (0.0 < a1 <= a0 < 1.0):
             raise ValueError(f"temperature (start, end) must satisfy 0 < end <= start < 1, got {temp!r}")
-        o["rescale_tile"] = _check_tile(o["rescale_tile"])
-        for key in ("use_ssim_loss", "renormalize_slices", "early_stop", "clip_to_window"):
+        o["rescale_tile"] = check_tile(o["rescale_tile"])
+        o["tile_mm"] = check_mm(o["tile_mm"], "tile_mm")
+        o["spacing"] = check_mm(o["spacing"], "spacing", lengths=(2, 3))
+        for key in ("use_ssim_loss", "renormalize_slices", "early_stop", "clip_to_window", "tile_tables"):
             if not isinstance(o[key], bool):
                 raise ValueError(f"{key} must be True or False, got {o[key]!r}")
         if o["pad_mode"] not in ("replicate", "reflect"):
@@ -203,33 +201,72 @@ class VAFA3D(Attack):
         sizes = self._block_dim_sizes(images)
         bs = self.options["block_size"]
         if any(b > s for b, s in zip(bs, sizes)):
-            raise ValueError(f"{self.name}: block_size {tuple(bs)} is larger than the image's blocked "
-                             f"dims {tuple(sizes)} (image shape {tuple(images.shape)})")
+            where = "tile's" if self._tiled(images) else "image's"
+            raise ValueError(f"{self.name}: block_size {tuple(bs)} is larger than the {where} blocked "
+                             f"dims {tuple(sizes)} (image shape {tuple(images.shape)}); give a smaller block_size")
+
+    # ------------------------------------------------------------------ tiles
+    def tile(self) -> Optional[Tuple[int, int, int]]:
+        """The reference's tile in voxels of this image's grid: ``rescale_tile`` when given, else
+        ``tile_mm`` / ``spacing`` (:func:`~nnunet_adv.attacks.vafa_tiles.tile_voxels`), else None."""
+        o = self.options
+        if o["rescale_tile"] is not None or o["tile_mm"] is None:
+            return o["rescale_tile"]
+        return tile_voxels(o["tile_mm"], o["spacing"])
+
+    def _tiled(self, images: torch.Tensor) -> bool:
+        """One quantisation table per tile: 3D images with ``tile_tables`` (2D images: one tile)."""
+        return bool(self.options["tile_tables"]) and images.dim() == 5
+
+    def _extent(self, images) -> Tuple[int, ...]:
+        """The spatial extent the blocks cover: the image's, or with tile tables one tile's."""
+        sp = tuple(images.shape[2:])
+        tile = self.tile() if self._tiled(images) else None
+        return sp if tile is None else tuple(min(t, n) for t, n in zip(tile, sp))
 
     # ------------------------------------------------------------------ layout
     def _block_dim_sizes(self, images) -> Tuple[int, ...]:
-        return tuple(images.shape[2:])
+        return self._extent(images)
 
     def to_work(self, x: torch.Tensor) -> torch.Tensor:
-        """Image layout -> work layout whose last ``block_ndim`` dims are the blocked ones."""
-        return x
+        """Image layout -> work layout whose last ``block_ndim`` dims are the blocked ones:
+        the image, or with tile tables its tiles ``(B, C, T, *t)`` (:meth:`_set_tiles` first)."""
+        return x if self._boxes is None else gather_tiles(x, self._boxes)
 
     def from_work(self, w: torch.Tensor) -> torch.Tensor:
-        return w
+        return w if self._boxes is None else stitch_tiles(w, self._boxes, self._spatial)
+
+    #: tile boxes and image size of the image being attacked (None: one block grid on the image)
+    _boxes = None
+    _spatial = None
+
+    def _set_tiles(self, x01: torch.Tensor) -> None:
+        """Fix the work layout for ``x01`` (B, C, *S): tiles when :meth:`_tiled`. The layout is
+        per call of :meth:`perturb`; the attack object holds it because ``to_work`` takes one tensor."""
+        self._spatial = tuple(x01.shape[2:])
+        tile = self.tile()
+        whole = tuple(self._spatial) if tile is None else tile   # no tile: the volume is one tile
+        self._boxes = tile_boxes(self._spatial, whole) if self._tiled(x01) else None
+
+    def _work_slice_dims(self, w: torch.Tensor) -> Tuple[int, ...]:
+        """Dims of a tiled work tensor ``(B, C, T, *t)`` spanning one slice of one tile."""
+        off, s = w.dim() - 3, self._slice_axis(3)
+        return tuple(off + d for d in range(3) if d != s)
 
     def _pad(self, w: torch.Tensor):
-        """Pad the trailing blocked dims of a (B, C, *S) work tensor up to block multiples."""
+        """Pad the trailing blocked dims of a (..., *S) work tensor up to block multiples."""
         bs = self.options["block_size"]
         k = len(bs)
-        sizes = w.shape[-k:]
+        sizes = tuple(w.shape[-k:])
         extra = [(-s) % b for s, b in zip(sizes, bs)]
         if not any(extra):
-            return w, tuple(sizes)
+            return w, sizes
         pad = []
         for e in reversed(extra):                        # F.pad lists the last dim first
             pad += [0, e]
-        pad += [0, 0] * (w.dim() - 2 - k)                # non-blocked spatial dims untouched
-        return F.pad(w, pad, mode=self.options["pad_mode"]), tuple(sizes)
+        # replicate/reflect pad only (N, 1, *S) with k = 2 or 3 padded dims: fold the leading dims
+        flat = F.pad(w.reshape(-1, 1, *sizes), pad, mode=self.options["pad_mode"])
+        return flat.reshape(*w.shape[:-k], *flat.shape[-k:]), sizes
 
     @staticmethod
     def _crop(w: torch.Tensor, sizes) -> torch.Tensor:
@@ -254,6 +291,7 @@ class VAFA3D(Attack):
         ``sizes``: the unpadded blocked sizes (for the crop). fp32, autocast disabled.
         """
         bs = self.options["block_size"]
+        self._set_tiles(x01)
         with torch.autocast(device_type=x01.device.type, enabled=False):
             w_pad, sizes = self._pad(self.to_work(x01.float()))
             clean_blocks = to_blocks(w_pad, bs)
@@ -263,22 +301,31 @@ class VAFA3D(Attack):
     def reconstruct(self, coeffs: torch.Tensor, q: torch.Tensor, a, sizes):
         """Quantise / dequantise and invert: returns ``(x01_adv (B, C, *S), adv_blocks)``.
 
-        ``X' = unblock(IDCT(phi(coeffs / q, a) * q) + 128) / 255``, cropped to ``sizes``;
-        ``a = None`` skips the rounding (then ``q`` cancels and ``X' = X`` exactly up to
-        floating point). Differentiable w.r.t. ``q``. fp32, autocast disabled.
+        ``X' = unblock(IDCT(phi(coeffs / q, a) * q) + 128) / 255``, cropped to ``sizes``, then
+        with ``renormalize_slices`` the reference's per-slice rescale (each tile's own slices
+        before stitching with tile tables; the tiles of the stitched image otherwise);
+        ``adv_blocks`` are the blocks of that result. ``a = None`` skips the rounding (then ``q``
+        cancels and ``X' = X`` exactly up to floating point). Differentiable w.r.t. ``q``. fp32,
+        autocast disabled.
         """
         bs = self.options["block_size"]
         with torch.autocast(device_type=coeffs.device.type, enabled=False):
             scaled = coeffs / q
             rounded = scaled if a is None else soft_round(scaled, a)
             adv_blocks = (idctn(rounded * q, len(bs), self.options["dct_backend"]) + 128.0) / 255.0
-            x01_adv = self.from_work(self._crop(from_blocks(adv_blocks, bs), sizes))
-        return x01_adv, adv_blocks
+            work = self._crop(from_blocks(adv_blocks, bs), sizes)
+            if not self.options["renormalize_slices"]:
+                return self.from_work(work), adv_blocks
+            if self._boxes is not None:
+                work = _minmax(work, self._work_slice_dims(work))
+                return self.from_work(work), to_blocks(self._pad(work)[0], bs)
+            x01_adv = self._renormalize(self.from_work(work))
+            return x01_adv, to_blocks(self._pad(self.to_work(x01_adv))[0], bs)
 
     # ------------------------------------------------------------------ attack
     def perturb(self, ctx: AttackContext):
         o = self.options
-        bs, k = o["block_size"], len(o["block_size"])
+        k = len(o["block_size"])
         lo, hi, x01 = self.vafa_window(ctx)
         width = hi - lo
         dev_type = ctx.x0.device.type
@@ -287,7 +334,7 @@ class VAFA3D(Attack):
         # blocks reach ~1e3 and fp16 would swamp the small changes of q. The clean
         # coefficients are constant, so they are computed once (the reference recomputes them).
         coeffs, clean_blocks, sizes = self.frequency_coefficients(x01)
-        q = torch.full_like(coeffs, float(o["q_max"]))
+        q = torch.full_like(coeffs, float(o["q_max"] if o["q_init"] is None else o["q_init"]))
         steps = int(o["steps"])
         a0, a1 = (float(v) for v in o["temperature"])
         da = (a1 - a0) / steps
@@ -297,10 +344,6 @@ class VAFA3D(Attack):
         for i in range(steps):
             q.requires_grad_(True)
             x01_adv, adv_blocks = self.reconstruct(coeffs, q, a0 + i * da, sizes)
-            if o["renormalize_slices"]:
-                with torch.autocast(device_type=dev_type, enabled=False):
-                    x01_adv = self._renormalize(x01_adv)
-                    adv_blocks = to_blocks(self._pad(self.to_work(x01_adv))[0], bs)
             out = self.forward(ctx, lo + x01_adv * width)
             # J = -objective (+ 1 - SSIM): q descends J, i.e. ascends the attack objective.
             J = -self.objective(ctx, out)
@@ -327,6 +370,8 @@ class VAFA3D(Attack):
                         done |= success
                         if bool(done.all()):
                             break
+        # the learnt tables, as the reference returns them: (B, C, [T,] [n_slices,] n.., b..), see q_tables
+        self.q_tables = q.detach()
         with torch.no_grad():
             result = torch.where(per_sample_view(done, result.dim()), result, x01_adv.detach())
             return self.clamp_box(ctx, lo + result.clamp(0.0, 1.0) * width)
@@ -355,7 +400,7 @@ class VAFA2D(VAFA3D):
         self._check_block_fits(images)
 
     def _block_dim_sizes(self, images) -> Tuple[int, ...]:
-        sp = tuple(images.shape[2:])
+        sp = self._extent(images)
         if len(sp) == 2:
             return sp
         s = self._slice_axis(3)
@@ -364,54 +409,99 @@ class VAFA2D(VAFA3D):
     def to_work(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             return x
-        return x.movedim(2 + self._slice_axis(3), 2)     # (B, C, n_slices, a, b)
+        w = super().to_work(x)                           # (B, C, *S) or tiles (B, C, T, *t)
+        off = w.dim() - 3
+        return w.movedim(off + self._slice_axis(3), off)  # (B, C, [T,] n_slices, a, b)
 
     def from_work(self, w: torch.Tensor) -> torch.Tensor:
         if w.dim() == 4:
             return w
-        return w.movedim(2, 2 + self._slice_axis(3))
+        off = w.dim() - 3
+        return super().from_work(w.movedim(off, off + self._slice_axis(3)))
+
+    def _work_slice_dims(self, w: torch.Tensor) -> Tuple[int, ...]:
+        return (w.dim() - 2, w.dim() - 1)                # the slice axis is first of the three
 
 
 # ============================================================================= the authors' code
 #: What the reference code does beyond the paper's algorithm (``attacks/vafa/vafa.py`` and
-#: ``generate_adv_samples.py`` of asif-hanif/vafa): every axial slice of each 96^3 tile min-max
-#: rescaled to [0, 1] in every step and in the output, the image clipped to its window.
-REF_OPTIONS = {"renormalize_slices": True, "rescale_tile": (96, 96, 96), "clip_to_window": True}
+#: ``generate_adv_samples.py`` of asif-hanif/vafa): the volume attacked tile by tile (96^3 voxels of
+#: its 1.5 x 1.5 x 2 mm grid: ``tile_mm`` (192, 144, 144) in nnU-Net's (z, y, x) order), one
+#: quantisation table per tile, every axial slice of each tile min-max rescaled to [0, 1] in every
+#: step and in the output, the image clipped to its window.
+REF_OPTIONS = {"renormalize_slices": True, "rescale_tile": None, "tile_mm": REF_TILE_MM, "tile_tables": True,
+               "clip_to_window": True}
+
+
+def _loss_unless_given(attack: VAFA3D, ctx: AttackContext, output, loss_fn) -> torch.Tensor:
+    """``loss_fn(output, labels)`` unless a ``loss`` option is given (a trainer passes its own
+    training loss, as the reference's VAFT crafts with its training loss)."""
+    if attack.options.get("loss") is not None:
+        return VAFA3D.base_loss(attack, ctx, output)
+    return loss_fn(output, attack.voxel_labels(ctx))
 
 
 def _reference_loss(attack: VAFA3D, ctx: AttackContext, output) -> torch.Tensor:
-    """The reference code's attack loss, MONAI's DiceCE (:func:`nnunet_adv.losses.monai_dice_ce`),
-    unless a ``loss`` is given (a trainer passes its own training loss, as the reference's VAFT
-    crafts with its training loss)."""
-    if attack.options.get("loss") is not None:
-        return VAFA3D.base_loss(attack, ctx, output)
-    return monai_dice_ce(output, attack.voxel_labels(ctx))
+    """The reference code's attack loss, MONAI's DiceCE (:func:`nnunet_adv.losses.monai_dice_ce`)."""
+    return _loss_unless_given(attack, ctx, output, monai_dice_ce)
+
+
+def _paper_loss(attack: VAFA3D, ctx: AttackContext, output) -> torch.Tensor:
+    """The paper's attack loss, "the Dice loss" (Eq. 2, Alg. 1): the Dice term of the reference's
+    DiceCE (:func:`nnunet_adv.losses.monai_dice_loss`; the paper gives no smoothing or class
+    settings, so the authors' code's are kept)."""
+    return _loss_unless_given(attack, ctx, output, monai_dice_loss)
+
+
+class VAFA3DPaper(VAFA3D):
+    """VAFA-3D as the paper's text writes it (``vafa-3d-paper``; Hanif et al. 2023, Eq. 2 and
+    Alg. 1): q initialised to 1 and bounded to [1, q_max] (the authors' code: from q_max, bounded
+    to [5, q_max]), the objective ``L_dice(f(X'), Y) - L_ssim(X, X')`` (the Dice loss, not
+    :class:`VAFA3D`'s CE nor the code's DiceCE), blocks of 32^3 (the paper's main results), no
+    per-slice rescale, no tiles, no clip to the window (the paper's algorithm on nnU-Net's grid).
+    Options and other defaults: as :class:`VAFA3D` (q_max 20, 20 steps, SSIM term on).
+    Label targets only (no regions).
+    """
+
+    name = "vafa-3d-paper"
+    summary = "VAFA-3D as the paper writes it (q from 1, q_min 1, Dice loss, SSIM term, block 32)"
+    defaults = {**VAFA3D.defaults, "q_init": 1.0, "q_min": 1.0, "block_size": (32, 32, 32)}
+    supports_regions = False
+    base_loss = _paper_loss
 
 
 class VAFA3DRef(VAFA3D):
-    """VAFA-3D as the authors' code runs it (``vafa-3d-ref``): :class:`VAFA3D` plus the reference
-    code's per-slice min-max rescale inside each non-overlapping 96^3 tile (``rescale_tile``;
-    tiles as MONAI's ``dense_patch_slices``, the rescale in every step and in the output, gradients
-    through the slice extrema), MONAI's DiceCE loss (softmax, squared denominators, smooth_nr 0,
-    smooth_dr 1e-6, background included, CE mean) and the image clipped to its window
-    (``clip_to_window``; with ``window_raw=(-175,250)`` in the attack configuration, the
-    reference's fixed CT window). On a whole volume the tiles are the reference's tiles of the
-    volume, while the gradient still runs through nnU-Net's sliding-window prediction. A constant
-    slice becomes 0 (the reference divides by zero). Label targets only (no regions).
-    Options and other defaults: as :class:`VAFA3D`.
+    """VAFA-3D as the authors' code runs it (``vafa-3d-ref``): :class:`VAFA3D` (q from q_max,
+    q_min 5) with the reference's geometry and extras: tiles of the reference's physical size
+    (``tile_mm`` (192, 144, 144) mm, nnU-Net's (z, y, x) order, converted with the case's
+    ``spacing``; ``rescale_tile`` in voxels instead; tiles as MONAI's ``dense_patch_slices``),
+    one quantisation table per tile (``tile_tables``), blocks of 32^3 (the reference's
+    experiments: README ``--block_size 32 32 32``), every axial slice of each tile min-max
+    rescaled to [0, 1] in every step and in the output (gradients through the slice extrema),
+    MONAI's DiceCE loss (softmax, squared denominators, smooth_nr 0, smooth_dr 1e-6, background
+    included, CE mean) and the image clipped to its window (``clip_to_window``; with
+    ``window_raw=(-175,250)`` in the attack configuration, the reference's fixed CT window).
+    What stays ours: the gradient runs through nnU-Net's sliding-window prediction of the whole
+    stitched volume (the reference predicts each tile alone), the early stop is per volume (the
+    reference's: per batch of 6 tiles), a tile's blocks that do not divide it are padded
+    (the reference asserts divisibility), a constant slice becomes 0 (the reference divides by
+    zero). Label targets only (no regions). Options and other defaults: as :class:`VAFA3D`.
     """
 
     name = "vafa-3d-ref"
-    summary = "VAFA-3D as the authors' code runs it (per-slice rescale in 96^3 tiles, DiceCE loss, window clip)"
-    defaults = {**VAFA3D.defaults, **REF_OPTIONS}
+    summary = ("VAFA-3D as the authors' code runs it (144x144x192 mm tiles, a table per tile, block 32, "
+               "per-slice rescale, DiceCE loss, window clip)")
+    defaults = {**VAFA3D.defaults, **REF_OPTIONS, "block_size": (32, 32, 32)}
     supports_regions = False
     base_loss = _reference_loss
 
 
 class VAFA2DRef(VAFA2D):
     """VAFA-2D as the authors' code runs it (``vafa-2d-ref``): :class:`VAFA2D` with the
-    reference's per-slice rescale (a 2D image is one slice; a 3D volume's slices inside 96^3
-    tiles), MONAI's DiceCE loss and the clip to the window, as :class:`VAFA3DRef`."""
+    reference's tiles, tables per tile and per-slice rescale (a 2D image is one slice and one
+    tile; a 3D volume's slices inside tiles of ``tile_mm``), MONAI's DiceCE loss and the clip to
+    the window, as :class:`VAFA3DRef`. Block 8 x 8 (the reference's class default; its README
+    suggests 32)."""
 
     name = "vafa-2d-ref"
     summary = "VAFA-2D as the authors' code runs it (per-slice rescale, DiceCE loss, window clip)"
@@ -425,18 +515,23 @@ class SliceRescale(Attack):
     96^3 tile) min-max rescale applied to the clean image, no optimisation and no model call.
     A report then shows how much of the ``vafa-3d-ref`` / ``vafa-2d-ref`` effect is the rescale.
 
-    Options: rescale_tile (96, 96, 96); slice_axis 0; clip_to_window True; lower / upper (the
-    window, as VAFA's). Shapes: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` -> same.
+    Options: rescale_tile None, tile_mm (192, 144, 144), spacing None (the tile as
+    :class:`VAFA3DRef`'s: voxels, else mm over the spacing); slice_axis 0; clip_to_window True;
+    lower / upper (the window, as VAFA's). Shapes: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` -> same.
     """
 
     name = "slice-rescale"
     summary = "control: the authors' per-slice rescale of VAFA alone, no attack"
     control = True
-    defaults = {**COMMON_DEFAULTS, "rescale_tile": (96, 96, 96), "slice_axis": 0, "clip_to_window": True}
+    defaults = {**COMMON_DEFAULTS, "rescale_tile": None, "tile_mm": REF_TILE_MM, "spacing": None, "slice_axis": 0,
+                "clip_to_window": True}
+    tile = VAFA3D.tile
 
     def validate(self) -> None:
         o = self.options
-        o["rescale_tile"] = _check_tile(o["rescale_tile"])
+        o["rescale_tile"] = check_tile(o["rescale_tile"])
+        o["tile_mm"] = check_mm(o["tile_mm"], "tile_mm")
+        o["spacing"] = check_mm(o["spacing"], "spacing", lengths=(2, 3))
         if not isinstance(o["clip_to_window"], bool):
             raise ValueError(f"clip_to_window must be True or False, got {o['clip_to_window']!r}")
         if isinstance(o["slice_axis"], bool) or not isinstance(o["slice_axis"], numbers.Integral):
@@ -445,5 +540,5 @@ class SliceRescale(Attack):
     def perturb(self, ctx: AttackContext):
         lo, hi, x01 = unit_window(ctx, *self.window(ctx), clip=self.options["clip_to_window"])
         with torch.no_grad():
-            rescaled = rescale_slices(x01, int(self.options["slice_axis"]), self.options["rescale_tile"])
+            rescaled = rescale_slices(x01, int(self.options["slice_axis"]), self.tile())
             return self.clamp_box(ctx, lo + rescaled * (hi - lo))

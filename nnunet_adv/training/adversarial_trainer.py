@@ -252,7 +252,9 @@ class nnUNetTrainerAdversarial(nnUNetTrainer):
         if getattr(self, "_attack_config_key", None) != key:
             self._attack_config_key, self._attack_config = key, self.attack_config
         loss = self.loss if self.attack_uses_training_loss else None
-        return self._attack_config.build(self.threat_model, data, loss=loss, **overrides)
+        # the patches' voxel spacing (mm): VAFA's tile in mm needs it
+        spacing = tuple(self.configuration_manager.spacing)
+        return self._attack_config.build(self.threat_model, data, loss=loss, spacing=spacing, **overrides)
 
     # ------------------------------------------------------------------ the attack
     def craft_adversarial(self, data: torch.Tensor, target, overrides: Optional[dict] = None,

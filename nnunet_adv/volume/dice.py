@@ -17,6 +17,7 @@ from tqdm import tqdm
 from nnunet_adv.attack_config import AttackConfig
 from nnunet_adv.metrics import dice_per_class
 from nnunet_adv.threat_model import ThreatModel
+from nnunet_adv.volume.export import spacings
 from nnunet_adv.volume.sliding_window import SlidingWindowModel
 from nnunet_adv.volume.trained_model import TrainedModel
 
@@ -44,13 +45,15 @@ def evaluate_under_attacks(model: TrainedModel, cases: Iterable[Case],
     cases = list(cases)
     bar = tqdm(total=len(cases) * len(attacks), desc=f"attacking {model.trainer_name}", disable=not progress)
     for image_files, label_file in cases:
-        data, seg, _ = model.preprocess(image_files, label_file)
+        data, seg, props = model.preprocess(image_files, label_file)
+        spacing = spacings(props, predictor.plans_manager, predictor.configuration_manager)[1]
         volume = torch.from_numpy(data)[None].to(device)
         labels = torch.from_numpy(seg.astype(np.int64))[None].to(device)
         ref = seg[0]
         for name, attack in attacks.items():
             bar.set_postfix_str(name)
-            x = volume if attack is None else attack.build(threat_model, volume)(window, volume, labels)
+            x = volume if attack is None else \
+                attack.build(threat_model, volume, spacing=spacing)(window, volume, labels)
             with torch.no_grad():
                 pred = window(x).argmax(1)[0].cpu().numpy()
             results[name].append(dice_per_class(pred, ref, classes))

@@ -53,6 +53,7 @@ from nnunet_adv.volume.export import (
     perturbation_norms,
     perturbation_to_raw,
     raw_intensity_maps,
+    spacings,
     supported_writer,
     write_image_like,
 )
@@ -248,7 +249,9 @@ class VolumeAttack:
             target, target_kind = clean_pred.clone(), "clean prediction"
 
         raw_std = torch.as_tensor(maps.scales, dtype=torch.float32)[None]
-        options = self.attack.network_options(self.threat_model, x0, raw_std=raw_std)
+        # the case's network-grid spacing (mm, the network's axis order): VAFA's tile in mm needs it
+        spacing = spacings(properties, self.plans_manager, self.configuration)[1]
+        options = self.attack.network_options(self.threat_model, x0, raw_std=raw_std, spacing=spacing)
         attack = build_attack(self.attack.name, **options)
         lap("read_preprocess_clean_prediction")
 

@@ -37,7 +37,7 @@ def _supports(name, nsp):
 def test_registry_lists_every_attack():
     assert available_attacks() == sorted(["fgsm", "bim", "pgd", "gn", "ifgsm-targeted", "vafa-3d", "vafa-2d",
                                            "segpgd", "cospgd", "apgd-ce", "apgd-rog", "vafa-3d-ref", "vafa-2d-ref",
-                                           "slice-rescale", "ensemble", "apgd-dlr", "fab", "square",
+                                           "vafa-3d-paper", "slice-rescale", "ensemble", "apgd-dlr", "fab", "square",
                                            "autoattack-rog"])
     assert type(build_attack("VAFA_3D")).__name__ == "VAFA3D"
 

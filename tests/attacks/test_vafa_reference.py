@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from attack_helpers import make_task, trained_model
 
 from nnunet_adv.attacks import attack_defaults, build_attack
-from nnunet_adv.attacks.vafa import rescale_slices, tile_starts
+from nnunet_adv.attacks.vafa import rescale_slices
+from nnunet_adv.attacks.vafa_tiles import tile_starts
 from nnunet_adv.losses import monai_dice_ce
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,9 +45,10 @@ def test_reference_variants_defaults():
     for name, steps, ssim in (("vafa-3d-ref", 20, True), ("vafa-2d-ref", 10, False)):
         d = attack_defaults(name)
         assert (d["steps"], d["q_max"], d["q_min"], d["use_ssim_loss"]) == (steps, 20.0, 5.0, ssim)
-        assert d["renormalize_slices"] is True and d["rescale_tile"] == (96, 96, 96) and d["clip_to_window"] is True
+        assert d["renormalize_slices"] is True and d["clip_to_window"] is True
+        assert d["rescale_tile"] is None and build_attack(name).tile() == (96, 96, 96)  # no spacing: the reference's
     assert attack_defaults("vafa-3d")["renormalize_slices"] is False  # the paper's algorithm is unchanged
-    assert attack_defaults("slice-rescale")["rescale_tile"] == (96, 96, 96)
+    assert build_attack("slice-rescale").tile() == (96, 96, 96)
 
 
 def test_tiles_are_the_references_dense_patch_slices():
@@ -97,7 +99,7 @@ def test_reference_variant_rescales_every_slice_and_raises_its_loss(name, nsp, d
     net = trained_model(nsp, deep_supervision=ds)
     x, y, labels = _data(nsp, ds)
     tile = {"rescale_tile": (8, 16, 16)} if nsp == 3 else {}
-    xa = build_attack(name, steps=3, lower=0.0, upper=1.0, **tile)(net, x, labels)
+    xa = build_attack(name, steps=3, lower=0.0, upper=1.0, block_size=8, **tile)(net, x, labels)
     assert xa.shape == x.shape and calls  # the reference's DiceCE drove the steps
     slices = xa[:, :, :8] if nsp == 3 else xa           # one tile along the slice axis
     dims = (3, 4) if nsp == 3 else (2, 3)

@@ -127,6 +127,7 @@ FAST_OPTIONS = {
     "vafa-2d": {"steps": 2}, "vafa-3d": {"steps": 2, "block_size": (8, 8, 8)},
     "ensemble": {"attacks": [("fgsm", {}), ("pgd", {"steps": 2})]},
     "apgd-rog": {"steps": 2, "restarts": 2}, "vafa-3d-ref": {"steps": 2, "block_size": (8, 8, 8)},
+    "vafa-3d-paper": {"steps": 2, "block_size": (8, 8, 8)},
     "vafa-2d-ref": {"steps": 2}, "slice-rescale": {},
     "apgd-dlr": {"steps": 2, "restarts": 1}, "fab": {"steps": 2, "restarts": 1}, "square": {"queries": 3},
     "autoattack-rog": {"steps": 1, "restarts": 1, "queries": 2},
