@@ -244,9 +244,12 @@ class VAFA3D(Attack):
         """Fix the work layout for ``x01`` (B, C, *S): tiles when :meth:`_tiled`. The layout is
         per call of :meth:`perturb`; the attack object holds it because ``to_work`` takes one tensor."""
         self._spatial = tuple(x01.shape[2:])
+        if not self._tiled(x01):  # a 2D image (one slice, one tile; its spacing has 2 axes) or no tables
+            self._boxes = None
+            return
         tile = self.tile()
         whole = tuple(self._spatial) if tile is None else tile   # no tile: the volume is one tile
-        self._boxes = tile_boxes(self._spatial, whole) if self._tiled(x01) else None
+        self._boxes = tile_boxes(self._spatial, whole)
 
     def _work_slice_dims(self, w: torch.Tensor) -> Tuple[int, ...]:
         """Dims of a tiled work tensor ``(B, C, T, *t)`` spanning one slice of one tile."""
