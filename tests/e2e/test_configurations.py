@@ -199,7 +199,7 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
 
     The inference_information.json is written by hand, with the keys and places of the real tool's file: running
     ``nnUNetv2_find_best_configuration 901 -c 2d 3d_fullres -p nnUNetResEncUNetMPlans -tr ... -f 0`` on these
-    models (trained with ``--npz``) took 39 s on the 2-core CI machine (its spawned pools and postprocessing
+    models (trained with ``--npz``) took 39 s on the shared 2-core test machine (its spawned pools and postprocessing
     search), over this module's budget, and on models trained for two iterations it selected the single
     3d_fullres model (cross-validation Dice 0.209 vs 0.162 for the ensemble)."""
     tree = models
