@@ -64,6 +64,7 @@ from nnunet_adv.records import (
 )
 from nnunet_adv.volume.cascade import previous_stage_folder
 from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENT_MEANS
+from nnunet_adv.volume.deployed_ensemble import resampling_note
 from nnunet_adv.volume.engine import _similarity
 from nnunet_adv.volume.export import WriteError, write_image_like
 from nnunet_adv.volume.folders import find_cases
@@ -293,7 +294,7 @@ class RobustnessEvaluation:
                                        evaluations=evaluations, summaries=summaries, labels=labels, tta=r.tta,
                                        eot=r.eot_mirroring, device=r.device, folds=list(map(str, r.folds)),
                                        checkpoint=r.checkpoint, cases=list(r.cases), checks=found,
-                                       notes=r.deployment_notes())
+                                       notes=r.deployment_notes() + self.resampling_notes(settings))
         report.write_summary_json(context)
         report.write_metrics_csv(context)
         figures = report.write_figures(context, r.cases, rw, r.num_examples)
@@ -302,6 +303,21 @@ class RobustnessEvaluation:
         text = report.write_report_md(context, figures)
         self.log("computed this run: " + (_count_kinds(self.done_work) if self.done_work else "nothing (all reused)"))
         return text
+
+    def resampling_notes(self, settings: Sequence[Setting]) -> List[str]:
+        """Lines for the report naming the ensemble members an attack reached through linear resampling
+        (another network grid than the first member's; :func:`resampling_note`), from the attacks' records."""
+        notes = []
+        for model in self.run.models:
+            if model.members:
+                cases = {}
+                for s in settings:
+                    if s.attack is not None:
+                        record = load_records(self.folder.adversarial(model.name, s.tag)) or {}
+                        cases.update(record.get("cases", {}))
+                note = resampling_note(model.name, cases)
+                notes += [note] if note else []
+        return notes
 
     # ------------------------------------------------------------------------------ checks
     def convergence_rerun(self, settings: List[Setting], summaries: dict, rw, labels) -> Optional[Setting]:

@@ -30,10 +30,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
 from nnunet_adv.errors import UserError
+from nnunet_adv.network import probabilities_back, resample_linear
 from nnunet_adv.volume.cascade_options import DEFAULT_GRADIENT, GRADIENTS
 from nnunet_adv.volume.folders import configuration_of
 from nnunet_adv.volume.sliding_window import SlidingWindowModel
@@ -133,8 +133,5 @@ class _SoftmaxSurrogate:
         self.window, self.low_shape, self.foreground = window, low_shape, list(foreground)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mode = "trilinear" if x.ndim == 5 else "bilinear"
-        low = F.interpolate(x.float(), size=self.low_shape, mode=mode, align_corners=False)
-        probabilities = torch.softmax(self.window(low).float(), 1)
-        full = F.interpolate(probabilities, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
-        return full[:, self.foreground]
+        low = resample_linear(x.float(), self.low_shape)
+        return probabilities_back(self.window, low, tuple(x.shape[2:]))[:, self.foreground]

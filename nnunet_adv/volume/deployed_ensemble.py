@@ -10,22 +10,37 @@ Not to be confused with the attack ``ensemble`` (:mod:`nnunet_adv.attacks.ensemb
 attacks on one model). Here one attack runs on the average of the members' probabilities
 (:class:`AveragedProbabilities`): its logits are ``log(mean_k softmax(member_k(x)))``, so that the
 attacks' cross-entropy is the ensemble's, and the gradient goes exactly through every member at once.
-The members must preprocess a case to the same network grid (the same spacing and normalisation, e.g.
-``2d`` and ``3d_fullres`` of isotropic data): the one perturbation is then every member's. Postprocessing
-(connected components) is not differentiable: the attack targets the averaged probabilities; the
-evaluation applies the postprocessing as deployed.
+Postprocessing (connected components) is not differentiable: the attack targets the averaged
+probabilities; the evaluation applies the postprocessing as deployed.
+
+Grids. The attack runs on the first member's network grid (the attack grid: its preprocessed image
+``x0_A``, the perturbation and the budget live there). A member that preprocesses the case to the same
+grid sees the attacked image itself. A member B with another grid (on anisotropic data ``2d`` keeps the
+case's through-plane spacing, ``3d_fullres`` resamples it to the plans' spacing) is reached through
+linear resampling (:class:`OnAnotherGrid`): it sees ``x0_B + resample(x - x0_A)`` on its grid, and its
+softmax probabilities are resampled back to the attack grid before the average. This is exact up to
+the resampling: nnU-Net's preprocessing (``DefaultPreprocessor.run_case_npy``: transpose, crop to the
+nonzero box, normalise, resample) normalises before it resamples, so with the same transpose,
+normalisation schemes and intensity properties (checked, :func:`normalisation_differs`) both members
+hold the same normalised image before resampling and a perturbation in network units maps to B by
+resampling alone. The resampling is ``F.interpolate`` (trilinear, ``align_corners=False``), a
+differentiable surrogate of nnU-Net's order-3 spline resampling of the image (order 1 for the
+probabilities, as nnU-Net resamples them). The attack.json records per case which member was reached
+how, with both grids' shapes; the evaluation predicts the exported images with the stock commands, so
+its numbers are the deployed ensemble's whatever the surrogate.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from nnunet_adv.errors import UserError
+from nnunet_adv.network import at_least_float32, probabilities_back, resample_linear
 
 INFERENCE_INFORMATION = "inference_information.json"
 
@@ -102,7 +117,8 @@ class AveragedProbabilities(nn.Module):
     """Members' sliding windows, their softmax probabilities averaged, returned as log-probabilities.
 
     Args:
-        windows: one whole-volume model per member, each (B, C, *S) -> logits (B, K, *S) on the same grid.
+        windows: one whole-volume model per member on the attack grid: (B, C, *S) -> logits (B, K, *S), or
+            an :class:`OnAnotherGrid` (-> probabilities (B, K, *S), already softmax).
     Shapes: (B, C, *S) -> (B, K, *S) ``log(mean_k softmax(windows[k](x)))`` (its softmax is the average).
     """
 
@@ -111,5 +127,83 @@ class AveragedProbabilities(nn.Module):
         self.windows = nn.ModuleList(windows)
 
     def forward(self, x):
-        mean = sum(torch.softmax(w(x).float(), 1) for w in self.windows) / len(self.windows)
+        mean = sum(w(x) if isinstance(w, OnAnotherGrid) else torch.softmax(at_least_float32(w(x)), 1)
+                   for w in self.windows) / len(self.windows)
         return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+class OnAnotherGrid(nn.Module):
+    """A member whose network grid is not the attack grid, seen from the attack grid (module docstring).
+
+    Args:
+        window: the member's whole-volume model, (1, C, *S_B) -> logits (1, K, *S_B).
+        x0: the attack grid's clean network image x0_A, (1, C, *S_A) (network units).
+        x0_other: the member's own preprocessing of the same case x0_B, (1, C, *S_B).
+        mask: the member's nnU-Net nonzero mask (1, 1, *S_B) where its normalisation uses one (voxels nnU-Net
+            keeps at 0 whatever the image), else None.
+    Shapes: (1, C, *S_A) -> probabilities (1, K, *S_A): ``resample_A(softmax(window(x0_B + mask *
+    resample_B(x - x0_A))))``; at ``x = x0_A`` the member sees exactly its own preprocessing.
+    """
+
+    def __init__(self, window: nn.Module, x0: torch.Tensor, x0_other: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.window, self.x0, self.x0_other, self.mask = window, x0, x0_other, mask
+
+    def forward(self, x):
+        moved = resample_linear(x - self.x0, self.x0_other.shape[2:])
+        if self.mask is not None:
+            moved = moved * self.mask
+        return probabilities_back(self.window, self.x0_other + moved, x.shape[2:])
+
+
+def normalisation_differs(first, other) -> Optional[str]:
+    """What keeps one perturbation in network units from meaning the same for two members (nnU-Net's
+    ``PlansManager``, ``ConfigurationManager`` pairs): their transpose, normalisation schemes, masks or
+    intensity properties; None where they agree (module docstring)."""
+    (plans_a, cfg_a), (plans_b, cfg_b) = first, other
+    for what, a, b in (("transpose", plans_a.transpose_forward, plans_b.transpose_forward),
+                       ("normalisation", cfg_a.normalization_schemes, cfg_b.normalization_schemes),
+                       ("use_mask_for_norm", cfg_a.use_mask_for_norm, cfg_b.use_mask_for_norm)):
+        if list(a) != list(b):
+            return f"{what} {list(a)} vs {list(b)}"
+    if plans_a.foreground_intensity_properties_per_channel != plans_b.foreground_intensity_properties_per_channel:
+        return "foreground intensity properties"
+    return None
+
+
+#: attack.json's per-case key: the network grid of every member and how the attack reached it
+GRIDS_KEY = "ensemble_grids"
+
+
+def grid_record(member: str, shape: Sequence[int], attack_grid: Optional[Sequence[int]] = None) -> dict:
+    """One member's entry of :data:`GRIDS_KEY`: its network shape and how the attack reached it (the attack
+    grid itself, the same grid, or linear resampling from the attack grid ``attack_grid``)."""
+    if attack_grid is None:
+        how = "attack grid"
+    elif tuple(attack_grid) == tuple(shape):
+        how = "same grid"
+    else:
+        how = f"linear resampling from the attack grid {list(attack_grid)}"
+    return {"member": member, "network_shape": list(shape), "reached_through": how}
+
+
+def resampling_note(name: str, cases: Dict[str, dict]) -> Optional[str]:
+    """A line for the report where the attack reached a member through linear resampling (``cases``:
+    attack.json's per-case records); None where every member shares the attack grid."""
+    resampled = {}
+    for case, record in sorted(cases.items()):
+        grids = record.get(GRIDS_KEY) or []
+        for entry in grids[1:]:
+            if entry["reached_through"].startswith("linear"):
+                resampled.setdefault(entry["member"], []).append(
+                    f"{case}: {grids[0]['network_shape']} -> {entry['network_shape']}")
+    if not resampled:
+        return None
+    first = next(r[GRIDS_KEY][0]["member"] for r in cases.values() if r.get(GRIDS_KEY))
+    members = "; ".join(f"`{m}` in {len(v)} case(s) ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                        for m, v in resampled.items())
+    return (f"`{name}`: the attack runs on the network grid of `{first}`; members preprocessing a case to another "
+            f"grid were reached through linear resampling (the perturbation resampled onto their grid, their "
+            f"probabilities back; a differentiable surrogate of nnU-Net's order-3 resampling): {members}. The "
+            f"numbers are still the deployed ensemble's (stock prediction of the exported images).")

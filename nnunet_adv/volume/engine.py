@@ -21,6 +21,10 @@ A cascade stage (``3d_cascade_fullres``) is attacked as deployed (:mod:`nnunet_a
 the previous stage segments the image, its one-hot channels are appended to the network input, and
 only the image channels are perturbed; the gradient through the previous stage is its softmax
 surrogate or none (held fixed), as ``previous_stage.gradient`` says.
+
+An ensemble of configurations (``members``) is attacked through its averaged probabilities on the first
+member's network grid; members on another grid are reached through linear resampling
+(:mod:`nnunet_adv.volume.deployed_ensemble`), and the case record says which and with which shapes.
 """
 from __future__ import annotations
 
@@ -44,7 +48,13 @@ from nnunet_adv.metrics import dice_per_class, input_gradient_stats, psnr, ssim
 from nnunet_adv.network import WithPreviousStage
 from nnunet_adv.threat_model import ThreatModel, to_raw
 from nnunet_adv.volume.cascade import PreviousStage
-from nnunet_adv.volume.deployed_ensemble import AveragedProbabilities
+from nnunet_adv.volume.deployed_ensemble import (
+    GRIDS_KEY,
+    AveragedProbabilities,
+    OnAnotherGrid,
+    grid_record,
+    normalisation_differs,
+)
 from nnunet_adv.volume.export import (
     WriteError,
     apply_raw_budget,
@@ -113,8 +123,10 @@ class VolumeAttack:
         previous_stage: a cascade stage's previous stage (required for ``3d_cascade_fullres``).
         members: the other members of an ensemble of configurations (``model`` is the first): the attack
             and every prediction use their averaged probabilities
-            (:class:`nnunet_adv.volume.deployed_ensemble.AveragedProbabilities`); each case must be
-            preprocessed to the same network grid by every member.
+            (:class:`nnunet_adv.volume.deployed_ensemble.AveragedProbabilities`) on ``model``'s network grid;
+            a member that preprocesses a case to another grid is reached through linear resampling
+            (:class:`nnunet_adv.volume.deployed_ensemble.OnAnotherGrid`). Their normalisation must be
+            ``model``'s (one line otherwise).
     """
 
     def __init__(self, model: TrainedModel, attack: AttackConfig, device: torch.device = torch.device("cpu"),
@@ -141,14 +153,18 @@ class VolumeAttack:
         self.window = SlidingWindowModel(model.networks, model.patch_size, tile_step_size=0.5, use_gaussian=True,
                                          mirror_axes=mirror, tile_batch_size=tile_batch_size)
         self.members = list(members)
-        if self.members:
-            if self.threat_model.previous_stage_channels or any(
-                    m.predictor.configuration_manager.previous_stage_name for m in self.members):
-                raise UserError("an ensemble with a cascade stage is not supported (attack the cascade alone)")
-            self.window = AveragedProbabilities([self.window] + [
-                SlidingWindowModel(m.networks, m.patch_size, tile_step_size=0.5, use_gaussian=True,
-                                   mirror_axes=m.mirror_axes if eot_mirroring else None,
-                                   tile_batch_size=tile_batch_size) for m in self.members])
+        if self.members and (self.threat_model.previous_stage_channels or any(
+                m.predictor.configuration_manager.previous_stage_name for m in self.members)):
+            raise UserError("an ensemble with a cascade stage is not supported (attack the cascade alone)")
+        for m in self.members:  # one perturbation in network units must mean the same image to every member
+            differs = normalisation_differs((self.plans_manager, self.configuration),
+                                            (m.predictor.plans_manager, m.predictor.configuration_manager))
+            if differs:
+                raise UserError(f"the ensemble's members {_member_name(model)} and {_member_name(m)} preprocess "
+                                f"differently ({differs}): one perturbation cannot be attacked through both")
+        self.member_windows = [SlidingWindowModel(m.networks, m.patch_size, tile_step_size=0.5, use_gaussian=True,
+                                                  mirror_axes=m.mirror_axes if eot_mirroring else None,
+                                                  tile_batch_size=tile_batch_size) for m in self.members]
         self.preprocessor = self.configuration.preprocessor_class(verbose=False)
         self.classes = list(self.label_manager.foreground_labels)
         self.use_mask = any(s == "ZScoreNormalization" and m for s, m in
@@ -186,16 +202,31 @@ class VolumeAttack:
                                                                self.dataset_json)
         if previous is not None:
             data = np.vstack((data, self.previous_stage.one_hot(seg, data.dtype)))
-        for member in self.members:  # one perturbation for every member: the same network grid
-            p = member.predictor
-            other = p.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
-                raw, None, copy.deepcopy(props), p.plans_manager, p.configuration_manager, p.dataset_json)[0]
-            if other.shape != data.shape:
-                raise CaseError(f"the ensemble's members preprocess this case to different grids "
-                                f"({self.configuration.data_identifier}: {data.shape[1:]}, "
-                                f"{p.configuration_manager.data_identifier}: {other.shape[1:]}); only members with the "
-                                f"same spacing can be attacked together")
         return data.astype(np.float32), seg, properties
+
+    def deployed(self, raw: np.ndarray, props: dict, data: np.ndarray):
+        """``(model, grids)``: the model that predicts this case on the attack grid, (1, C, *S) -> logits
+        (1, K, *S), where ``data`` (C, *S) is the case's preprocessing (:meth:`preprocess`): the sliding
+        window, or an ensemble's averaged probabilities with every other member preprocessing ``raw``
+        itself (its own grid reached through linear resampling, its nonzero mask kept); ``grids`` is the
+        case record's :data:`GRIDS_KEY` entry (None without members)."""
+        if not self.members:
+            return self.window, None
+        x0 = torch.from_numpy(data)[None].to(self.device)
+        windows, grids = [self.window], [grid_record(_member_name(self.model), data.shape[1:])]
+        for member, window in zip(self.members, self.member_windows):
+            p = member.predictor
+            other, seg, _ = p.configuration_manager.preprocessor_class(verbose=False).run_case_npy(
+                raw, None, copy.deepcopy(props), p.plans_manager, p.configuration_manager, p.dataset_json)
+            grids.append(grid_record(_member_name(member), other.shape[1:], data.shape[1:]))
+            if other.shape == data.shape:
+                windows.append(window)
+                continue
+            mask = torch.from_numpy(np.asarray(seg[0] >= 0))[None, None].to(self.device, x0.dtype) \
+                if self.use_mask else None
+            windows.append(OnAnotherGrid(window, x0, torch.from_numpy(other.astype(np.float32))[None].to(self.device),
+                                         mask))
+        return AveragedProbabilities(windows), grids
 
     def read_labels(self, label_file: str, raw_shape, properties: dict, net_shape, image_props: dict) -> np.ndarray:
         """The reference segmentation on the network grid: (*S_net) int64 class indices; its
@@ -230,16 +261,17 @@ class VolumeAttack:
         maps = raw_intensity_maps(raw, self.plans_manager, self.configuration)
         x_input = torch.from_numpy(data)[None].to(self.device)
         x0, previous = self.threat_model.split(x_input)  # a cascade: the image channels and the previous stage's
-        attacked = self.window
+        window, grids = self.deployed(raw, props, data)
+        attacked = window
         if previous is not None:
             low_shape = self.previous_stage.network_shape(raw, props)
-            attacked = WithPreviousStage(self.window, self.previous_stage.attacked_channels(previous, low_shape))
+            attacked = WithPreviousStage(window, self.previous_stage.attacked_channels(previous, low_shape))
         mask = None
         if self.use_mask:
             mask = torch.from_numpy(np.asarray(seg_net[0] >= 0))[None, None].to(self.device, x0.dtype)
 
         with torch.no_grad():
-            clean_logits = self.window(x_input)
+            clean_logits = window(x_input)
         clean_pred = clean_logits.argmax(1)
         if label_file is not None:
             target = torch.from_numpy(self.read_labels(label_file, raw.shape, properties, data.shape[1:], props))[None]
@@ -305,6 +337,7 @@ class VolumeAttack:
             "input_gradient": model.gradient_stats(None if eps_net is None else torch.as_tensor(eps_net)),
             "objective_trace": _traces(attack),
             **({} if previous is None else {"previous_stage_gradient": self.previous_stage.gradient}),
+            **({} if grids is None else {GRIDS_KEY: grids}),
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_per_phase": phases,
         }
@@ -337,8 +370,9 @@ class VolumeAttack:
         data, _, _ = self.preprocess(raw, props)
         if tuple(data.shape[1:]) != tuple(target.shape[1:]):
             return {"loss": None, "dice": None}  # the nonzero crop changed (perturbation zeroed a border)
+        window, _ = self.deployed(raw, props, data)  # every member preprocesses the written image itself
         with torch.no_grad():
-            logits = self.window(torch.from_numpy(data)[None].to(self.device))
+            logits = window(torch.from_numpy(data)[None].to(self.device))
         return {"loss": _ce(logits, target), "dice": self._dice(logits.argmax(1), target)}
 
     def _dice(self, pred: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
@@ -349,6 +383,11 @@ class VolumeAttack:
 #: an image with more than this share of its voxels at one value gets a warning (a truncated .nii.gz
 #: decodes to zeros after the break)
 DEGENERATE_SHARE = 0.9
+
+
+def _member_name(model: TrainedModel) -> str:
+    """A member as the record names it: its model folder's name (``TRAINER__PLANS__2d``)."""
+    return model.folder.name if model.folder is not None else model.predictor.configuration_manager.data_identifier
 
 
 def _most_common_share(channel: np.ndarray) -> float:

@@ -194,7 +194,8 @@ def _load_engine(run: AttackRun, log: Callable[[str], None]) -> VolumeAttack:
                                  run.previous_stage_gradient, mirroring=run.eot_mirroring,
                                  tile_batch_size=run.tile_batch_size)
     if run.members:
-        log(f"ensemble with {', '.join(str(m) for m in run.members)}: the attack sees the averaged probabilities")
+        log(f"ensemble with {', '.join(str(m) for m in run.members)}: the attack sees the averaged probabilities "
+            f"(members on another network grid through linear resampling)")
     members = [_load(folder, run) for folder in run.members]
     if run.labels_folder is None:
         log("no labels (-l): the attack targets the model's own clean prediction")
@@ -293,7 +294,9 @@ def run_settings(run: AttackRun) -> dict:
             "eot_mirroring": bool(run.eot_mirroring),
             "sliding_window": {"tile_step_size": 0.5, "gaussian": True, "tile_batch_size": run.tile_batch_size},
             "versions": versions(), **_previous_stage_settings(run),
-            **({"ensemble_members": [str(Path(m).resolve()) for m in run.members]} if run.members else {})}
+            **({"ensemble_members": [str(Path(m).resolve()) for m in run.members],
+                # how members on another network grid than the first are reached (per case: ensemble_grids)
+                "ensemble_other_grids": "linear resampling"} if run.members else {})}
 
 
 def _previous_stage_settings(run: AttackRun) -> dict:

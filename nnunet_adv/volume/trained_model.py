@@ -30,12 +30,14 @@ class TrainedModel:
         predictor: the initialised nnUNetPredictor (plans, configuration, label manager, ...).
         patch_size: network patch size in voxels, from the plans.
         mirror_axes: nnU-Net's ``inference_allowed_mirroring_axes`` (test-time mirroring).
+        folder: the model folder (``TRAINER__PLANS__CONFIGURATION``) it was loaded from, if any.
     """
 
     networks: List[nn.Module]
     predictor: object
     patch_size: Tuple[int, ...]
     mirror_axes: Optional[Tuple[int, ...]]
+    folder: Optional[Path] = None
 
     @property
     def trainer_name(self) -> str:
@@ -78,4 +80,4 @@ def load_trained_model(model_folder, folds: Sequence = (0,), checkpoint_name: st
     axes = predictor.allowed_mirroring_axes
     return TrainedModel(networks=networks, predictor=predictor,
                         patch_size=tuple(predictor.configuration_manager.patch_size),
-                        mirror_axes=tuple(axes) if axes else None)
+                        mirror_axes=tuple(axes) if axes else None, folder=model_folder)
