@@ -5,9 +5,10 @@ One module fixture makes what the tests need once: a hand-written plans file wit
 (:func:`nnunet_tree.add_cascade`, tiny networks) whose two stages are trained with PGD-AT by the stock
 ``nnUNetv2_train`` (fold ``all``: nnU-Net's cascade trains on the previous stage's predictions of the
 training cases, which its validation writes), and nnU-Net's ResEnc M preset planned by
-``nnUNetv2_plan_experiment -pl nnUNetPlannerResEncM`` (it shares the nnUNetPlans data), shrunk, its 3d_fullres
-and 2d trained with PGD-AT (the ensemble's members). The exported zip is the session's shared 3d_fullres
-model.
+``nnUNetv2_plan_experiment -pl nnUNetPlannerResEncM`` (it shares the nnUNetPlans data), shrunk, its 2d trained
+with PGD-AT. The ensemble's members are that ResEnc 2d model and the session's shared nnUNetPlans 3d_fullres
+model (an ensemble across plans, as ``nnUNetv2_find_best_configuration -p nnUNetPlans nnUNetResEncUNetMPlans``
+selects it; no model is trained twice for it). The exported zip is the shared 3d_fullres model.
 
 The models are trained for two iterations: their Dice is low; what is checked is that the commands run
 and that the stock prediction of the exported images gives the report's numbers exactly.
@@ -54,8 +55,6 @@ def models(shared_model):
     tree.run("nnUNetv2_plan_experiment", "-d", DATASET_ID, "-pl", "nnUNetPlannerResEncM",
              extra_env={"nnUNet_n_proc_DA": "1"})
     shrink_networks(tree.preprocessed / DATASET_NAME / f"{RESENC_PLANS}.json")
-    tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", SHARED_TRAINER, "-p", RESENC_PLANS,
-             "-device", "cpu")
     tree.run("nnUNetv2_train", DATASET_ID, "2d", 0, "-tr", SHARED_TRAINER, "-p", RESENC_PLANS, "-device", "cpu")
     return tree
 
@@ -191,22 +190,23 @@ def _anisotropic_cases(tree, folder):
 def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensembles_it(models, tmp_path,
                                                                                          monkeypatch):
     """What nnUNetv2_find_best_configuration writes for an ensemble of 2d and 3d_fullres (members, folds, a
-    postprocessing file of nnU-Net's format; the tiny ResEnc plans' models) on a case the members preprocess
-    to different grids (:func:`_anisotropic_cases`): nnUNetv2_adv_evaluate --inference_information attacks it
-    through both members (the 3d_fullres member through linear resampling from the 2d member's grid), the
-    raw budget holds, and the report's Dice is what nnUNetv2_predict --save_probabilities per member,
-    nnUNetv2_ensemble and nnUNetv2_apply_postprocessing give on the same adversarial images.
+    postprocessing file of nnU-Net's format; a tiny ResEnc 2d and the nnUNetPlans 3d_fullres model) on a case
+    the members preprocess to different grids (:func:`_anisotropic_cases`): nnUNetv2_adv_evaluate
+    --inference_information attacks it through both members (the 3d_fullres member through linear resampling
+    from the 2d member's grid), the raw budget holds, and the report's Dice is what nnUNetv2_predict
+    --save_probabilities per member, nnUNetv2_ensemble and nnUNetv2_apply_postprocessing give on the same
+    adversarial images.
 
     The inference_information.json is written by hand, with the keys and places of the real tool's file: running
-    ``nnUNetv2_find_best_configuration 901 -c 2d 3d_fullres -p nnUNetResEncUNetMPlans -tr ... -f 0`` on these
-    models (trained with ``--npz``) took 39 s on the shared 2-core test machine (its spawned pools and postprocessing
-    search), over this module's budget, and on models trained for two iterations it selected the single
-    3d_fullres model (cross-validation Dice 0.209 vs 0.162 for the ensemble)."""
+    ``nnUNetv2_find_best_configuration 901 -c 2d 3d_fullres -p nnUNetResEncUNetMPlans -tr ... -f 0`` on models
+    like these (trained with ``--npz``) took 39 s on the shared 2-core test machine (its spawned pools and
+    postprocessing search), over this module's budget, and on models trained for two iterations it selected the
+    single 3d_fullres model (cross-validation Dice 0.209 vs 0.162 for the ensemble)."""
     tree = models
     results = tree.results / DATASET_NAME
-    members = [{"configuration": c, "trainer": SHARED_TRAINER, "plans_identifier": RESENC_PLANS}
-               for c in ("2d", "3d_fullres")]
-    folders = [str(_model(tree, c, RESENC_PLANS)) for c in ("2d", "3d_fullres")]
+    member_plans = {"2d": RESENC_PLANS, "3d_fullres": "nnUNetPlans"}
+    members = [{"configuration": c, "trainer": SHARED_TRAINER, "plans_identifier": p} for c, p in member_plans.items()]
+    folders = [str(_model(tree, c, p)) for c, p in member_plans.items()]
     pp_file = results / "ensembles" / get_ensemble_name(*folders, (0,)) / "postprocessing.pkl"  # nnU-Net's place
     pp_file.parent.mkdir(parents=True, exist_ok=True)
     pp_file.write_bytes(pickle.dumps(([remove_all_but_largest_component_from_segmentation],
@@ -223,10 +223,11 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
     summary = json.loads((out / "summary.json").read_text())
     report = (out / "report.md").read_text()
     assert "its numbers are the ensemble's" in report and "reached through linear resampling" in report
-    adversarial = next((out / "adversarial" / "ensemble_2d+3d_fullres").iterdir())
+    # the name keeps what differs between the members: plans and configuration
+    adversarial = next((out / "adversarial" / f"ensemble_{RESENC_PLANS}__2d+nnUNetPlans__3d_fullres").iterdir())
     record = json.loads((adversarial / "attack.json").read_text())
     assert [Path(m).name for m in record["settings"]["ensemble_members"]] == [_model(tree, "3d_fullres",
-                                                                                     RESENC_PLANS).name]
+                                                                                     "nnUNetPlans").name]
     assert record["settings"]["ensemble_other_grids"] == "linear resampling"
     attack_grid, other = record["cases"][coarse]["ensemble_grids"]
     assert attack_grid["member"].endswith("__2d") and other["member"].endswith("__3d_fullres")
@@ -241,10 +242,10 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
         assert 0 < moved.max() <= rec["eps_raw"][0] * (1 + 1e-6), case
     stock = []
     monkeypatch.setattr(file_path_utilities, "nnUNet_results", str(tree.results))  # nnU-Net read it at import
-    for c in ("2d", "3d_fullres"):
+    for c, p in member_plans.items():
         stock.append(tmp_path / c)
         _stock(monkeypatch, predict_entry_point, "-i", adversarial, "-o", stock[-1], "-d", DATASET_NAME, "-c", c,
-               "-tr", SHARED_TRAINER, "-p", RESENC_PLANS, "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 0,
+               "-tr", SHARED_TRAINER, "-p", p, "-f", 0, "-device", "cpu", "--disable_tta", "-npp", 0,
                "-nps", 0, "--save_probabilities")
     _stock(monkeypatch, entry_point_ensemble_folders, "-i", *stock, "-o", tmp_path / "ensemble", "-np", 1)
     _stock(monkeypatch, entry_point_apply_postprocessing, "-i", tmp_path / "ensemble", "-o", tmp_path / "pp",
@@ -258,12 +259,12 @@ def test_an_ensemble_of_configurations_is_attacked_and_evaluated_as_nnunet_ensem
 
 
 def test_resenc_plans_train_a_recipe_and_are_attacked(models, tmp_path, monkeypatch):
-    """-p nnUNetResEncUNetMPlans: PGD-AT trained on nnU-Net's ResEnc M preset (tiny), attacked and predicted."""
+    """-p nnUNetResEncUNetMPlans: PGD-AT trained on nnU-Net's ResEnc M preset (tiny, 2d), attacked and predicted."""
     tree, out = models, tmp_path / "adv"
-    plans = json.loads((_model(tree, "3d_fullres", RESENC_PLANS) / "plans.json").read_text())
-    assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
+    plans = json.loads((_model(tree, "2d", RESENC_PLANS) / "plans.json").read_text())
+    assert plans["configurations"]["2d"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     _command(attack_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-o", out, "-l",
-             tree.dataset / "labelsTs", "-d", DATASET_ID, "-c", "3d_fullres", "-f", 0, "-tr", SHARED_TRAINER,
+             tree.dataset / "labelsTs", "-d", DATASET_ID, "-c", "2d", "-f", 0, "-tr", SHARED_TRAINER,
              "-p", RESENC_PLANS, "--steps", 2, "-device", "cpu", "--disable_progress_bar")
     record = json.loads((out / "attack.json").read_text())
     assert record["model"]["plans"] == RESENC_PLANS
