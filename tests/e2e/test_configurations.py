@@ -43,6 +43,7 @@ pytestmark = pytest.mark.e2e
 
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
 ATTACK = "pgd:eps=4,steps=2"
+ATTACK_ZIP = "pgd:eps=4,steps=1"
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,7 @@ def test_cascade_is_attacked_as_deployed_and_stock_prediction_gives_the_report_d
            "-prev_stage_predictions", low, *common)
     ours = _result(summary, ATTACK)["foreground_mean"]["Dice"]
     assert ours == pytest.approx(_dice(tree, cascade), rel=1e-9)
+    print(f"cascade: report Dice {ours}, stock 3d_lowres -> 3d_cascade_fullres Dice {_dice(tree, cascade)}")
     # the previous stage held fixed is the other choice; 3d_lowres alone is a configuration like any other
     fixed = _attack(tree, "3d_cascade_fullres", tmp_path / "fixed", previous_stage_gradient="fixed")
     assert fixed["settings"]["previous_stage"]["gradient"] == "fixed"
@@ -310,11 +312,14 @@ def test_an_exported_zip_is_installed_attacked_and_evaluated(models, tmp_path, m
     assert (installed / "fold_0" / "checkpoint_final.pth").is_file()
     out = tmp_path / "report"
     _command(evaluate_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-l", tree.dataset / "labelsTs",
-             "-o", out, "-m", installed, "-f", 0, "--attacks", "pgd:eps=4,steps=1", "--disable_tta", "-device", "cpu",
+             "-o", out, "-m", installed, "-f", 0, "--attacks", ATTACK_ZIP, "--disable_tta", "-device", "cpu",
              "--disable_progress_bar", "--no_checks", env=other)
     summary = json.loads((out / "summary.json").read_text())
     clean = _result(summary, "clean")
     assert clean["foreground_mean"]["Dice"] == pytest.approx(_dice(tree, out / clean["prediction_folder"]), rel=1e-9)
+    print(f"installed zip: clean Dice {clean['foreground_mean']['Dice']} (nnU-Net's "
+          f"{_dice(tree, out / clean['prediction_folder'])}), {ATTACK_ZIP} "
+          f"{_result(summary, ATTACK_ZIP)['foreground_mean']['Dice']}")
     attacked = tmp_path / "adv"
     _command(attack_main, tree, monkeypatch, "-i", tree.dataset / "imagesTs", "-o", attacked, "-d", DATASET_ID,
              "-c", "3d_fullres", "-tr", SHARED_TRAINER, "-p", "nnUNetPlans", "-f", 0, "--steps", 1, "-device", "cpu",
