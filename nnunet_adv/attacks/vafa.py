@@ -392,7 +392,7 @@ class VAFA2D(VAFA3D):
     """
 
     name = "vafa-2d"
-    summary = "VAFA-2D as published (Hanif et al. 2023)"
+    summary = "VAFA-2D: the authors' quantisation (q from q_max, q_min 5) with CE, no rescale, block 8"
     block_ndim = 2
     defaults = {**VAFA3D.defaults, "steps": 10, "block_size": (8, 8), "use_ssim_loss": False}
 

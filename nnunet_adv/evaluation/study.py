@@ -104,8 +104,9 @@ def check_strength(steps: Optional[int]) -> Tuple[int, int]:
 
 
 def other_attacks(steps: Optional[int]) -> List[str]:
-    """VAFA as published and as the authors' code runs it, the authors' rescale alone (a control: how much of
-    their VAFA's drop is the rescale) and Gaussian noise (a control of budget)."""
+    """VAFA with the authors' quantisation and CE (``vafa-3d``) and as the authors' code runs it, the
+    authors' rescale alone (a control: how much of their VAFA's drop is the rescale) and Gaussian noise
+    (a control of budget)."""
     n = steps or PUBLISHED_STEPS["vafa"]
     return [f"vafa-3d:q_max=20,steps={n},block_size=8", f"vafa-3d-ref:q_max=20,steps={n},block_size=8",
             "slice-rescale", "gn:std=4"]

@@ -163,7 +163,7 @@ def _interrupt_when(args, env, ready, timeout=300):
 
 def test_an_interrupted_attack_says_so_and_resumes(tree, tmp_path):
     out = tmp_path / "out"
-    args = _attack_args(tree, out, "--steps", 30)
+    args = _attack_args(tree, out, "--steps", 10)  # ~7 s a case here: time to interrupt after the first
     code, err = _interrupt_when(args, tree.env, lambda: (out / "case_0006_0000.nii.gz").is_file())
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("interrupted; re-run the same command with --continue_prediction to "
@@ -176,7 +176,7 @@ def test_an_interrupted_attack_says_so_and_resumes(tree, tmp_path):
 
 def test_an_interrupted_evaluation_says_so_and_continues(tree, tmp_path):
     out = tmp_path / "report"
-    args = _evaluate_args(tree, out, "--attacks", "pgd:eps=8,steps=30")
+    args = _evaluate_args(tree, out, "--attacks", "pgd:eps=8,steps=10")  # ~7 s a case, as above
     code, err = _interrupt_when(args, tree.env, lambda: any((out / "adversarial").rglob("case_0006_0000.nii.gz")))
     assert code == 130 and "Traceback" not in err and "attack" not in err.strip().splitlines()[-1]
     assert err.strip().splitlines()[-1].startswith("interrupted; re-run the same command with --continue")
