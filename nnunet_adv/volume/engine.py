@@ -204,6 +204,13 @@ class VolumeAttack:
             data = np.vstack((data, self.previous_stage.one_hot(seg, data.dtype)))
         return data.astype(np.float32), seg, properties
 
+    def nonzero_mask(self, seg: np.ndarray, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """nnU-Net's nonzero mask of a preprocessed case (``seg`` (1, *S), -1 outside it) as (1, 1, *S) on the
+        device, where the normalisation uses one (voxels nnU-Net keeps at 0 whatever the image); else None."""
+        if not self.use_mask:
+            return None
+        return torch.from_numpy(np.asarray(seg[0] >= 0))[None, None].to(self.device, dtype)
+
     def deployed(self, raw: np.ndarray, props: dict, data: np.ndarray):
         """``(model, grids)``: the model that predicts this case on the attack grid, (1, C, *S) -> logits
         (1, K, *S), where ``data`` (C, *S) is the case's preprocessing (:meth:`preprocess`): the sliding
@@ -222,8 +229,7 @@ class VolumeAttack:
             if other.shape == data.shape:
                 windows.append(window)
                 continue
-            mask = torch.from_numpy(np.asarray(seg[0] >= 0))[None, None].to(self.device, x0.dtype) \
-                if self.use_mask else None
+            mask = self.nonzero_mask(seg, x0.dtype)
             windows.append(OnAnotherGrid(window, x0, torch.from_numpy(other.astype(np.float32))[None].to(self.device),
                                          mask))
         return AveragedProbabilities(windows), grids
@@ -266,9 +272,7 @@ class VolumeAttack:
         if previous is not None:
             low_shape = self.previous_stage.network_shape(raw, props)
             attacked = WithPreviousStage(window, self.previous_stage.attacked_channels(previous, low_shape))
-        mask = None
-        if self.use_mask:
-            mask = torch.from_numpy(np.asarray(seg_net[0] >= 0))[None, None].to(self.device, x0.dtype)
+        mask = self.nonzero_mask(seg_net, x0.dtype)
 
         with torch.no_grad():
             clean_logits = window(x_input)
