@@ -76,21 +76,21 @@ def shrink_networks(plans_file: Path, plans_name: Optional[str] = None, configur
 
 def make_tree(root: Path, configurations=("3d_fullres", "2d"), threads: int = 2) -> NNUNetTree:
     """Build the real-MRI dataset (6 training, 2 test cases of 32^3 voxels), plan and preprocess it with
-    nnU-Net's commands, and shrink the 2d networks (:func:`shrink_networks`; the study trains three). The
-    3d_fullres network stays as planned: the shared model (``shared_model``) is trained for two iterations,
-    and the tests that check that an attack lowers its Dice need a model whose predictions carry some of
-    the structures; a tiny network trained as briefly predicts noise, and PGD then lowered its Dice in
-    only two of three runs."""
+    nnU-Net's commands, and shrink every planned network (:func:`shrink_networks`): the suite checks
+    behaviour, not accuracy, and an attack step costs a quarter. The shared model (``shared_model``),
+    trained two iterations, predicts noise either way (clean Dice 0.10-0.19); what the tests need is that
+    PGD lowers it, which it did in 11 of 11 trainings of the tiny network (docs/development.md)."""
     tree = NNUNetTree(root, threads)
     build_demo_dataset(tree.raw, DATASET_ID, name="AdvTestMRI", num_train=6, num_test=2, crop_size=32, seed=0)
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it must be >= 1 here
     tree.run("nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", *configurations, "-np", 1, "-npfp", 1,
              extra_env={"nnUNet_n_proc_DA": "1"})
-    shrink_networks(tree.preprocessed / DATASET_NAME / "nnUNetPlans.json", configurations=("2d",))
+    shrink_networks(tree.preprocessed / DATASET_NAME / "nnUNetPlans.json")
     return tree
 
 
-def predict_and_check(tree: NNUNetTree, trainer: str, configuration: str, out: Path, plans: str = "nnUNetPlans"):
+def predict_and_check(tree: NNUNetTree, trainer: str, configuration: str, out: Path, plans: str = "nnUNetPlans",
+                      extra_env=None):
     """Predict the test images with the stock ``nnUNetv2_predict`` and check that it wrote one
     prediction per reference label, with the label's geometry and only the dataset's labels."""
     import nibabel as nib
@@ -98,7 +98,7 @@ def predict_and_check(tree: NNUNetTree, trainer: str, configuration: str, out: P
 
     tree.run("nnUNetv2_predict", "-i", tree.dataset / "imagesTs", "-o", out, "-d", DATASET_ID, "-c", configuration,
              "-f", 0, "-tr", trainer, "-p", plans, "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
-             "-npp", 0, "-nps", 0)  # nnU-Net's sequential mode: no worker processes on a 2-core machine
+             "-npp", 0, "-nps", 0, extra_env=extra_env)  # sequential mode: no worker processes on 2 cores
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == sorted(p.name for p in (tree.dataset / "labelsTs").glob("*.nii.gz"))
     pred = nib.load(out / written[0])

@@ -101,7 +101,6 @@ def test_recipe_trains_and_predicts(tree, tmp_path, trainer, configuration, fine
     predict_and_check(tree, trainer, configuration, tmp_path / "pred", PLANS)
 
 
-SAAT = "nnUNetTrainerSAAT_TestShort"
 STOPPING_SAAT = '''
 import os
 from nnunet_adv.trainers import nnUNetTrainerSAAT_TestShort
@@ -118,23 +117,10 @@ class nnUNetTrainerSAAT_TestShortStops(nnUNetTrainerSAAT_TestShort):
 
 
 def test_saat_trains_predicts_and_continues_with_its_state(tree, tmp_path):
-    # 1. the recipe itself: 3 epochs, a decision every epoch (SEAT's 1-based epochs: m <- 2 after
-    # epoch 1, the threshold after epoch 2, the first comparison after epoch 3)
-    _train(tree, SAAT, "3d_fullres")
-    fold = _model_folder(tree, SAAT, "3d_fullres") / "fold_0"
-    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    logging = checkpoint["logging"]
-    assert logging["saat_m"] == [1, 2, 2]
-    mags = logging["saat_grad_magnitude"]
-    assert len(mags) == 3 and all(v > 0 for v in mags)
-    assert logging["saat_threshold"][:2] == [0.0, pytest.approx(1.1 * mags[1])]
-    rose = mags[2] > 1.1 * mags[1]
-    assert logging["saat_threshold"][2] == pytest.approx(1.1 * mags[2 if rose else 1])
-    assert checkpoint["saat_state"]["m"] == (3 if rose else 2)
-    assert (fold / "progress.png").is_file()
-    predict_and_check(tree, SAAT, "3d_fullres", tmp_path / "pred", PLANS)
-
-    # 2. a run that crashed after epoch 1 (checkpoint_latest holds m = 2) continues with --c
+    """SAAT_TestShort (3 epochs, a decision every epoch) as a run that crashed after its second epoch and
+    continued with --c: the state it saved (m = 2) is restored, and the finished run's record is the
+    uninterrupted schedule's (SEAT's 1-based epochs: m <- 2 after epoch 1, the threshold after epoch 2,
+    the first comparison after epoch 3)."""
     folder = tmp_path / "user_trainers"
     folder.mkdir()
     (folder / "stopping_saat.py").write_text(textwrap.dedent(STOPPING_SAAT))
@@ -152,6 +138,13 @@ def test_saat_trains_predicts_and_continues_with_its_state(tree, tmp_path):
     assert "SAAT: restored m = 2" in proc.stdout
     assert "SAAT: 2 attack iteration(s) per batch this epoch" in proc.stdout  # epoch 2 ran with the restored m
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert final["logging"]["saat_m"] == [1, 2, 2]
-    mags = final["logging"]["saat_grad_magnitude"]
-    assert final["saat_state"]["m"] == (3 if mags[2] > 1.1 * mags[1] else 2)
+    logging = final["logging"]
+    assert logging["saat_m"] == [1, 2, 2]
+    mags = logging["saat_grad_magnitude"]
+    assert len(mags) == 3 and all(v > 0 for v in mags)
+    assert logging["saat_threshold"][:2] == [0.0, pytest.approx(1.1 * mags[1])]
+    rose = mags[2] > 1.1 * mags[1]
+    assert logging["saat_threshold"][2] == pytest.approx(1.1 * mags[2 if rose else 1])
+    assert final["saat_state"]["m"] == (3 if rose else 2)
+    assert (fold / "progress.png").is_file()
+    predict_and_check(tree, stopping, "3d_fullres", tmp_path / "pred", PLANS, extra_env=env)

@@ -5,10 +5,11 @@ No ``nnUNet_extTrainer`` is set in the environment: our start-up hook must make
 """
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from nnunet_tree import DATASET_ID, SHARED_TRAINER, predict_and_check
+from nnunet_tree import DATASET_ID, DATASET_NAME, SHARED_TRAINER, predict_and_check
 
 pytestmark = pytest.mark.e2e
 
@@ -127,16 +128,39 @@ def test_user_trainer_folder_and_finetuning_from_a_clean_checkpoint(nnunet_tree,
     assert "Using trainer 'UserPGDAT' from" in proc.stdout
 
 
-@pytest.mark.parametrize("trainer, message", [
-    ("UserBadEps", "nnunet_adv: UserBadEps: eps must be >= 0 (got -1.0)"),
-    ("UserZeroSteps", "nnunet_adv: UserZeroSteps: attack 'pgd':"),
-    ("UserStringEps", "nnunet_adv: UserStringEps: eps_frac must be a number or None, got '4/255' (str)"),
-])
-def test_bad_hyper_parameters_give_one_line_error(nnunet_tree, user_folder, trainer, message):
+def test_a_bad_hyper_parameter_is_one_line_from_nnunetv2_train(nnunet_tree, user_folder):
+    trainer = "UserBadEps"
     proc = nnunet_tree.run("nnUNetv2_train", DATASET_ID, "3d_fullres", 0, "-tr", trainer, "-device", "cpu",
                            extra_env=user_folder, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(message), proc.stderr[-2000:]
+    assert last.startswith("nnunet_adv: UserBadEps: eps must be >= 0 (got -1.0)"), proc.stderr[-2000:]
     assert not (nnunet_tree.model_folder(trainer) / "fold_0" / "checkpoint_final.pth").exists()
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ("UserZeroSteps", "nnunet_adv: UserZeroSteps: attack 'pgd':"),
+    ("UserStringEps", "nnunet_adv: UserStringEps: eps_frac must be a number or None, got '4/255' (str)"),
+])
+def test_other_bad_hyper_parameters_are_refused_as_the_trainer_is_made(nnunet_tree, user_folder, monkeypatch,
+                                                                        trainer, message):
+    """The same refusal as above (a UserError, which nnUNetv2_train prints as its one line) for the other
+    settings, raised where nnUNetv2_train meets it: the user's class made with nnU-Net's arguments."""
+    import importlib.util
+
+    from nnunet_adv.errors import UserError
+
+    for key, value in nnunet_tree.env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    path = Path(user_folder["nnUNet_extTrainer"]) / "my_trainers.py"
+    spec = importlib.util.spec_from_file_location("my_trainers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = nnunet_tree.preprocessed / DATASET_NAME
+    plans = dict(json.loads((folder / "nnUNetPlans.json").read_text()), continue_training=False)  # as nnU-Net adds
+    with pytest.raises(UserError) as refused:
+        getattr(module, trainer)(plans, "3d_fullres", 0, json.loads((folder / "dataset.json").read_text()),
+                                 torch.device("cpu")).initialize()
+    assert str(refused.value).startswith(message)

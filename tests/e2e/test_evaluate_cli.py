@@ -235,9 +235,18 @@ def test_continue_recomputes_nothing(report):
     assert json.loads((out / "summary.json").read_text())["results"] == report["summary"]["results"]
 
 
-def test_existing_report_needs_continue(report):
-    proc = report["tree"].run(*_evaluate_args(report["tree"], report["out"], "--attacks", ATTACKS[0]), check=False)
-    assert proc.returncode == 2 and "--continue" in proc.stderr and "Traceback" not in proc.stderr
+def test_existing_report_needs_continue(report, capsys, monkeypatch):
+    from nnunet_adv.cli.evaluate import main
+
+    tree = report["tree"]
+    for key, value in tree.env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
+    before = {p: p.stat().st_mtime_ns for p in report["out"].rglob("*")}
+    assert main([str(a) for a in _evaluate_args(tree, report["out"], "--attacks", ATTACKS[0])[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "--continue" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {p: p.stat().st_mtime_ns for p in report["out"].rglob("*")} == before
 
 
 # ------------------------------------------------------------------------------------------ bad input

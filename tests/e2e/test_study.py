@@ -94,11 +94,19 @@ def test_combine_gives_mean_and_spread_over_seeds(study, tmp_path):
     (["--clean_schedule", "2xfifty"], "expected EPOCHSxITERATIONS (e.g. 6x50), got '2xfifty'"),
     (["--eps_sweep", "0"], "eps values must be > 0"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(nnunet_tree, tmp_path, extra, message):
+def test_bad_input_is_one_line_and_writes_nothing(nnunet_tree, tmp_path, capsys, monkeypatch, extra, message):
+    """The command's main() in this process, with the tree's nnU-Net folders (the study's own process
+    is tested by the other tests here)."""
+    from nnunet_adv.cli.study import main
+
+    for key, value in nnunet_tree.env.items():
+        if key.startswith("nnUNet_"):
+            monkeypatch.setenv(key, value)
     out = tmp_path / "study"
-    proc = nnunet_tree.run("nnUNetv2_adv_study", "-d", DATASET_ID, "-o", out, *extra, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert message in proc.stderr.strip().splitlines()[-1] and not out.exists()
+    assert main([str(a) for a in ["-d", DATASET_ID, "-o", out, *extra]]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert message in err and not out.exists()
 
 
 def test_an_existing_study_is_not_overwritten_and_a_foreign_clean_model_is_refused(study, tmp_path):

@@ -7,6 +7,7 @@ Run alone with ``python -m pytest -m faults``. The tmpfs tests mount a small tmp
 sandbox can); where mounting is not permitted they are skipped and the in-process fault-injecting
 writer below still covers the full disk.
 """
+import importlib
 import json
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from fault_helpers import TRAINER, _attack_args, _digest, _evaluate_args, _one_error_line
+from fault_helpers import TRAINER, _attack_args, _digest, _evaluate_args, _one_error_line, in_process
 from nnunet_tree import BIN
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -109,37 +110,52 @@ def test_a_writer_that_silently_truncates_is_caught_in_process(tree, tmp_path, m
 
 
 # ----------------------------------------------------------------------------------- read-only, a file
+#: the attack runs as the user runs it (a subprocess: the interpreter's own error handling is part of what
+#: is tested); the other commands' main() in this process, the same refusal without the start-up
+IN_PROCESS = {"evaluate": "nnunet_adv.cli.evaluate", "demo": "nnunet_adv.cli.demo"}
+
+
+def _refusal(tree, capsys, args, *expected):
+    """Run a command that must refuse ``args`` with one line holding ``expected``; returns its stdout."""
+    module = next((m for c, m in IN_PROCESS.items() if args[0] == f"nnUNetv2_adv_{c}"), None)
+    if module is None:
+        proc = tree.run(*args, check=False)
+        _one_error_line(proc, *expected)
+        return proc.stdout
+    stdout, _ = in_process(importlib.import_module(module).main, args[1:], capsys, *expected)
+    return stdout
+
+
+def _command_args(tree, command, out):
+    return {"attack": _attack_args(tree, out), "evaluate": _evaluate_args(tree, out),
+            "demo": ["nnUNetv2_adv_demo", "-o", out, "-device", "cpu"]}[command]
+
+
 @pytest.mark.parametrize("command", ["attack", "evaluate", "demo"])
-def test_read_only_output_is_one_line_before_anything_loads(tree, tmp_path, command):
+def test_read_only_output_is_one_line_before_anything_loads(tree, tmp_path, capsys, command):
     before = _digest(tree.dataset)
     with tmpfs(tmp_path / "ro", "1m") as disk:
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        out = disk / "out"
-        args = {"attack": _attack_args(tree, out), "evaluate": _evaluate_args(tree, out),
-                "demo": ["nnUNetv2_adv_demo", "-o", out, "-device", "cpu"]}[command]
-        proc = tree.run(*args, check=False)
-        _one_error_line(proc, "Read-only file system")
-        assert "model " not in proc.stdout  # refused before the model was loaded
+        stdout = _refusal(tree, capsys, _command_args(tree, command, disk / "out"), "Read-only file system")
+        assert "model " not in stdout  # refused before the model was loaded
     _inputs_unchanged(tree, before)
 
 
 @pytest.mark.parametrize("command", ["attack", "evaluate", "demo"])
-def test_an_output_path_that_is_a_file_is_one_line(tree, tmp_path, command):
+def test_an_output_path_that_is_a_file_is_one_line(tree, tmp_path, capsys, command):
     path = tmp_path / "a_file"
     path.write_text("keep me")
-    args = {"attack": _attack_args(tree, path), "evaluate": _evaluate_args(tree, path),
-            "demo": ["nnUNetv2_adv_demo", "-o", path, "-device", "cpu"]}[command]
-    proc = tree.run(*args, check=False)
-    _one_error_line(proc, str(path))
+    _refusal(tree, capsys, _command_args(tree, command, path), str(path))
     assert path.read_text() == "keep me"
 
 
-def test_a_folder_of_other_files_is_not_written_into(tree, tmp_path):
+def test_a_folder_of_other_files_is_not_written_into(tree, tmp_path, capsys):
+    from nnunet_adv.cli.attack import main
+
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "notes.txt").write_text("a user's file")
-    proc = tree.run(*_attack_args(tree, out), check=False)
-    _one_error_line(proc, "holds files that nnUNetv2_adv_attack did not write")
+    in_process(main, _attack_args(tree, out)[1:], capsys, "holds files that nnUNetv2_adv_attack did not write")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -220,18 +236,21 @@ def test_continuing_an_evaluation_with_another_checkpoint_is_refused(tree, tmp_p
 @pytest.mark.parametrize("args, message", [(["--num_train", 0], "number of training cases must be >= 1"),
                                            (["--num_test", -1], "--num_test must be >= 1"),
                                            (["-d", 1000], "dataset id must be an integer in 1..999")])
-def test_bad_demo_arguments_create_nothing(tree, tmp_path, args, message):
+def test_bad_demo_arguments_create_nothing(tmp_path, capsys, args, message):
+    from nnunet_adv.cli.demo import main
+
     out = tmp_path / "demo"
-    proc = tree.run("nnUNetv2_adv_demo", "-o", out, "-device", "cpu", *args, check=False)
-    _one_error_line(proc, message)
+    in_process(main, ["-o", out, "-device", "cpu", *args], capsys, message)
     assert not out.exists()  # the corrected re-run is not blocked
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "inf"])
-def test_a_bad_sweep_eps_is_one_line(tree, tmp_path, value):
+def test_a_bad_sweep_eps_is_one_line(tree, tmp_path, capsys, value):
+    from nnunet_adv.cli.evaluate import main
+
     out = tmp_path / "report"
-    proc = tree.run(*_evaluate_args(tree, out, "--eps_sweep", value), check=False)
-    _one_error_line(proc, "--eps_sweep values must be finite numbers > 0")
+    in_process(main, _evaluate_args(tree, out, "--eps_sweep", value)[1:], capsys,
+               "--eps_sweep values must be finite numbers > 0")
     assert not out.exists()
 
 
