@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# NLCE's claim (He et al., AAAI 2019): the network itself is more robust under targeted I-FGSM. Issue 18
+# item 5, docs/claims.md. On the work folder of benchmarks/evidence_rerun.sh (Dataset910 and the study's
+# clean model of each seed, nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-S, plain nnU-Net
+# network), this trains nnUNetTrainerNLCE with the same schedule and seed from scratch (1000 iterations of
+# clean training, one NLCE module at the bottleneck), then evaluates both models with
+#   - the paper's attack: targeted I-FGSM (target: the inverted label, NLCEN's step count from eps) over
+#     eps 0.5 ... 32 (x/255 of the window),
+#   - the L-inf worst case at 4/255 (PGD-10, APGD-ROG, SegPGD-10, CosPGD-10) with the checks.
+#
+#   bash benchmarks/claim_nlce.sh WORK_FOLDER [SEED ...]        (default seeds: 0 1)
+#
+# Resumable: a finished training is reused (an unfinished one continues with --c), the evaluation
+# resumes with --continue. Writes WORK_FOLDER/claims/nlce/sS/ (report.md, summary.json) and a log.
+set -euo pipefail
+work=$(realpath "${1:?usage: claim_nlce.sh WORK_FOLDER [SEED ...]}"); shift
+seeds=${*:-0 1}
+export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
+export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f
+dataset=Dataset910_AdvDemoMRI
+mkdir -p "$work/claims/nlce" "$work/logs"
+cd "$work"
+for seed in $seeds; do
+  schedule=ep-20_its-50_valits-2_valsteps-1_seed-$seed
+  clean=nnUNetTrainerClean_$schedule nlce=nnUNetTrainerNLCE_$schedule
+  [ -f "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || {
+    echo "seed $seed: the study's clean model $clean is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
+  folder=results/$dataset/${nlce}__nnUNetPlans__2d/fold_0
+  if [ ! -f "$folder/checkpoint_final.pth" ]; then
+    resume=(); [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
+    /usr/bin/time -v nnUNetv2_train 910 2d 0 -tr "$nlce" -device cpu "${resume[@]}" > "logs/claim_nlce_train_s$seed.log" 2>&1
+  fi
+  out=claims/nlce/s$seed
+  resume=(); [ -e "$out/summary.json" ] || [ -e "$out/adversarial" ] && resume=(--continue)
+  /usr/bin/time -v nnUNetv2_adv_evaluate -i "raw/$dataset/imagesTs" -l "raw/$dataset/labelsTs" -o "$out" \
+    -d 910 -c 2d -f 0 -tr "$clean" "$nlce" -device cpu --disable_tta --disable_progress_bar --tile_batch_size 40 \
+    --seed "$seed" --attacks "pgd:eps=4,steps=10" "apgd-rog:eps=4" "segpgd:eps=4,steps=10" "cospgd:eps=4,steps=10" \
+    --sweep_attack ifgsm-targeted --eps_sweep 0.5 1 2 4 8 16 32 "${resume[@]}" > "logs/claim_nlce_eval_s$seed.log" 2>&1
+done
