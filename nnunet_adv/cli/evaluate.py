@@ -11,7 +11,8 @@ similarity. Writes into the report folder:
     report.md             the paper table (mean foreground Dice and HD95), sweep, transfer, ROG fraction
     robustness_curve.png  Dice and Jaccard vs eps per model (with --eps_sweep)
     examples.png          central slices: image, perturbation, adversarial image, predictions, labels
-    saliency.png          input-gradient saliency per model (with --saliency)
+    saliency.png          input-gradient saliency per model (with --saliency; report.md and summary.json
+                          then give each model's share of it inside the labelled structures)
     adversarial/MODEL/ATTACK/       the adversarial images and attack.json
     predictions/MODEL/SETTING/      nnU-Net's predictions
     metrics/MODEL/SETTING.json      per-case metrics
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("prediction and report")
     r.add_argument("--disable_tta", action="store_true",
                    help="predict without test-time mirroring (as nnUNetv2_predict --disable_tta; faster)")
-    r.add_argument("--saliency", action="store_true", help="also draw input-gradient saliency maps per model")
+    r.add_argument("--saliency", action="store_true",
+                   help="also draw input-gradient saliency maps per model and report each model's share of the "
+                        "saliency inside the labelled structures")
     r.add_argument("--num_examples", type=int, default=2, help="cases shown in examples.png (default 2)")
     r.add_argument("-device", default=None, choices=("cpu", "cuda", "mps"),
                    help="device (default cuda if available, else cpu)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from nnunet_adv.evaluation.plan import (
     worst_case_members,
 )
 from nnunet_adv.evaluation.report import ReportFolder
-from nnunet_adv.evaluation.saliency import saliency_slices
+from nnunet_adv.evaluation.saliency import CaseSaliency, case_saliency
 from nnunet_adv.files import (
     ChecksumMismatch,
     atomic_write_checked_json,
@@ -171,6 +172,8 @@ SETTINGS_JSON = "evaluation.json"
 INPUTS_KEY = "inputs"  # evaluation.json: the SHA-256 of every case's image(s) and label at the last run
 PREDICTION_JSON = "prediction.json"
 CORRUPTION_JSON = "corruption.json"
+#: what a saliency cache (saliency/MODEL/CASE.npz) holds; a cache from another version is recomputed
+SALIENCY_CONTENT = "central slices, inside_share, structure_fraction"
 
 
 def _files_verified(folder: Path, record: Optional[dict]) -> bool:
@@ -288,18 +291,19 @@ class RobustnessEvaluation:
                            and ev.setting in members])
         found = {m.name: run_checks(self.evidence(m, settings, evaluations, summaries)) for m in r.models} \
             if r.checks else {}
+        saliency = self.saliency_numbers() if r.saliency else {}
 
         context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=r.command,
                                        dataset=r.plans["dataset_name"], models=r.models, settings=settings,
                                        evaluations=evaluations, summaries=summaries, labels=labels, tta=r.tta,
                                        eot=r.eot_mirroring, device=r.device, folds=list(map(str, r.folds)),
-                                       checkpoint=r.checkpoint, cases=list(r.cases), checks=found,
+                                       checkpoint=r.checkpoint, cases=list(r.cases), checks=found, saliency=saliency,
                                        notes=r.deployment_notes() + self.resampling_notes(settings))
         report.write_summary_json(context)
         report.write_metrics_csv(context)
         figures = report.write_figures(context, r.cases, rw, r.num_examples)
         if r.saliency:
-            figures.append(self.saliency(context))
+            figures.append(self.saliency_figure(context))
         text = report.write_report_md(context, figures)
         self.log("computed this run: " + (_count_kinds(self.done_work) if self.done_work else "nothing (all reused)"))
         return text
@@ -678,35 +682,50 @@ class RobustnessEvaluation:
         return {"provenance": record["provenance"], "files": record["files"], "inputs": record.get("inputs", {}),
                 "nsd_tolerance_mm": self.run.nsd_tolerance}
 
-    def saliency(self, context) -> str:
-        """saliency.png for the first ``num_examples`` cases (maps cached in saliency/MODEL/CASE.npz)."""
+    def saliency_numbers(self) -> Dict[str, dict]:
+        """Per model, :class:`CaseSaliency`'s inside_share and structure_fraction of every case and their means
+        over the cases (summary.json's ``saliency``, report.md's saliency section)."""
+        numbers = {}
+        for model in self.run.models:
+            cases = {case: self.case_saliency(model, case) for case in self.run.cases}
+            per_case = {case: {"inside_share": c.inside_share, "structure_fraction": c.structure_fraction}
+                        for case, c in cases.items()}
+            numbers[model.name] = {key: _finite_mean([c[key] for c in per_case.values()])
+                                   for key in ("inside_share", "structure_fraction")}
+            numbers[model.name]["per_case"] = per_case
+        return numbers
+
+    def saliency_figure(self, context) -> str:
+        """saliency.png: the first ``num_examples`` cases' central slices."""
         r = self.run
         chosen = list(r.cases)[:max(1, r.num_examples)]
-        slices = {m.name: [self.saliency_slices(m, case) for case in chosen] for m in r.models}
-        maps = {name: [saliency for _, saliency in pairs] for name, pairs in slices.items()}
-        first = slices[r.models[0].name]  # the image panel: the first model's preprocessed grid
-        return report.write_saliency(context, [(case, image) for case, (image, _) in zip(chosen, first)], maps)
+        maps = {m.name: [self.case_saliency(m, case).saliency for case in chosen] for m in r.models}
+        first = [self.case_saliency(r.models[0], case).image for case in chosen]  # the first model's grid
+        return report.write_saliency(context, list(zip(chosen, first)), maps)
 
-    def saliency_slices(self, model: Model, case: str):
-        """(image, saliency) central slices of one case, computed once and cached."""
+    def case_saliency(self, model: Model, case: str) -> CaseSaliency:
+        """One case's :class:`CaseSaliency`, computed once and cached in saliency/MODEL/CASE.npz (its checksum,
+        the inputs' and what the file holds in the record beside it)."""
         cache = self.folder.saliency(model.name, case)
         record, inputs = cache.with_suffix(".json"), self.run.cases[case]["inputs"]
-        expected = {"inputs": inputs, "npz": file_digest(cache)} if cache.is_file() else None
-        if expected is None or self._cached(record, expected) is None:  # the maps' checksum is in the record
-
+        expected = {"inputs": inputs, "npz": file_digest(cache), "content": SALIENCY_CONTENT} \
+            if cache.is_file() else None
+        if expected is None or self._cached(record, expected) is None:
             device = torch.device(self.run.device)
             if model.name not in self._attack_models:
                 with _quiet():
                     self._attack_models[model.name] = load_trained_model(model.folder, self.run.folds,
                                                                          self.run.checkpoint, device=device)
             files = self.run.cases[case]
-            image, saliency = saliency_slices(self._attack_models[model.name], files["images"], files["label"], device)
+            found = case_saliency(self._attack_models[model.name], files["images"], files["label"], device)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, image=image, saliency=saliency)
-            atomic_write_checked_json(record, {"computed_from": {"inputs": inputs, "npz": file_digest(cache)}})
+            np.savez(cache, **vars(found))
+            atomic_write_checked_json(record, {"computed_from": {"inputs": inputs, "npz": file_digest(cache),
+                                                                 "content": SALIENCY_CONTENT}})
             self.done_work.append(f"saliency {case} of {model.name}")
-        data = np.load(cache)
-        return data["image"], data["saliency"]
+        with np.load(cache) as data:
+            return CaseSaliency(data["image"], data["saliency"], float(data["inside_share"]),
+                                float(data["structure_fraction"]))
 
 
 def image_lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Optional[float]:
@@ -716,6 +735,12 @@ def image_lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Opt
     clean, adv = rw.read_images(clean_files)[0], rw.read_images(adversarial_files)[0]
     values = [image_metrics.lpips_distance(c, a, float(c.max() - c.min())) for c, a in zip(clean, adv)]
     return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _finite_mean(values) -> float:
+    """Mean of the finite values, NaN if there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _count_kinds(work: List[str]) -> str:

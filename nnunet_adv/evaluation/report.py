@@ -70,6 +70,7 @@ class ReportContext:
     checkpoint: str
     cases: List[str]
     checks: Dict[str, dict] = field(default_factory=dict)  # model name -> checks.run_checks(...)
+    saliency: Dict[str, dict] = field(default_factory=dict)  # model name -> inside_share, ... (--saliency)
     notes: List[str] = field(default_factory=list)  # how models that are not one network ran (cascades)
 
     @property
@@ -151,8 +152,13 @@ def write_summary_json(ctx: ReportContext) -> None:
                                          "(controls and the saturation check left out), then nnU-Net's averaging "
                                          "(AutoAttack's rule)",
                            "checks": "per model: gradient, loss rises, gradient-free or transfer, saturation, "
-                                     "convergence; status pass / warn / not run (docs/evaluate.md)"},
-           "checks": ctx.checks, "results": results}
+                                     "convergence; status pass / warn / not run (docs/evaluate.md)",
+                           "saliency": "with --saliency, per model: inside_share, the share of the input-gradient "
+                                       "saliency max_c |dCE/dx_c| (whole volume, nnU-Net's network space) inside the "
+                                       "labelled structures, over nnU-Net's nonzero mask; structure_fraction, the "
+                                       "structures' share of those voxels (an even map's inside_share); mean over "
+                                       "the cases and per case"},
+           "checks": ctx.checks, "saliency": ctx.saliency, "results": results}
     atomic_write_text(ctx.root / "summary.json", json.dumps(doc, indent=1, default=_json_default))
 
 
@@ -266,12 +272,30 @@ def write_report_md(ctx: ReportContext, figures: List[str]) -> str:
              + _worst_case_lines(ctx, main) + _checks_section(ctx) + _attack_effect_section(ctx, attacked)
              + _corruption_section(ctx, [s for s in ctx.settings if s.corruption is not None])
              + _sweep_section(ctx, [s for s in ctx.settings if s.sweep])
-             + _transfer_section(ctx, attacked))
+             + _transfer_section(ctx, attacked) + _saliency_section(ctx))
     for name in figures:
         lines += [f"![{name}]({name})", ""]
     text = "\n".join(lines)
     atomic_write_text(ctx.root / "report.md", text)
     return text
+
+
+def _saliency_section(ctx: ReportContext) -> List[str]:
+    """--saliency: where each model's input gradient lies, as one number per model (the dual-BN paper's
+    interpretability claim, made checkable)."""
+    if not ctx.saliency:
+        return []
+    lines = ["## Saliency inside the labelled structures", "",
+             f"Share of the input-gradient saliency |dLoss/dx| that lies inside the labelled structures (whole "
+             f"volumes, nnU-Net's nonzero mask), mean over the {len(ctx.cases)} case(s). A map spread evenly would put "
+             f"the structures' share of the voxels there; the ratio says how many times more the model's saliency "
+             f"concentrates on the anatomy (higher: more of what moves the prediction is the structure itself).", ""]
+    rows = []
+    for model, found in ctx.saliency.items():
+        share, fraction = found["inside_share"], found["structure_fraction"]
+        ratio = share / fraction if math.isfinite(share) and fraction > 0 else float("nan")
+        rows.append([model, _f(share), _f(fraction), _f(ratio, 2)])
+    return lines + _table(["model", "saliency inside", "structures' share of the voxels", "ratio"], rows) + [""]
 
 
 def _header_section(ctx: ReportContext) -> List[str]:

@@ -222,6 +222,22 @@ def test_figures_are_valid_pngs_of_the_expected_size(report):
     assert "![robustness_curve.png](robustness_curve.png)" in text and "## Transfer attacks" in text
 
 
+def test_saliency_inside_the_structures_per_model(report):
+    """--saliency's number: each model's share of the input gradient inside the labelled structures, per
+    case and averaged, in summary.json and report.md; the copy has the same weights, so the same numbers."""
+    saliency, text = report["summary"]["saliency"], (report["out"] / "report.md").read_text()
+    assert set(saliency) == set(MODELS)
+    for model in MODELS:
+        found = saliency[model]
+        assert set(found["per_case"]) == {"case_0006", "case_0007"}
+        assert all(0 < c["inside_share"] < 1 and 0 < c["structure_fraction"] < 1 for c in found["per_case"].values())
+        assert found["inside_share"] == pytest.approx(np.mean([c["inside_share"] for c in found["per_case"].values()]))
+    assert saliency[MODELS[0]] == saliency[MODELS[1]]
+    section = text[text.index("## Saliency inside the labelled structures"):]
+    row = next(line for line in section.splitlines() if line.startswith(f"| {MODELS[0]} |"))
+    assert row.split(" | ")[1] == f"{saliency[MODELS[0]]['inside_share']:.3f}"
+
+
 def test_continue_recomputes_nothing(report):
     out, tree = report["out"], report["tree"]
     kept = {p: p.stat().st_mtime_ns for sub in ("adversarial", "predictions", "metrics", "saliency")
