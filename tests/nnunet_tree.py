@@ -35,6 +35,13 @@ class NNUNetTree:
                    nnUNet_compile="f", OMP_NUM_THREADS=str(threads), MPLBACKEND="agg", PYTHONUNBUFFERED="1")
         self.env = env
 
+    def set_in_process(self, monkeypatch, extra_env=None) -> None:
+        """Give this process the tree's nnU-Net folders (and ``extra_env``'s nnU-Net variables), for a
+        command run through its ``main()`` or a trainer made here; ``monkeypatch`` undoes it."""
+        for key, value in {**self.env, **(extra_env or {})}.items():
+            if key.startswith("nnUNet_"):
+                monkeypatch.setenv(key, value)
+
     @property
     def dataset(self) -> Path:
         return self.raw / DATASET_NAME

@@ -183,9 +183,7 @@ def test_tile_batch_size_reaches_the_engine(attacked, tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(volume_attack, "SlidingWindowModel", Recording)
-    for key, value in attacked["tree"].env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    attacked["tree"].set_in_process(monkeypatch)
     argv = ["-i", attacked["images"], "-l", attacked["labels"], "-m", attacked["tree"].model_folder(TRAINER),
             "-f", "0", "--attack_name", "fgsm", "--eps", "8", "-device", "cpu", "--disable_progress_bar"]
     argv = [str(a) for a in argv]

@@ -84,9 +84,7 @@ def test_pgdat_trains_the_cascade_and_never_perturbs_the_previous_stage(models, 
     weights = torch.load(folder / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     first_conv = next(v for k, v in weights["network_weights"].items() if k.endswith("weight") and v.ndim == 5)
     assert first_conv.shape[1] == 3  # nnUNetv2_train trained it on image + previous stage
-    for var, path in (("nnUNet_raw", models.raw), ("nnUNet_preprocessed", models.preprocessed),
-                      ("nnUNet_results", models.results)):
-        monkeypatch.setenv(var, str(path))
+    models.set_in_process(monkeypatch)
     plans = dict(json.loads((folder / "plans.json").read_text()), continue_training=False)  # as nnUNetv2_train
     dataset_json = json.loads((folder / "dataset.json").read_text())
     trainer = nnUNetTrainerPGDAT_TestShort(plans, "3d_cascade_fullres", 0, dataset_json, torch.device("cpu"))
@@ -140,9 +138,7 @@ def test_cascade_is_attacked_as_deployed_and_stock_prediction_gives_the_report_d
 
 def _command(main, tree, monkeypatch, *argv, env=None):
     """A command's ``main(argv)`` in this process (no interpreter start-up) with the tree's nnU-Net folders."""
-    for key, value in {**tree.env, **(env or {})}.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    tree.set_in_process(monkeypatch, env)
     assert main([str(a) for a in argv]) == 0
 
 
@@ -342,9 +338,7 @@ def test_a_cascade_without_its_previous_stage_is_one_line(models, tmp_path, monk
     for main, extra in ((attack_main, ["-o", tmp_path / "adv"]),
                         (evaluate_main, ["-o", tmp_path / "report", "-l", models.dataset / "labelsTs",
                                          "--attacks", ATTACK])):
-        for key, value in {**models.env, **other}.items():
-            if key.startswith("nnUNet_"):
-                monkeypatch.setenv(key, value)
+        models.set_in_process(monkeypatch, other)
         assert main([str(a) for a in ["-i", models.dataset / "imagesTs", *extra, "-d", DATASET_ID, "-c",
                                       "3d_cascade_fullres", "-f", "all", "-tr", SHARED_TRAINER, "-p", CASCADE_PLANS,
                                       "-device", "cpu"]]) == 2

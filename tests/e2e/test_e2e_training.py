@@ -151,9 +151,7 @@ def test_other_bad_hyper_parameters_are_refused_as_the_trainer_is_made(nnunet_tr
 
     from nnunet_adv.errors import UserError
 
-    for key, value in nnunet_tree.env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    nnunet_tree.set_in_process(monkeypatch)
     path = Path(user_folder["nnUNet_extTrainer"]) / "my_trainers.py"
     spec = importlib.util.spec_from_file_location("my_trainers", path)
     module = importlib.util.module_from_spec(spec)

@@ -255,9 +255,7 @@ def test_existing_report_needs_continue(report, capsys, monkeypatch):
     from nnunet_adv.cli.evaluate import main
 
     tree = report["tree"]
-    for key, value in tree.env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    tree.set_in_process(monkeypatch)
     before = {p: p.stat().st_mtime_ns for p in report["out"].rglob("*")}
     assert main([str(a) for a in _evaluate_args(tree, report["out"], "--attacks", ATTACKS[0])[1:]]) == 2
     err = capsys.readouterr().err
@@ -326,9 +324,7 @@ def test_bad_input_one_line_error(report, tmp_path, case, capsys, monkeypatch):
             "-d": [DATASET_ID], "-c": ["3d_fullres"], "-tr": MODELS, "--attacks": [ATTACKS[0]], "-device": ["cpu"]}
     args.update(overrides)
     argv = [str(x) for flag, values in args.items() if values is not None for x in (flag, *values)]
-    for key, value in tree.env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    tree.set_in_process(monkeypatch)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err

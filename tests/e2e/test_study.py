@@ -99,9 +99,7 @@ def test_bad_input_is_one_line_and_writes_nothing(nnunet_tree, tmp_path, capsys,
     is tested by the other tests here)."""
     from nnunet_adv.cli.study import main
 
-    for key, value in nnunet_tree.env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    nnunet_tree.set_in_process(monkeypatch)
     out = tmp_path / "study"
     assert main([str(a) for a in ["-d", DATASET_ID, "-o", out, *extra]]) == 2
     err = capsys.readouterr().err

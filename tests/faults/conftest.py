@@ -10,7 +10,5 @@ def tree(shared_model):
 @pytest.fixture
 def nnunet_env(tree, monkeypatch):
     """The tree's nnU-Net environment in this process, for commands run through their main()."""
-    for key, value in tree.env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    tree.set_in_process(monkeypatch)
     return tree

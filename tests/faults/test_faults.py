@@ -86,9 +86,7 @@ def test_a_writer_that_silently_truncates_is_caught_in_process(tree, tmp_path, m
 
     from nnunet_adv.cli.attack import main
 
-    for key, value in tree.env.items():
-        if key.startswith("nnUNet_"):
-            monkeypatch.setenv(key, value)
+    tree.set_in_process(monkeypatch)
     real = SimpleITK.WriteImage
 
     def truncating(image, path, *args):

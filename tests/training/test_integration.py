@@ -18,9 +18,7 @@ SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
 
 
 def _trainer(cls, tree, monkeypatch, initialize=True):
-    for var, path in (("nnUNet_raw", tree.raw), ("nnUNet_preprocessed", tree.preprocessed),
-                      ("nnUNet_results", tree.results)):
-        monkeypatch.setenv(var, str(path))
+    tree.set_in_process(monkeypatch)
     folder = tree.preprocessed / DATASET_NAME
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]

@@ -62,9 +62,7 @@ def _plans(tree, configuration, patch_3d=(16, 16, 16)):
 
 
 def _make_trainer(cls, tree, configuration, deep_supervision, monkeypatch, initialize=True, patch_3d=(16, 16, 16)):
-    for var, path in (("nnUNet_raw", tree.raw), ("nnUNet_preprocessed", tree.preprocessed),
-                      ("nnUNet_results", tree.results)):
-        monkeypatch.setenv(var, str(path))
+    tree.set_in_process(monkeypatch)
     plans, dataset_json = _plans(tree, configuration, patch_3d)
     torch.manual_seed(0)
     trainer = cls(plans, configuration, 0, dataset_json, torch.device("cpu"))

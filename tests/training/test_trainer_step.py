@@ -20,9 +20,7 @@ class _Trainer(nnUNetTrainerPGDAT_TestShort):
 
 
 def _make_trainer(tree, configuration, deep_supervision, monkeypatch):
-    for var, path in (("nnUNet_raw", tree.raw), ("nnUNet_preprocessed", tree.preprocessed),
-                      ("nnUNet_results", tree.results)):
-        monkeypatch.setenv(var, str(path))
+    tree.set_in_process(monkeypatch)
     folder = tree.preprocessed / DATASET_NAME
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
