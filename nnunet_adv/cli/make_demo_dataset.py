@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog=PROG,
         description="Write a small real-MRI nnU-Net v2 dataset (Colin27 T1 + AAL hippocampus/"
-                    "amygdala crops from Debian's mricron-data; synthetic fallback).")
+                    "amygdala crops from Debian's mricron-data; without it the ICBM 2009a template nilearn "
+                    "installs, grey/white matter labels; synthetic where neither is found).")
     parser.add_argument("-o", "--output", default=None,
                         help="nnU-Net raw folder (default: $nnUNet_raw); must exist")
     parser.add_argument("-d", "--dataset_id", type=int, default=demo_data.DEFAULT_DATASET_ID,
@@ -43,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--source", choices=demo_data.SOURCES, default="auto",
-                        help="mricron: real MRI (error if mricron-data is missing); synthetic; "
-                             "auto: real MRI if available, else synthetic (default)")
+                        help="mricron: Colin27 + AAL (error if mricron-data is missing); icbm152: the ICBM "
+                             "2009a template nilearn installs (grey/white matter); synthetic; auto: mricron, "
+                             "else icbm152, else synthetic (default)")
     parser.add_argument("--structures", choices=list(demo_data.STRUCTURES), default=demo_data.DEFAULT_STRUCTURES,
                         help="the two labelled AAL structures (default: %(default)s; caudate-putamen: a second "
                              "task of other anatomy)")

@@ -12,8 +12,13 @@ Labels: 0 background, 1 hippocampus (AAL 37/38), 2 amygdala (AAL 41/42); or, wit
 ``structures="caudate-putamen"`` (a second task of other anatomy), 1 caudate (AAL 71/72) and
 2 putamen (AAL 73/74).
 
-Where the package is missing a synthetic dataset with the same layout is generated instead
-(smooth blobs of two classes in a noisy, smoothly varying background).
+Where the package is missing (a machine without root, a system other than Debian), the same crops
+are cut from the ICBM 2009a nonlinear symmetric T1 template that the ``nilearn`` wheel bundles
+(``nilearn/datasets/data``: the T1 and its grey- and white-matter probability maps on one 1 mm grid,
+read as files, nilearn itself is never imported), centred on the same MNI coordinates, with labels
+1 grey matter and 2 white matter (probability >= 0.5, the larger of the two): real anatomy, installed
+by pip. Only where neither is found, a synthetic dataset with the same layout is generated (smooth
+blobs of two classes in a noisy, smoothly varying background).
 
 Layout written (nnU-Net v2 raw format)::
 
@@ -60,6 +65,13 @@ ATLAS_FILE = "aal.nii.gz"
 TEMPLATE_FILES = (T1_FILE, ATLAS_FILE)
 INSTALL_HINT = "apt-get install -y mricron-data"
 
+#: Environment variable that overrides the folder holding the ICBM 2009a files (default: nilearn's data).
+ICBM_DIR_ENV = "NNUNET_ADV_ICBM152_DIR"
+ICBM_T1, ICBM_GM, ICBM_WM = (f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz" for kind in ("t1", "gm", "wm"))
+ICBM_FILES = (ICBM_T1, ICBM_GM, ICBM_WM)
+#: labels of a dataset cut from the ICBM template (tissue maps, no atlas of structures)
+ICBM_LABELS = {"background": 0, "grey matter": 1, "white matter": 2}
+
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,9 @@ class Structures:
 
     names: Tuple[str, str]
     aal: Tuple[Tuple[int, int], Tuple[int, int]]
+    #: world (MNI, mm) centre of the (left, right) structures: the bounding-box centres of their AAL labels
+    #: in Colin27 (which is registered to MNI space); where the ICBM template's crops are centred
+    mni_centres: Tuple[Tuple[float, float, float], Tuple[float, float, float]] = ((0.0, 0.0, 0.0),) * 2
 
     @property
     def labels(self) -> Dict[str, int]:
@@ -92,8 +107,10 @@ class Structures:
 
 #: the structures a demo dataset can segment: the default, and a second task of other anatomy (the
 #: basal ganglia: larger, higher-contrast structures) for checking that a result generalises
-STRUCTURES = {"hippocampus-amygdala": Structures(("hippocampus", "amygdala"), ((37, 38), (41, 42))),
-              "caudate-putamen": Structures(("caudate", "putamen"), ((71, 72), (73, 74)))}
+STRUCTURES = {"hippocampus-amygdala": Structures(("hippocampus", "amygdala"), ((37, 38), (41, 42)),
+                                                 ((-24.5, -17.0, -7.5), (26.0, -16.5, -8.5))),
+              "caudate-putamen": Structures(("caudate", "putamen"), ((71, 72), (73, 74)),
+                                            ((-18.5, 1.5, 7.0), (19.0, 2.5, 7.0)))}
 DEFAULT_STRUCTURES = "hippocampus-amygdala"
 
 #: the default structures' maps (AAL value -> demo label; AAL values per hemisphere; labels)
@@ -110,7 +127,9 @@ DEFAULT_NUM_TRAIN = 20
 DEFAULT_NUM_TEST = 4
 DEFAULT_CROP_SIZE = 40
 CROP_SIZE_RANGE = (16, 128)  # voxels; below 16 nnU-Net's U-Net has nothing to pool
-SOURCES = ("auto", "mricron", "synthetic")
+SOURCES = ("auto", "mricron", "icbm152", "synthetic")
+#: the sources that cut real anatomy from a template (:class:`Templates`)
+TEMPLATE_SOURCES = ("mricron", "icbm152")
 
 # Augmentation ranges: mild on purpose, so that every case is still recognisable anatomy.
 MAX_CENTRE_JITTER_VOX = 3
@@ -153,14 +172,16 @@ class DemoDataConfigError(DemoDataError, ValueError):
 
 @dataclass
 class Templates:
-    """Colin27 T1 and the demo label map on the same grid.
+    """A T1 template and the demo label map on its grid (Colin27 with AAL, or the ICBM 2009a template with
+    its tissue maps; the shapes below are Colin27's, the ICBM's are 197 x 233 x 189).
 
     Attributes:
         t1: float32 (181, 217, 181), raw T1 intensities 0..254.
-        labels: uint8 (181, 217, 181), 0/1/2 (AAL mapped by :data:`AAL_TO_DEMO`).
+        labels: uint8 (181, 217, 181), 0/1/2 (the structures' AAL values mapped to 1 and 2; the ICBM's:
+            grey and white matter).
         affine: float64 (4, 4) voxel -> world (mm, RAS) of both volumes.
-        centres: side -> float (3,) voxel centre of the bounding box of that side's
-            hippocampus + amygdala.
+        centres: side -> float (3,) voxel centre the crops of that side start from (the bounding box
+            of its structures in AAL; their MNI coordinates in the ICBM template).
     """
 
     t1: np.ndarray
@@ -224,6 +245,57 @@ def load_templates(folder: Union[str, os.PathLike, None] = None,
                      centres=centres)
 
 
+def icbm152_dir(override: Union[str, os.PathLike, None] = None) -> Optional[Path]:
+    """Folder searched for the ICBM 2009a files: argument, else $NNUNET_ADV_ICBM152_DIR, else the installed
+    nilearn's ``datasets/data`` (found without importing nilearn); None where nilearn is not installed."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get(ICBM_DIR_ENV)
+    if env:
+        return Path(env)
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def icbm152_available(folder: Union[str, os.PathLike, None] = None) -> bool:
+    """True where the ICBM 2009a T1 and its grey- and white-matter maps are found (:func:`icbm152_dir`)."""
+    root = icbm152_dir(folder)
+    return root is not None and all((root / f).is_file() for f in ICBM_FILES)
+
+
+def load_icbm152(folder: Union[str, os.PathLike, None] = None,
+                 structures: str = DEFAULT_STRUCTURES) -> Templates:
+    """The ICBM 2009a T1 (197 x 233 x 189 voxels, 1 mm, uint8 0..255) with labels 1 grey matter and 2 white
+    matter (probability >= 0.5 and at least the other's; everything else 0), the crops centred on the MNI
+    coordinates of ``structures`` (:data:`STRUCTURES`).
+
+    Raises:
+        TemplatesMissingError: a file is absent.
+        DemoDataError: the three volumes are not on one grid.
+    """
+    root = icbm152_dir(folder)
+    if not icbm152_available(root):
+        raise TemplatesMissingError(f"the ICBM 2009a template was not found in {root or 'nilearn (not installed)'}: "
+                                    f"pip install nilearn, or point ${ICBM_DIR_ENV} at {', '.join(ICBM_FILES)}")
+    t1_img, gm_img, wm_img = (nib.load(str(root / f)) for f in ICBM_FILES)
+    if not all(img.shape == t1_img.shape and np.allclose(img.affine, t1_img.affine) for img in (gm_img, wm_img)):
+        raise DemoDataError(f"the ICBM 2009a files in {root} are not on one grid")
+    gm, wm = (np.asarray(img.dataobj, dtype=np.float32) for img in (gm_img, wm_img))
+    half = 0.5 * (255.0 if np.issubdtype(gm_img.get_data_dtype(), np.integer) else 1.0)  # nilearn's: uint8
+    labels = np.zeros(t1_img.shape, dtype=np.uint8)
+    labels[(gm >= half) & (gm >= wm)] = 1
+    labels[(wm >= half) & (wm > gm)] = 2
+    to_voxel = np.linalg.inv(t1_img.affine)
+    centres = {side: nib.affines.apply_affine(to_voxel, np.array(centre))
+               for side, centre in zip(("left", "right"), STRUCTURES[structures].mni_centres)}
+    return Templates(t1=np.asarray(t1_img.dataobj, dtype=np.float32), labels=labels,
+                     affine=t1_img.affine.astype(np.float64), centres=centres)
+
+
 def _bbox_centre(mask: np.ndarray, what: str) -> np.ndarray:
     """Voxel centre (float (3,)) of the bounding box of a boolean mask."""
     coords = np.nonzero(mask)
@@ -240,7 +312,7 @@ class CaseParams:
     """Everything that defines one real-MRI case (JSON-serialisable, recorded in the manifest).
 
     Attributes:
-        side: "left" or "right" hemisphere of Colin27 the crop is centred on.
+        side: "left" or "right" hemisphere of the template the crop is centred on.
         flip: mirror the crop left-right (axis 0) after sampling.
         jitter: int (3,) voxel shift of the crop centre.
         rotation_deg: (3,) rotations about the crop centre (axes 0, 1, 2), degrees.
@@ -298,7 +370,7 @@ def _elastic_field(shape: Tuple[int, int, int], max_mm: float, seed: int) -> np.
 
 
 def crop_start(templates: Templates, params: CaseParams, size: Tuple[int, int, int]) -> np.ndarray:
-    """Int (3,) first voxel of the nominal crop in Colin27 voxels, clamped inside the volume."""
+    """Int (3,) first voxel of the nominal crop in the template's voxels, clamped inside the volume."""
     centre = templates.centres[params.side]
     start = np.round(centre - (np.array(size) - 1) / 2.0).astype(int) + np.array(params.jitter)
     return np.clip(start, 0, np.array(templates.t1.shape) - np.array(size))
@@ -349,9 +421,9 @@ def _adjust_intensity(image: np.ndarray, params: CaseParams) -> np.ndarray:
                              + params.intensity_shift)).astype(np.float32)
 
 
-def render_mricron_case(templates: Templates, params: CaseParams,
+def render_template_case(templates: Templates, params: CaseParams,
                         size: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One real-MRI case.
+    """One real-MRI case cut from a template (Colin27 or ICBM).
 
     Returns:
         image float32 ``size``, labels uint8 ``size`` in {0, 1, 2}, affine float64 (4, 4).
@@ -421,8 +493,8 @@ class CaseRecord:
 
     identifier: str
     split: str  # "train" or "test"
-    source: str  # "mricron" or "synthetic"
-    params: Optional[dict] = None  # CaseParams as dict for mricron cases
+    source: str  # "mricron", "icbm152" or "synthetic"
+    params: Optional[dict] = None  # CaseParams as dict for the template sources' cases
     crop_start: Optional[List[int]] = None  # template voxel of the nominal crop
 
 
@@ -434,12 +506,13 @@ def _has_all_classes(labels: np.ndarray) -> bool:
     return set(np.unique(labels).tolist()) >= set(LABELS.values())
 
 
-def _mricron_case(templates: Templates, split: str, index: int, seed: int,
-                  size: Tuple[int, int, int]):
-    """Render case ``index`` of ``split``; returns (image, labels, affine, params).
+def _template_case(templates: Templates, split: str, index: int, seed: int,
+                   size: Tuple[int, int, int]):
+    """Render case ``index`` of ``split`` from a template (Colin27 or ICBM); returns (image, labels,
+    affine, params).
 
     Training case 0 is the un-augmented left crop (the same for every seed): a fixed anchor
-    that is exactly Colin27. Other cases alternate hemispheres and are augmented; a recipe is
+    that is exactly the template. Other cases alternate hemispheres and are augmented; a recipe is
     re-drawn (deterministically) until both foreground classes are in view.
     """
     side = ("left", "right")[index % 2]
@@ -449,7 +522,7 @@ def _mricron_case(templates: Templates, split: str, index: int, seed: int,
         candidates = (sample_case_params(_case_rng(seed, split, index, a), side)
                       for a in range(MAX_DRAWS_PER_CASE))
     for params in candidates:
-        image, labels, affine = render_mricron_case(templates, params, size)
+        image, labels, affine = render_template_case(templates, params, size)
         if _has_all_classes(labels):
             return image, labels, affine, params
     raise DemoDataError(f"could not fit both structures into a {size} crop; use a larger crop size")
@@ -521,21 +594,26 @@ def _refuse_existing(raw_root: Path, dataset_id: int) -> None:
 
 
 def resolve_source(source: str, folder: Union[str, os.PathLike, None] = None) -> str:
-    """"mricron" or "synthetic" for a requested source; "auto" falls back with a message.
+    """The source a request uses: "auto" takes mricron-data, else the ICBM template nilearn installs, else
+    synthetic volumes, saying so on stderr when it falls back.
 
     Raises:
         TemplatesMissingError: ``source == "mricron"`` and the templates are missing.
     """
-    if source == "synthetic":
-        return "synthetic"
+    if source in ("synthetic", "icbm152"):
+        return source
     root = template_dir(folder)
     missing = missing_template_files(root)
     if not missing:
         return "mricron"
     if source == "mricron":
         raise TemplatesMissingError(_missing_message(root, missing))
-    print(f"nnunet_adv: {_missing_message(root, missing)}; "
-          f"using a synthetic 3D dataset instead", file=sys.stderr, flush=True)
+    if icbm152_available():
+        print(f"nnunet_adv: {_missing_message(root, missing)}; using the ICBM 2009a T1 template that nilearn "
+              f"installs (real MRI; labels grey and white matter)", file=sys.stderr, flush=True)
+        return "icbm152"
+    print(f"nnunet_adv: {_missing_message(root, missing)}, and nilearn's ICBM 2009a template was not found "
+          f"(pip install nilearn); using a synthetic 3D dataset instead", file=sys.stderr, flush=True)
     return "synthetic"
 
 
@@ -561,17 +639,24 @@ def _write_case(folder: Path, split: str, identifier: str, image: np.ndarray,
 def _write_dataset_json(folder: Path, name: str, num_train: int, num_test: int,
                         source: str, seed: int, structures: str = DEFAULT_STRUCTURES) -> None:
     chosen = STRUCTURES[structures]
+    labels = chosen.labels
     if source == "mricron":
         description = (f"Crops around {chosen.names[0]} (1) and {chosen.names[1]} (2) of the Colin27 T1 MRI "
                        "with AAL labels (Debian mricron-data), flipped and mildly augmented.")
         reference = "Holmes et al. 1998 (Colin27); Tzourio-Mazoyer et al. 2002 (AAL)"
+    elif source == "icbm152":
+        labels = ICBM_LABELS
+        description = (f"Crops of the ICBM 2009a nonlinear symmetric T1 template around the "
+                       f"{' and '.join(chosen.names)} (MNI), grey matter (1) and white matter (2) from its tissue "
+                       "probability maps (as nilearn installs them), flipped and mildly augmented.")
+        reference = "Fonov et al. 2011 and 2009 (ICBM 2009a nonlinear symmetric)"
     else:
         description = "Synthetic 3D blobs (classes 1 and 2) in noisy background."
         reference = "nnunet_adv.demo.data (synthetic)"
     generate_dataset_json(
-        str(folder), channel_names=CHANNEL_NAMES, labels=chosen.labels, num_training_cases=num_train,
+        str(folder), channel_names=CHANNEL_NAMES, labels=labels, num_training_cases=num_train,
         file_ending=FILE_ENDING, dataset_name=name, description=description,
-        reference=reference, license="see the licenses of mricron-data / Colin27 / AAL",
+        reference=reference, license="see the licenses of mricron-data (Colin27, AAL) or of the ICBM 2009a template",
         converted_by="nnunet_adv.demo.data", numTest=num_test,
         nnunet_adv_source=source, nnunet_adv_seed=seed)
 
@@ -594,8 +679,9 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
         crop_size: voxels (1 mm) per axis, int or 3 ints in [16, 128]; 40 -> 40^3 volumes.
         seed: the same seed writes bit-identical arrays; training case 0 of a real-MRI
             dataset is the un-augmented crop and does not depend on the seed.
-        source: "mricron" (real MRI, error if missing), "synthetic", or "auto" (real MRI where
-            the templates exist, else synthetic with a one-line message on stderr).
+        source: "mricron" (real MRI, error if missing), "icbm152" (the ICBM template nilearn installs,
+            labels grey and white matter; error if missing), "synthetic", or "auto" (mricron where the
+            templates exist, else icbm152, else synthetic, with a one-line message on stderr).
         template_folder: folder with ch2.nii.gz / aal.nii.gz (default: $NNUNET_ADV_MRICRON_DIR,
             else /usr/share/mricron/templates).
         progress: show a tqdm bar while writing cases.
@@ -608,7 +694,7 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
     Raises:
         DemoDataConfigError: bad argument or missing raw folder.
         DatasetExistsError: any ``DatasetNNN*`` entry for this id exists in ``raw_root``.
-        TemplatesMissingError: ``source="mricron"`` and the templates are missing.
+        TemplatesMissingError: ``source="mricron"`` / ``"icbm152"`` and its files are missing.
 
     The dataset is written into a hidden ``.DatasetNNN_Name.partial-*`` folder next to the
     final one and renamed at the end: an interrupted run never leaves a half-written dataset
@@ -622,7 +708,8 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
     final = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
     _refuse_existing(raw_root, int(dataset_id))
     used_source = resolve_source(source, template_folder)
-    templates = load_templates(template_folder, structures) if used_source == "mricron" else None
+    templates = {"mricron": lambda: load_templates(template_folder, structures),
+                 "icbm152": lambda: load_icbm152(structures=structures)}.get(used_source, lambda: None)()
 
     # os.mkdir (not mkdtemp) so the folder gets the usual umask permissions, not 0700.
     partial = raw_root / f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -647,8 +734,8 @@ def _write_all(folder: Path, templates: Optional[Templates], source: str, name: 
     plan = list(_case_plan(num_train, num_test))
     for split, index, identifier in tqdm(plan, desc="writing demo cases", unit="case",
                                          disable=not progress, file=sys.stderr):
-        if source == "mricron":
-            image, labels, affine, params = _mricron_case(templates, split, index, seed, size)
+        if source in TEMPLATE_SOURCES:
+            image, labels, affine, params = _template_case(templates, split, index, seed, size)
             start = crop_start(templates, params, size)
             record = CaseRecord(identifier, split, source, asdict(params),
                                 [int(v) for v in start])
@@ -659,6 +746,6 @@ def _write_all(folder: Path, templates: Optional[Templates], source: str, name: 
         records.append(asdict(record))
     _write_dataset_json(folder, name, num_train, num_test, source, seed, structures)
     manifest = {"source": source, "seed": seed, "crop_size": list(size), "structures": structures,
-                "template_files": list(TEMPLATE_FILES) if source == "mricron" else None,
+                "template_files": {"mricron": list(TEMPLATE_FILES), "icbm152": list(ICBM_FILES)}.get(source),
                 "cases": records}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))

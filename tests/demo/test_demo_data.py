@@ -101,12 +101,19 @@ def mricron_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def no_templates(tmp_path_factory, monkeypatch) -> Path:
+def no_mricron(tmp_path_factory, monkeypatch) -> Path:
     """Simulate a machine without mricron-data via $NNUNET_ADV_MRICRON_DIR (an empty folder
     outside tmp_path, so tests can assert that tmp_path stays empty)."""
     empty = tmp_path_factory.mktemp("no_mricron")
     monkeypatch.setenv(demo_data.TEMPLATE_DIR_ENV, str(empty))
     return empty
+
+
+@pytest.fixture
+def no_templates(no_mricron, monkeypatch) -> Path:
+    """A machine with neither mricron-data nor nilearn's ICBM template ($NNUNET_ADV_ICBM152_DIR empty too)."""
+    monkeypatch.setenv(demo_data.ICBM_DIR_ENV, str(no_mricron))
+    return no_mricron
 
 
 # --------------------------------------------------------------------------- layout
@@ -306,7 +313,7 @@ def test_auto_falls_back_to_synthetic_with_message(tmp_path, no_templates, capsy
     message = _one_line(capsys.readouterr().err)
     assert "mricron-data is missing" in message
     assert "apt-get install -y mricron-data" in message
-    assert "synthetic" in message
+    assert "synthetic" in message and "pip install nilearn" in message
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["nnunet_adv_source"] == "synthetic" and meta["numTraining"] == 3
     assert len(list((folder / "imagesTr").glob("case_*_0000.nii.gz"))) == 3
@@ -321,6 +328,49 @@ def test_auto_falls_back_to_synthetic_with_message(tmp_path, no_templates, capsy
         # Foreground classes are visible in the image (class means differ clearly).
         means = [image[labels == k].mean() for k in (0, 1, 2)]
         assert means[1] > means[0] + 20 and means[2] < means[0] - 20
+
+
+requires_icbm = pytest.mark.skipif(not demo_data.icbm152_available(),
+                                   reason="nilearn's ICBM 2009a template not found (pip install nilearn)")
+
+
+@requires_icbm
+def test_without_mricron_auto_cuts_the_icbm_template_nilearn_installs(tmp_path, no_mricron, capsys):
+    """No mricron-data (no root, another system): the same crops from the ICBM 2009a T1 that the nilearn
+    wheel bundles, grey and white matter from its probability maps, read here independently of the module."""
+    folder = build_demo_dataset(tmp_path, num_train=3, num_test=1, seed=0, source="auto")
+    message = _one_line(capsys.readouterr().err)
+    assert "mricron-data is missing" in message and "ICBM 2009a" in message and "synthetic" not in message
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["nnunet_adv_source"] == "icbm152"
+    assert meta["labels"] == {"background": 0, "grey matter": 1, "white matter": 2}
+    root = demo_data.icbm152_dir()
+    t1, template_affine = _load(root / demo_data.ICBM_T1)
+    gm, _ = _load(root / demo_data.ICBM_GM)
+    wm, _ = _load(root / demo_data.ICBM_WM)
+    expected = np.where((wm >= 127.5) & (wm > gm), 2, np.where((gm >= 127.5) & (gm >= wm), 1, 0))
+    cases = list(_cases(folder))
+    _, image_path, label_path = cases[0]  # the un-augmented anchor: the template itself
+    labels, affine = _load(label_path)
+    start = np.round((np.linalg.inv(template_affine) @ affine)[:3, 3]).astype(int)
+    region = tuple(slice(a, a + n) for a, n in zip(start, labels.shape))
+    np.testing.assert_array_equal(labels, expected[region])
+    np.testing.assert_array_equal(_load(image_path)[0], t1[region].astype(np.float32))
+    # centred on the hippocampus-amygdala's MNI coordinates (left), as the Colin27 crops are
+    centre = affine[:3, :3] @ ((np.array(labels.shape) - 1) / 2) + affine[:3, 3]
+    np.testing.assert_allclose(centre, demo_data.STRUCTURES["hippocampus-amygdala"].mni_centres[0], atol=1.0)
+    for case, image_path, path in cases:
+        found = _load(path)[0]
+        assert case["source"] == "icbm152" and set(np.unique(found).tolist()) == {0, 1, 2}
+        image = _load(image_path)[0]
+        assert image[found == 2].mean() > image[found == 1].mean() > image[found == 0].mean()  # T1 contrast
+
+
+@requires_icbm
+def test_icbm_source_asked_for_and_missing_is_one_line(tmp_path, no_templates):
+    with pytest.raises(TemplatesMissingError, match="the ICBM 2009a template was not found in .*pip install nilearn"):
+        build_demo_dataset(tmp_path, num_train=2, num_test=0, source="icbm152")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_synthetic_is_deterministic(tmp_path):
@@ -344,8 +394,8 @@ def test_mricron_source_without_templates_is_an_error(tmp_path, no_templates):
 def test_template_folder_argument_overrides_default(tmp_path, capsys):
     folder = build_demo_dataset(tmp_path, num_train=2, num_test=0, source="auto",
                                 template_folder=tmp_path / "nowhere")
-    assert "synthetic" in capsys.readouterr().err
-    assert json.loads((folder / "dataset.json").read_text())["nnunet_adv_source"] == "synthetic"
+    assert f"not found in {tmp_path / 'nowhere'}" in capsys.readouterr().err  # looked there, not in the default
+    assert json.loads((folder / "dataset.json").read_text())["nnunet_adv_source"] in ("icbm152", "synthetic")
 
 
 # --------------------------------------------------------------------------- argument checks
