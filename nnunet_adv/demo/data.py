@@ -88,7 +88,7 @@ class Structures:
     aal: Tuple[Tuple[int, int], Tuple[int, int]]
     #: world (MNI, mm) centre of the (left, right) structures: the bounding-box centres of their AAL labels
     #: in Colin27 (which is registered to MNI space); where the ICBM template's crops are centred
-    mni_centres: Tuple[Tuple[float, float, float], Tuple[float, float, float]] = ((0.0, 0.0, 0.0),) * 2
+    mni_centres: Tuple[Tuple[float, float, float], Tuple[float, float, float]]
 
     @property
     def labels(self) -> Dict[str, int]:
