@@ -128,8 +128,8 @@ DEFAULT_NUM_TEST = 4
 DEFAULT_CROP_SIZE = 40
 CROP_SIZE_RANGE = (16, 128)  # voxels; below 16 nnU-Net's U-Net has nothing to pool
 SOURCES = ("auto", "mricron", "icbm152", "synthetic")
-#: the sources that cut real anatomy from a template (:class:`Templates`)
-TEMPLATE_SOURCES = ("mricron", "icbm152")
+#: the sources that cut real anatomy from a template (:class:`Templates`), with the files they read
+TEMPLATE_FILES_OF = {"mricron": TEMPLATE_FILES, "icbm152": ICBM_FILES}
 
 # Augmentation ranges: mild on purpose, so that every case is still recognisable anatomy.
 MAX_CENTRE_JITTER_VOX = 3
@@ -708,8 +708,11 @@ def build_demo_dataset(raw_root: Union[str, os.PathLike], dataset_id: int = DEFA
     final = raw_root / f"Dataset{int(dataset_id):03d}_{name}"
     _refuse_existing(raw_root, int(dataset_id))
     used_source = resolve_source(source, template_folder)
-    templates = {"mricron": lambda: load_templates(template_folder, structures),
-                 "icbm152": lambda: load_icbm152(structures=structures)}.get(used_source, lambda: None)()
+    templates = None
+    if used_source == "mricron":
+        templates = load_templates(template_folder, structures)
+    elif used_source == "icbm152":
+        templates = load_icbm152(structures=structures)
 
     # os.mkdir (not mkdtemp) so the folder gets the usual umask permissions, not 0700.
     partial = raw_root / f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -734,7 +737,7 @@ def _write_all(folder: Path, templates: Optional[Templates], source: str, name: 
     plan = list(_case_plan(num_train, num_test))
     for split, index, identifier in tqdm(plan, desc="writing demo cases", unit="case",
                                          disable=not progress, file=sys.stderr):
-        if source in TEMPLATE_SOURCES:
+        if source in TEMPLATE_FILES_OF:
             image, labels, affine, params = _template_case(templates, split, index, seed, size)
             start = crop_start(templates, params, size)
             record = CaseRecord(identifier, split, source, asdict(params),
@@ -746,6 +749,6 @@ def _write_all(folder: Path, templates: Optional[Templates], source: str, name: 
         records.append(asdict(record))
     _write_dataset_json(folder, name, num_train, num_test, source, seed, structures)
     manifest = {"source": source, "seed": seed, "crop_size": list(size), "structures": structures,
-                "template_files": {"mricron": list(TEMPLATE_FILES), "icbm152": list(ICBM_FILES)}.get(source),
+                "template_files": list(TEMPLATE_FILES_OF[source]) if source in TEMPLATE_FILES_OF else None,
                 "cases": records}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 import nnunet_adv.metrics as image_metrics  # module access: LPIPS is optional, tests stand in for it
 from nnunet_adv.errors import UserError
 from nnunet_adv.evaluation import report
-from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM, case_metrics, jsonable_summary, summarize
+from nnunet_adv.evaluation.case_metrics import NSD_TOLERANCE_MM, case_metrics, jsonable_summary, nan_mean, summarize
 from nnunet_adv.evaluation.checks import Evidence, run_checks
 from nnunet_adv.evaluation.corruptions import case_seed, corrupt
 from nnunet_adv.evaluation.plan import (
@@ -291,7 +290,8 @@ class RobustnessEvaluation:
                            and ev.setting in members])
         found = {m.name: run_checks(self.evidence(m, settings, evaluations, summaries)) for m in r.models} \
             if r.checks else {}
-        saliency = self.saliency_numbers() if r.saliency else {}
+        maps = self.saliency_maps() if r.saliency else {}
+        saliency = {name: saliency_numbers(cases) for name, cases in maps.items()}
 
         context = report.ReportContext(folder=self.folder, file_ending=self.file_ending, command=r.command,
                                        dataset=r.plans["dataset_name"], models=r.models, settings=settings,
@@ -303,7 +303,7 @@ class RobustnessEvaluation:
         report.write_metrics_csv(context)
         figures = report.write_figures(context, r.cases, rw, r.num_examples)
         if r.saliency:
-            figures.append(self.saliency_figure(context))
+            figures.append(self.saliency_figure(context, maps))
         text = report.write_report_md(context, figures)
         self.log("computed this run: " + (_count_kinds(self.done_work) if self.done_work else "nothing (all reused)"))
         return text
@@ -682,26 +682,16 @@ class RobustnessEvaluation:
         return {"provenance": record["provenance"], "files": record["files"], "inputs": record.get("inputs", {}),
                 "nsd_tolerance_mm": self.run.nsd_tolerance}
 
-    def saliency_numbers(self) -> Dict[str, dict]:
-        """Per model, :class:`CaseSaliency`'s inside_share and structure_fraction of every case and their means
-        over the cases (summary.json's ``saliency``, report.md's saliency section)."""
-        numbers = {}
-        for model in self.run.models:
-            cases = {case: self.case_saliency(model, case) for case in self.run.cases}
-            per_case = {case: {"inside_share": c.inside_share, "structure_fraction": c.structure_fraction}
-                        for case, c in cases.items()}
-            numbers[model.name] = {key: _finite_mean([c[key] for c in per_case.values()])
-                                   for key in ("inside_share", "structure_fraction")}
-            numbers[model.name]["per_case"] = per_case
-        return numbers
+    def saliency_maps(self) -> Dict[str, Dict[str, CaseSaliency]]:
+        """model name -> case -> :class:`CaseSaliency`, every case (each computed or read once)."""
+        return {m.name: {case: self.case_saliency(m, case) for case in self.run.cases} for m in self.run.models}
 
-    def saliency_figure(self, context) -> str:
-        """saliency.png: the first ``num_examples`` cases' central slices."""
-        r = self.run
-        chosen = list(r.cases)[:max(1, r.num_examples)]
-        maps = {m.name: [self.case_saliency(m, case).saliency for case in chosen] for m in r.models}
-        first = [self.case_saliency(r.models[0], case).image for case in chosen]  # the first model's grid
-        return report.write_saliency(context, list(zip(chosen, first)), maps)
+    def saliency_figure(self, context, maps: Dict[str, Dict[str, CaseSaliency]]) -> str:
+        """saliency.png: the first ``num_examples`` cases' central slices of :meth:`saliency_maps`."""
+        chosen = list(self.run.cases)[:max(1, self.run.num_examples)]
+        first = maps[self.run.models[0].name]  # the image panel: the first model's preprocessed grid
+        return report.write_saliency(context, [(case, first[case].image) for case in chosen],
+                                     {name: [cases[case].saliency for case in chosen] for name, cases in maps.items()})
 
     def case_saliency(self, model: Model, case: str) -> CaseSaliency:
         """One case's :class:`CaseSaliency`, computed once and cached in saliency/MODEL/CASE.npz (its checksum,
@@ -737,10 +727,13 @@ def image_lpips(clean_files: List[str], adversarial_files: List[str], rw) -> Opt
     return None if any(v is None for v in values) else float(np.mean(values))
 
 
-def _finite_mean(values) -> float:
-    """Mean of the finite values, NaN if there are none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+def saliency_numbers(cases: Dict[str, CaseSaliency]) -> dict:
+    """One model's inside_share and structure_fraction per case and their means over the cases (NaN left out)
+    (summary.json's ``saliency``, report.md's saliency section)."""
+    per_case = {case: {"inside_share": c.inside_share, "structure_fraction": c.structure_fraction}
+                for case, c in cases.items()}
+    means = {key: nan_mean([c[key] for c in per_case.values()]) for key in ("inside_share", "structure_fraction")}
+    return {**means, "per_case": per_case}
 
 
 def _count_kinds(work: List[str]) -> str:
