@@ -11,6 +11,10 @@ stock function stops with "Key ... is missing in the pretrained model weights".
 segmentation layers not transferred, strict ``load_state_dict``) and adds two mappings:
 
 * a dual norm missing from the checkpoint takes the plain norm's tensors in *both* branches;
+  BatchNorm running statistics that the checkpoint's norm never had (a clean model trained with
+  nnU-Net's InstanceNorm, fine-tuned by ``nnUNetTrainerDualBN``, as ``nnUNetv2_adv_study`` does)
+  keep their initialisation (mean 0, variance 1) and are estimated from the fine-tuning's batches at
+  the network's momentum;
 * NLCE parameters missing from the checkpoint keep their initialisation, which is the
   identity (:mod:`nnunet_adv.modules.nlce`), so the fine-tuned network starts from the clean
   network's function;
@@ -48,6 +52,8 @@ class PretrainedWeightsError(UserError, AssertionError):
     """A checkpoint that does not fit the network. Also an ``AssertionError``: nnU-Net's own
     ``load_pretrained_weights`` signals the same problems with ``assert``, and callers catch that."""
 _DUAL_KEY = re.compile(r"^(?P<prefix>.*)norms\.(?P<branch>\d+)\.(?P<name>[^.]+)$")
+#: buffers of a BatchNorm that an InstanceNorm (affine, no running statistics) lacks
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _module_prefixes(module: nn.Module, cls) -> Set[str]:
@@ -92,6 +98,9 @@ def map_pretrained_state_dict(network: nn.Module, pretrained: Dict[str, torch.Te
             match = _DUAL_KEY.match(key)
             if match and match["prefix"] in dual_prefixes and match["prefix"] + match["name"] in pretrained:
                 source = match["prefix"] + match["name"]   # plain norm -> both branches
+            elif (match and match["prefix"] in dual_prefixes and match["name"] in _RUNNING_STATISTICS
+                  and match["prefix"] + "weight" in pretrained):
+                continue                                    # InstanceNorm -> BatchNorm: statistics start fresh
             elif nlce_prefixes and key.startswith(nlce_prefixes):
                 continue                                    # new NLCE module: keep its identity init
             else:
@@ -118,7 +127,8 @@ def load_pretrained_weights(network: nn.Module, fname, verbose: bool = False) ->
     merged = map_pretrained_state_dict(network, pretrained, keep_heads=keep)
     print("################### Loading pretrained weights from file ", fname, "###################")
     if has_changed_modules(network):
-        print("nnunet_adv: plain norms copied into both dual-norm branches and NLCE modules kept at their identity "
+        print("nnunet_adv: plain norms copied into both dual-norm branches (BatchNorm running statistics the "
+              "checkpoint lacks start at mean 0, variance 1) and NLCE modules kept at their identity "
               "initialisation where the checkpoint lacks them")
     print("nnunet_adv: segmentation heads " + ("kept (fine-tuning the same task)" if keep else
                                                 "re-initialised (nnU-Net's rule: the checkpoint's heads differ)"))

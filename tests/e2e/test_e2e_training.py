@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from nnunet_tree import DATASET_ID, DATASET_NAME, SHARED_TRAINER, predict_and_check
+from in_process_trainer import make_trainer
+from nnunet_tree import DATASET_ID, SHARED_TRAINER, predict_and_check
 
 pytestmark = pytest.mark.e2e
 
@@ -151,14 +152,10 @@ def test_other_bad_hyper_parameters_are_refused_as_the_trainer_is_made(nnunet_tr
 
     from nnunet_adv.errors import UserError
 
-    nnunet_tree.set_in_process(monkeypatch)
     path = Path(user_folder["nnUNet_extTrainer"]) / "my_trainers.py"
     spec = importlib.util.spec_from_file_location("my_trainers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    folder = nnunet_tree.preprocessed / DATASET_NAME
-    plans = dict(json.loads((folder / "nnUNetPlans.json").read_text()), continue_training=False)  # as nnU-Net adds
     with pytest.raises(UserError) as refused:
-        getattr(module, trainer)(plans, "3d_fullres", 0, json.loads((folder / "dataset.json").read_text()),
-                                 torch.device("cpu")).initialize()
+        make_trainer(getattr(module, trainer), nnunet_tree, "3d_fullres", None, monkeypatch, seed=None)
     assert str(refused.value).startswith(message)

@@ -7,35 +7,25 @@ deep-supervision weights as nnU-Net sets them under DDP). SyncBatchNorm needs CU
 BatchNorm statistics stay per rank here.
 """
 import copy
-import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from nnunet_tree import DATASET_NAME
+from in_process_trainer import small_plans
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 WORLD = 2
-SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
 
 
 # ----------------------------------------------------------------------------- in each rank
 def _trainer(cls, root, configuration, batch_dice=None):
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         os.environ[var] = os.path.join(root, sub)
-    folder = os.path.join(root, "preprocessed", DATASET_NAME)
-    with open(os.path.join(folder, "nnUNetPlans.json")) as f:
-        plans = json.load(f)
-    with open(os.path.join(folder, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = SMALL_FEATURES[:arch["n_stages"]]
-    if batch_dice is not None:
-        plans["configurations"][configuration]["batch_dice"] = batch_dice
-    plans["continue_training"] = False
+    plans, dataset_json = small_plans(Path(root) / "preprocessed", configuration, None, batch_dice)
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     trainer = cls(plans, configuration, 0, dataset_json, torch.device("cpu"))
     trainer.initialize()

@@ -1,33 +1,17 @@
 """The base trainer's plumbing: one-line errors in nnUNetv2_train, checked schedules, checkpoints
 with extra recipe state written once and atomically, the pretrained-weights error type."""
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from nnunet_tree import DATASET_NAME
+from in_process_trainer import make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_adv.errors import UserError
 from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort, nnUNetTrainerSAAT_TestShort
 from nnunet_adv.training.adversarial_trainer import RecipeError
 from nnunet_adv.training.pretrained import PretrainedWeightsError, map_pretrained_state_dict
-
-SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
-
-
-def _trainer(cls, tree, monkeypatch, initialize=True):
-    tree.set_in_process(monkeypatch)
-    folder = tree.preprocessed / DATASET_NAME
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = SMALL_FEATURES[:arch["n_stages"]]
-    plans["continue_training"] = False
-    trainer = cls(plans, "2d", 0, json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
-    if initialize:
-        trainer.initialize()
-    return trainer
 
 
 def test_recipe_errors_are_user_errors_not_system_exit():
@@ -55,13 +39,13 @@ def test_an_uncaught_user_error_prints_one_line_and_others_keep_their_traceback(
 def test_training_schedule_keys_and_types_are_checked(nnunet_tree, monkeypatch, schedule, message):
     cls = type("BadSchedule", (nnUNetTrainerPGDAT_TestShort,), {"training_schedule": schedule})
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        _trainer(cls, nnunet_tree, monkeypatch, initialize=False)
+        make_trainer(cls, nnunet_tree, "2d", None, monkeypatch, initialize=False, seed=None)
 
 
 def test_checkpoint_has_nnunets_keys_and_the_extra_state_written_once(nnunet_tree, monkeypatch, tmp_path):
     """SAAT's schedule goes into the checkpoint in the same single write as nnU-Net's keys (no
     write-read-write), through a temporary file renamed into place; --c restores it."""
-    trainer = _trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", None, monkeypatch, seed=None)
     trainer.saat.m, trainer.saat.threshold = 3, 1.5
     saves = []
     real_save = torch.save
@@ -75,14 +59,14 @@ def test_checkpoint_has_nnunets_keys_and_the_extra_state_written_once(nnunet_tre
              "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
     assert stock <= set(checkpoint) and checkpoint["saat_state"]["m"] == 3
 
-    restored = _trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, monkeypatch)
+    restored = make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", None, monkeypatch, seed=None)
     restored.load_checkpoint(str(path))
     assert restored.saat.m == 3 and restored.saat.threshold == 1.5
 
 
 def test_a_checkpoint_of_our_trainer_has_every_key_nnunets_own_writes(nnunet_tree, monkeypatch, tmp_path):
-    ours = _trainer(nnUNetTrainerPGDAT_TestShort, nnunet_tree, monkeypatch)
-    stock = _trainer(nnUNetTrainer, nnunet_tree, monkeypatch)
+    ours = make_trainer(nnUNetTrainerPGDAT_TestShort, nnunet_tree, "2d", None, monkeypatch, seed=None)
+    stock = make_trainer(nnUNetTrainer, nnunet_tree, "2d", None, monkeypatch, seed=None)
     ours.save_checkpoint(str(tmp_path / "ours.pth"))
     stock.save_checkpoint(str(tmp_path / "stock.pth"))
     keys = lambda p: set(torch.load(p, map_location="cpu", weights_only=False))  # noqa: E731
@@ -106,6 +90,6 @@ def test_seed_in_the_name_makes_the_initial_network_repeatable(nnunet_tree, monk
     weights = []
     for cls in (seeded, seeded, getattr(trainers, "nnUNetTrainerPGDAT_TestShort_seed-4")):
         torch.manual_seed(len(weights))  # whatever the global state was, the seed decides
-        trainer = _trainer(cls, nnunet_tree, monkeypatch)
+        trainer = make_trainer(cls, nnunet_tree, "2d", None, monkeypatch, seed=None)
         weights.append(torch.cat([p.detach().flatten() for p in trainer.network.parameters()]))
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])

@@ -1,12 +1,11 @@
 """The published training recipes (VAFT / M_VAFA, SAAT, dual norm, NLCE), in-process on tiny
 versions of the planned networks (2D and 3D, deep supervision on and off)."""
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
-from nnunet_tree import DATASET_NAME
+from in_process_trainer import build_network, make_trainer
 from nnunetv2.run import run_training
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights as nnunet_load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -46,41 +45,8 @@ from nnunet_adv.training.network_changes import (
 from nnunet_adv.training.pretrained import load_pretrained_weights
 from nnunet_adv.training.saat_schedule import SAATSchedule
 
-SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
-
 
 # ----------------------------------------------------------------------------- helpers
-def _plans(tree, configuration, patch_3d=(16, 16, 16)):
-    folder = tree.preprocessed / DATASET_NAME
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = SMALL_FEATURES[:arch["n_stages"]]  # tiny network, same topology
-    if configuration == "3d_fullres" and patch_3d is not None:
-        plans["configurations"][configuration]["patch_size"] = list(patch_3d)
-    plans["continue_training"] = False
-    return plans, json.loads((folder / "dataset.json").read_text())
-
-
-def _make_trainer(cls, tree, configuration, deep_supervision, monkeypatch, initialize=True, patch_3d=(16, 16, 16)):
-    tree.set_in_process(monkeypatch)
-    plans, dataset_json = _plans(tree, configuration, patch_3d)
-    torch.manual_seed(0)
-    trainer = cls(plans, configuration, 0, dataset_json, torch.device("cpu"))
-    trainer.enable_deep_supervision = deep_supervision
-    if initialize:
-        trainer.initialize()
-    return trainer
-
-
-
-
-def _build(cls, trainer, deep_supervision=False):
-    """The network as nnU-Net's predictor builds it: the static method, called on the class."""
-    return cls.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
-                                          trainer.num_input_channels, trainer.label_manager.num_segmentation_heads,
-                                          enable_deep_supervision=deep_supervision)
-
-
 def _unused_head(trainer, name):
     """Segmentation heads that get no gradient in nnU-Net's step: with deep supervision the
     coarsest (decoder.seg_layers[0]; loss weight 0), without it all but the last."""
@@ -147,7 +113,7 @@ def test_vafa_block_size_rule():
     ("2d", None, VAFA2D, (32, 32)),
 ])
 def test_vaft_builds_vafa_for_the_configuration(nnunet_tree, monkeypatch, configuration, patch, attack_cls, block):
-    trainer = _make_trainer(nnUNetTrainerVAFT, nnunet_tree, configuration, True, monkeypatch, initialize=False,
+    trainer = make_trainer(nnUNetTrainerVAFT, nnunet_tree, configuration, True, monkeypatch, initialize=False,
                             patch_3d=patch)
     x = torch.zeros((1, 1) + tuple(trainer.configuration_manager.patch_size))
     attack = trainer._build_attack(x, {})
@@ -161,7 +127,7 @@ def test_vaft_builds_vafa_for_the_configuration(nnunet_tree, monkeypatch, config
 @pytest.mark.parametrize("configuration, deep_supervision", [("3d_fullres", True), ("2d", False)])
 def test_vaft_loss_has_clean_adversarial_and_frequency_terms(nnunet_tree, monkeypatch, configuration,
                                                               deep_supervision):
-    trainer = _make_trainer(nnUNetTrainerVAFT_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerVAFT_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch)
     batch = make_batch(trainer)
     net, x, target = trainer.network, batch["data"], batch["target"]
     net.train()
@@ -195,7 +161,7 @@ def test_vaft_can_train_against_the_authors_vafa(nnunet_tree, monkeypatch, confi
     class _VAFTRef(nnUNetTrainerVAFT_TestShort):
         vafa_variant = "ref"
 
-    trainer = _make_trainer(_VAFTRef, nnunet_tree, configuration, True, monkeypatch)
+    trainer = make_trainer(_VAFTRef, nnunet_tree, configuration, True, monkeypatch)
     assert type(trainer._build_attack(make_batch(trainer)["data"], {})).__name__ == attack_cls
     assert trainer.attack_name.endswith("-ref")
     assert set(trainer.train_step(make_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
@@ -204,18 +170,18 @@ def test_vaft_can_train_against_the_authors_vafa(nnunet_tree, monkeypatch, confi
         vafa_variant = "authors"
 
     with pytest.raises(RecipeError, match="vafa_variant must be 'paper' or 'ref'"):
-        _make_trainer(_Bad, nnunet_tree, configuration, True, monkeypatch, initialize=False)
+        make_trainer(_Bad, nnunet_tree, configuration, True, monkeypatch, initialize=False)
 
 
 def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
-    trainer = _make_trainer(nnUNetTrainerVAFA_TestShort, nnunet_tree, "2d", True, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerVAFA_TestShort, nnunet_tree, "2d", True, monkeypatch)
     batch = make_batch(trainer)
     x_adv = trainer.craft_adversarial(batch["data"], batch["target"])
     assert set(trainer.compute_loss_terms(batch["data"], x_adv, batch["target"])) == {"adv"}
 
 
 def test_nlce_vaft_is_vaft_on_the_nlce_network(nnunet_tree, monkeypatch):
-    trainer = _make_trainer(nnUNetTrainerNLCE_VAFT_TestShort, nnunet_tree, "2d", True, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerNLCE_VAFT_TestShort, nnunet_tree, "2d", True, monkeypatch)
     assert sum(isinstance(m, NLCE) for m in trainer.network.modules()) == 1  # NLCE's network: the bottleneck
     assert isinstance(trainer._build_attack(make_batch(trainer)["data"], {}), VAFA2D)
     assert set(trainer.train_step(make_batch(trainer))) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
@@ -271,7 +237,7 @@ class _SAATm2(nnUNetTrainerSAAT_TestShort):
 
 
 def test_saat_free_at_step_replays_m_times_with_a_persistent_buffer(nnunet_tree, monkeypatch):
-    trainer = _make_trainer(_SAATm2, nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer = make_trainer(_SAATm2, nnunet_tree, "3d_fullres", True, monkeypatch)
     net = trainer.network
     net.train()
     batch1, batch2 = make_batch(trainer, seed=0), make_batch(trainer, seed=1)
@@ -311,7 +277,7 @@ def test_saat_seat_measures_the_perturbations_gradient_on_each_patchs_range(nnun
     class _Short(nnUNetTrainerSAAT_SEAT):
         num_iterations_per_epoch, num_val_iterations_per_epoch, num_epochs = 1, 1, 1
 
-    trainer = _make_trainer(_Short, nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer = make_trainer(_Short, nnunet_tree, "3d_fullres", True, monkeypatch)
     trainer.network.train()
     batch = make_batch(trainer, seed=0)
     x = batch["data"]
@@ -334,7 +300,7 @@ def test_saat_seat_measures_the_perturbations_gradient_on_each_patchs_range(nnun
     assert torch.equal(measured[0][~clamped], inputs[0].grad[~clamped])
     assert (inputs[0].grad[clamped] != 0).any()  # the input gradient ("input", ours) is not 0 there
     with pytest.raises(RecipeError, match="saat_grad_measure"):
-        _make_trainer(type("_Bad", (_Short,), {"saat_grad_measure": "delta"}), nnunet_tree, "3d_fullres", True,
+        make_trainer(type("_Bad", (_Short,), {"saat_grad_measure": "delta"}), nnunet_tree, "3d_fullres", True,
                       monkeypatch)
 
 
@@ -351,7 +317,7 @@ def test_saat_trainer_takes_seats_decisions_in_seats_epochs(nnunet_tree, monkeyp
     class _SAATPeriod3(nnUNetTrainerSAAT_TestShort):
         saat_check_period = 3
 
-    trainer = _make_trainer(_SAATPeriod3, nnunet_tree, "2d", False, monkeypatch, initialize=False)
+    trainer = make_trainer(_SAATPeriod3, nnunet_tree, "2d", False, monkeypatch, initialize=False)
     used = []
     for epoch in range(15):
         trainer.current_epoch = epoch
@@ -365,7 +331,7 @@ def test_saat_free_at_keeps_clean_voxels_outside_the_ct_window(nnunet_tree, monk
     the dataset window (nnU-Net's augmentation puts some there) is not pulled into it."""
     from nnunet_adv.threat_model import ThreatModel
 
-    trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
     trainer.threat_model = ThreatModel(["CTNormalization"], {"0": {"mean": 0.0, "std": 1.0, "percentile_00_5": -1.0,
                                                                    "percentile_99_5": 1.0}})
     batch = make_batch(trainer)
@@ -379,7 +345,7 @@ def test_saat_free_at_keeps_clean_voxels_outside_the_ct_window(nnunet_tree, monk
 
 
 def test_saat_free_at_magnitude_is_the_input_gradient_of_the_training_loss(nnunet_tree, monkeypatch):
-    trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
     net = trainer.network
     net.train()
     batch = make_batch(trainer)
@@ -396,7 +362,7 @@ def test_saat_pgd_inner_attack_uses_m_steps(nnunet_tree, monkeypatch):
         saat_inner_attack = "pgd"
         saat_m_init = 3
 
-    trainer = _make_trainer(_SAATPGD, nnunet_tree, "2d", True, monkeypatch)
+    trainer = make_trainer(_SAATPGD, nnunet_tree, "2d", True, monkeypatch)
     recorded = []
     original = trainer.craft_adversarial
     monkeypatch.setattr(trainer, "craft_adversarial",
@@ -409,7 +375,7 @@ def test_saat_pgd_inner_attack_uses_m_steps(nnunet_tree, monkeypatch):
 
 
 def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_tree, monkeypatch, tmp_path):
-    trainer = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)  # period 1
+    trainer = make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)  # period 1
     magnitudes = [1.0, 2.0, 3.0, 5.0]
     for epoch, mag in enumerate(magnitudes):
         trainer.current_epoch = epoch
@@ -432,7 +398,7 @@ def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_t
         assert key in checkpoint, key
     assert checkpoint["saat_state"]["m"] == 4 and checkpoint["saat_state"]["threshold"] == pytest.approx(5.5)
 
-    fresh = _make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
+    fresh = make_trainer(nnUNetTrainerSAAT_TestShort, nnunet_tree, "2d", False, monkeypatch)
     assert fresh.saat.m == 1
     fresh.load_checkpoint(str(path))
     assert (fresh.saat.m, fresh.saat.threshold) == (4, pytest.approx(5.5))
@@ -451,7 +417,7 @@ class _DualINSeeded(nnUNetTrainerDualNorm_TestShort):
 @pytest.mark.parametrize("cls, configuration, deep_supervision", [
     (_DualBNSeeded, "3d_fullres", True), (_DualINSeeded, "2d", False), (_DualBNSeeded, "2d", False)])
 def test_dual_norm_step(nnunet_tree, monkeypatch, cls, configuration, deep_supervision):
-    trainer = _make_trainer(cls, nnunet_tree, configuration, deep_supervision, monkeypatch)
+    trainer = make_trainer(cls, nnunet_tree, configuration, deep_supervision, monkeypatch)
     net = trainer.network
     duals = list(dual_norms(net))
     assert duals and all(isinstance(d, BatchRoutedDualNorm) for d in duals)
@@ -504,7 +470,7 @@ def test_dual_norm_step(nnunet_tree, monkeypatch, cls, configuration, deep_super
             assert not torch.allclose(d.norms[0].running_mean, d.norms[1].running_mean)
 
     # prediction: the network nnU-Net's predictor builds routes clean and loads the checkpoint strictly
-    deployed = _build(cls, trainer)
+    deployed = build_network(cls, trainer)
     assert all(d.route == CLEAN for d in dual_norms(deployed))
     state = net.state_dict()
     assert any(".norms.0." in k for k in state) and any(".norms.1." in k for k in state)
@@ -527,20 +493,20 @@ def test_nlce_network_is_identity_like_and_trains_every_parameter(nnunet_tree, m
                                                                   deep_supervision):
     # the planned patch (32^3 / 32^2): coarsest stage 4^3, so the max-pooled keys are more than one
     # (at a 2^3 stage they collapse to a single key and theta/phi get exactly zero gradients)
-    trainer = _make_trainer(nnUNetTrainerNLCE_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch,
+    trainer = make_trainer(nnUNetTrainerNLCE_TestShort, nnunet_tree, configuration, deep_supervision, monkeypatch,
                             patch_3d=None)
-    built = _build(nnUNetTrainerNLCE_TestShort, trainer)
+    built = build_network(nnUNetTrainerNLCE_TestShort, trainer)
     nlces = [m for m in built.modules() if isinstance(m, NLCE)]
     n_stages = len(built.encoder.stages)
     assert len(nlces) == 1 and any(isinstance(m, NLCE) for m in built.encoder.stages[n_stages - 1].modules())
     assert nlces[0].non_local.subsample == "auto"
-    multi = _build(nnUNetTrainerNLCE_MultiStage, trainer)
+    multi = build_network(nnUNetTrainerNLCE_MultiStage, trainer)
     assert [i for i in range(n_stages) if any(isinstance(m, NLCE) for m in multi.encoder.stages[i].modules())] \
         == [n_stages - 2, n_stages - 1]
 
     # identity at initialisation: the plain network with the same weights computes the same function
     torch.manual_seed(1)
-    plain = _build(nnUNetTrainer, trainer)
+    plain = build_network(nnUNetTrainer, trainer)
     missing, unexpected = built.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(".nlce." in k for k in missing)
     x = make_batch(trainer)["data"]
@@ -566,9 +532,9 @@ def test_finetuning_keeps_the_segmentation_heads_of_the_same_task(nnunet_tree, m
     from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort
 
     cls = type("_PGDATHeads", (nnUNetTrainerPGDAT_TestShort,), {"keep_segmentation_heads": keep})
-    trainer = _make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
+    trainer = make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
     torch.manual_seed(5)
-    plain = _build(nnUNetTrainer, trainer, deep_supervision=True)
+    plain = build_network(nnUNetTrainer, trainer, deep_supervision=True)
     path = tmp_path / "clean.pth"
     torch.save({"network_weights": plain.state_dict()}, path)
     before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
@@ -580,11 +546,15 @@ def test_finetuning_keeps_the_segmentation_heads_of_the_same_task(nnunet_tree, m
 
 @pytest.mark.parametrize("cls, plain_cls", [(nnUNetTrainerNLCE_TestShort, nnUNetTrainer),
                                             (nnUNetTrainerDualBN_TestShort, nnUNetTrainerBN),
+                                            (nnUNetTrainerDualBN_TestShort, nnUNetTrainer),
                                             (nnUNetTrainerDualNorm_TestShort, nnUNetTrainer)])
 def test_finetuning_from_a_clean_checkpoint(nnunet_tree, monkeypatch, tmp_path, cls, plain_cls):
-    trainer = _make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
+    """Every recipe that changes the network fine-tunes from a clean checkpoint; (DualBN, nnUNetTrainer) is
+    what nnUNetv2_adv_study does: an InstanceNorm clean model, whose norms have no running statistics."""
+    trainer = make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
+    fresh = copy.deepcopy(trainer.network.state_dict())
     torch.manual_seed(3)
-    plain = _build(plain_cls, trainer, deep_supervision=True)
+    plain = build_network(plain_cls, trainer, deep_supervision=True)
     if plain_cls is nnUNetTrainerBN:  # non-trivial running statistics to copy
         plain.train()
         with torch.no_grad():
@@ -609,6 +579,13 @@ def test_finetuning_from_a_clean_checkpoint(nnunet_tree, monkeypatch, tmp_path, 
             prefix, name = key.rsplit(".", 1)
             for branch in (0, 1):
                 assert torch.equal(net_state[f"{prefix}.norms.{branch}.{name}"], value), key
+    # BatchNorm statistics an InstanceNorm checkpoint lacks start fresh (mean 0, variance 1), in both branches
+    fresh_statistics = [k for k in net_state if k.rsplit(".", 1)[1] in ("running_mean", "running_var")
+                        and ".norms." in k and k.replace(".norms.0.", ".").replace(".norms.1.", ".") not in plain_state]
+    assert bool(fresh_statistics) == (cls is nnUNetTrainerDualBN_TestShort and plain_cls is nnUNetTrainer)
+    for key in fresh_statistics:
+        assert torch.equal(net_state[key], fresh[key]), key
+        assert torch.all(net_state[key] == (1.0 if key.endswith("running_var") else 0.0)), key
     if cls is nnUNetTrainerNLCE_TestShort:  # fine-tuning starts from the clean network's function
         for key, value in plain_state.items():
             if ".seg_layers." in key:

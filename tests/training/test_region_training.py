@@ -12,14 +12,13 @@ BCE-with-logits on the regions), never a softmax CE against integer labels.
 import copy
 
 import pytest
-import test_recipes
 import torch
 import torch.nn.functional as F
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
+from in_process_trainer import make_trainer
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from test_recipes import _make_trainer, _plans
 from trainer_batch import make_batch
 
 from nnunet_adv.attacks import build_attack
@@ -44,13 +43,8 @@ def _one_thread(one_thread):
 
 # ----------------------------------------------------------------------------- helpers
 def _make_region_trainer(cls, tree, configuration, deep_supervision, monkeypatch):
-    """test_recipes._make_trainer with the region-based dataset.json."""
-    def plans_with_regions(*args, **kwargs):
-        plans, dataset_json = _plans(*args, **kwargs)
-        return plans, {**dataset_json, **copy.deepcopy(REGIONS)}
-
-    monkeypatch.setattr(test_recipes, "_plans", plans_with_regions)
-    trainer = _make_trainer(cls, tree, configuration, deep_supervision, monkeypatch)
+    """make_trainer with the region-based dataset.json."""
+    trainer = make_trainer(cls, tree, configuration, deep_supervision, monkeypatch, dataset_json_update=REGIONS)
     assert trainer.label_manager.has_regions and trainer.label_manager.num_segmentation_heads == 2
     return trainer
 

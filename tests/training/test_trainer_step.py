@@ -1,41 +1,19 @@
 """The adversarial training step of nnUNetTrainerAdversarial, in-process, 2D and 3D,
 with and without deep supervision, on a tiny version of the planned network."""
 import copy
-import json
 
 import pytest
 import torch
-from nnunet_tree import DATASET_NAME
+from in_process_trainer import make_trainer
 from trainer_batch import make_batch
 
 from nnunet_adv.trainers import nnUNetTrainerPGDAT_TestShort
-
-SMALL_FEATURES = [4, 8, 16, 16, 16, 16, 16, 16]
 
 
 class _Trainer(nnUNetTrainerPGDAT_TestShort):
     # a seeded attack so that a reference computation can reproduce x_adv exactly
     attack_kwargs = {**nnUNetTrainerPGDAT_TestShort.attack_kwargs, "steps": 3, "seed": 0}
     alpha_over_eps = 2.5 / 3
-
-
-def _make_trainer(tree, configuration, deep_supervision, monkeypatch):
-    tree.set_in_process(monkeypatch)
-    folder = tree.preprocessed / DATASET_NAME
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = SMALL_FEATURES[:arch["n_stages"]]  # tiny network, same topology
-    if configuration == "3d_fullres":  # a smaller patch keeps the test fast; still 3 poolings deep
-        plans["configurations"][configuration]["patch_size"] = [16, 16, 16]
-    plans["continue_training"] = False
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    torch.manual_seed(0)  # network initialisation: the tests below must not depend on luck
-    trainer = _Trainer(plans, configuration, 0, dataset_json, torch.device("cpu"))
-    trainer.enable_deep_supervision = deep_supervision
-    trainer.initialize()
-    return trainer
-
-
 
 
 def _clean_train(trainer, batch, steps=40):
@@ -52,7 +30,7 @@ CASES = [("3d_fullres", True), ("3d_fullres", False), ("2d", True), ("2d", False
 
 @pytest.mark.parametrize("configuration, deep_supervision", CASES)
 def test_adversarial_training_step(nnunet_tree, monkeypatch, configuration, deep_supervision):
-    trainer = _make_trainer(nnunet_tree, configuration, deep_supervision, monkeypatch)
+    trainer = make_trainer(_Trainer, nnunet_tree, configuration, deep_supervision, monkeypatch)
     batch = make_batch(trainer)
     _clean_train(trainer, batch)
     net, x, target = trainer.network, batch["data"], batch["target"]
@@ -101,7 +79,7 @@ def test_adversarial_training_step(nnunet_tree, monkeypatch, configuration, deep
 
 
 def test_validation_step_reports_clean_and_robust_counts(nnunet_tree, monkeypatch):
-    trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer = make_trainer(_Trainer, nnunet_tree, "3d_fullres", True, monkeypatch)
     batch = make_batch(trainer)
     _clean_train(trainer, batch, steps=80)
     trainer.network.eval()
@@ -141,7 +119,7 @@ def test_every_attack_is_usable_by_a_trainer(nnunet_tree, monkeypatch):
     from nnunet_adv.attacks import attack_defaults, available_attacks
 
     assert set(FAST_OPTIONS) == set(available_attacks())
-    trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer = make_trainer(_Trainer, nnunet_tree, "3d_fullres", True, monkeypatch)
     batch = make_batch(trainer)
     x, target = batch["data"], batch["target"]
     budget = trainer.threat_model.budget(x, eps_frac=4 / 255)
@@ -164,7 +142,7 @@ def test_the_attack_configuration_is_made_once_and_again_only_when_the_recipe_ch
     """Every batch builds its attack (the budget depends on the batch), but not the configuration."""
     from nnunet_adv.training import adversarial_trainer
 
-    trainer = _make_trainer(nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer = make_trainer(_Trainer, nnunet_tree, "3d_fullres", True, monkeypatch)
     made = []
     real = adversarial_trainer.AttackConfig
     monkeypatch.setattr(adversarial_trainer, "AttackConfig", lambda *a, **k: made.append(a) or real(*a, **k))

@@ -30,7 +30,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from test_recipes import _make_trainer
+from in_process_trainer import make_trainer
 from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.testing import CompileCounterWithBackend
 from trainer_batch import make_batch
@@ -58,7 +58,7 @@ def fresh_dynamo():
 def _compiled_trainer(cls, tree, monkeypatch):
     """A 3D, deep-supervision trainer wrapped exactly as nnU-Net does with nnUNet_compile on
     (network and loss.dc compiled in ``initialize``), through a counting eager backend."""
-    trainer = _make_trainer(cls, tree, "3d_fullres", True, monkeypatch, initialize=False)
+    trainer = make_trainer(cls, tree, "3d_fullres", True, monkeypatch, initialize=False)
     counter = CompileCounterWithBackend("eager")
     with monkeypatch.context() as m:
         m.setattr(trainer, "_do_i_compile", lambda: True)
@@ -121,7 +121,7 @@ def _outputs(output):
 
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_attack_under_outer_autocast_is_fp32(nnunet_tree, monkeypatch, one_thread, name):
-    trainer = _make_trainer(TRAINERS[name], nnunet_tree, "3d_fullres", True, monkeypatch)
+    trainer = make_trainer(TRAINERS[name], nnunet_tree, "3d_fullres", True, monkeypatch)
     _seed_attack(trainer)
     batch = make_batch(trainer)
     x, target = batch["data"], batch["target"]

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Dual BN's claim (Han et al. 2021): adversarial training with separate normalisation for clean and
+# adversarial inputs keeps clean accuracy, and its saliency maps are more interpretable. Issue 18 item 4,
+# docs/claims.md. On the work folder of benchmarks/evidence_rerun.sh (Dataset910, the study's clean model of
+# each seed and its clean-continued and PGD-AT fine-tunes), this fine-tunes nnUNetTrainerDualBN and
+# nnUNetTrainerDualNorm from the same clean model with the study's schedule, settings and seed (3 x 50
+# iterations, PGD-3 at 4/255, exactly what `nnUNetv2_adv_study --recipes nnUNetTrainerDualBN
+# nnUNetTrainerDualNorm` trains), then evaluates the four models in one report:
+#   - clean Dice and the L-inf worst case at 4/255 (PGD-10, APGD-ROG, SegPGD-10, CosPGD-10) with the checks,
+#   - --saliency: each model's share of the input-gradient saliency inside the labelled structures, and the
+#     maps side by side (saliency.png).
+#
+#   bash benchmarks/claim_dualbn.sh WORK_FOLDER [SEED ...]        (default seeds: 0 1)
+#
+# Resumable: a finished training is reused (an unfinished one continues with --c), the evaluation resumes
+# with --continue. Writes WORK_FOLDER/claims/dualbn/sS/ (report.md, summary.json, saliency.png) and logs.
+set -euo pipefail
+work=$(realpath "${1:?usage: claim_dualbn.sh WORK_FOLDER [SEED ...]}"); shift
+seeds=${*:-0 1}
+export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
+export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f
+dataset=Dataset910_AdvDemoMRI
+mkdir -p "$work/claims/dualbn" "$work/logs"
+cd "$work"
+for seed in $seeds; do
+  finetune=ep-3_its-50_valits-2_valsteps-1_seed-$seed
+  clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
+  baseline=nnUNetTrainerClean_lr-0.01_$finetune pgdat=nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_$finetune
+  for t in "$clean" "$baseline" "$pgdat"; do
+    [ -f "results/$dataset/${t}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || {
+      echo "seed $seed: the study's model $t is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
+  done
+  trained=()
+  for base in nnUNetTrainerDualBN nnUNetTrainerDualNorm; do
+    t=${base}_steps-3_alphaeps-0.833_$finetune
+    folder=results/$dataset/${t}__nnUNetPlans__2d/fold_0
+    if [ ! -f "$folder/checkpoint_final.pth" ]; then
+      resume=(-pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
+      [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
+      /usr/bin/time -v nnUNetv2_train 910 2d 0 -tr "$t" -device cpu "${resume[@]}" \
+        > "logs/claim_dualbn_train_${base}_s$seed.log" 2>&1
+    fi
+    trained+=("$t")
+  done
+  out=claims/dualbn/s$seed
+  resume=(); [ -e "$out/summary.json" ] || [ -e "$out/adversarial" ] && resume=(--continue)
+  /usr/bin/time -v nnUNetv2_adv_evaluate -i "raw/$dataset/imagesTs" -l "raw/$dataset/labelsTs" -o "$out" \
+    -d 910 -c 2d -f 0 -tr "$baseline" "$pgdat" "${trained[@]}" -device cpu --disable_tta --disable_progress_bar \
+    --tile_batch_size 40 --seed "$seed" --saliency \
+    --attacks "pgd:eps=4,steps=10" "apgd-rog:eps=4" "segpgd:eps=4,steps=10" "cospgd:eps=4,steps=10" \
+    "${resume[@]}" > "logs/claim_dualbn_eval_s$seed.log" 2>&1
+done
