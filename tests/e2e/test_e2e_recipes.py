@@ -62,7 +62,9 @@ def _clean_checkpoint(tree, configuration, trainer_cls, path):
 RECIPES = [
     ("nnUNetTrainerVAFT_TestShort", "3d_fullres", None, ("clean", "adv", "fc")),
     ("nnUNetTrainerVAFA_TestShort", "2d", None, ("adv",)),
-    ("nnUNetTrainerDualBN_TestShort", "3d_fullres", "nnUNetTrainerBN", ("clean", "adv")),
+    # from nnU-Net's default (InstanceNorm) clean model, as nnUNetv2_adv_study fine-tunes it (BatchNorm statistics
+    # start fresh); from a BatchNorm model: tests/training/test_recipes.py
+    ("nnUNetTrainerDualBN_TestShort", "3d_fullres", "nnUNetTrainer", ("clean", "adv")),
     ("nnUNetTrainerDualNorm_TestShort", "3d_fullres", None, ("clean", "adv")),
     ("nnUNetTrainerNLCE_TestShort", "3d_fullres", "nnUNetTrainer", ("clean",)),
     ("nnUNetTrainerNLCE_VAFT_TestShort", "2d", None, ("clean", "adv", "fc")),
