@@ -12,14 +12,8 @@
 #
 # Resumable: a finished training is reused (an unfinished one continues with --c), the evaluation
 # resumes with --continue. Writes WORK_FOLDER/claims/nlce/sS/ (report.md, summary.json) and a log.
-set -euo pipefail
-work=$(realpath "${1:?usage: claim_nlce.sh WORK_FOLDER [SEED ...]}"); shift
-seeds=${*:-0 1}
-export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results
-export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f
-dataset=Dataset910_AdvDemoMRI
-mkdir -p "$work/claims/nlce" "$work/logs"
-cd "$work"
+source "$(dirname "$0")/claim_env.sh"
+mkdir -p claims/nlce
 for seed in $seeds; do
   schedule=ep-20_its-50_valits-2_valsteps-1_seed-$seed
   clean=nnUNetTrainerClean_$schedule nlce=nnUNetTrainerNLCE_$schedule
