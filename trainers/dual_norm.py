@@ -31,7 +31,7 @@ from typing import ContextManager, Sequence, Tuple
 
 from torch import nn
 
-from nnunet_adv.modules.dual_norm import norm_route
+from nnunet_adv.modules.dual_norm import end_statistics_warm_ups, norm_route
 from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
 from nnunet_adv.training.network_changes import ADV, CLEAN, BatchNormArchitecture, DualNormConversion, batch_routes
 
@@ -58,6 +58,9 @@ class nnUNetTrainerDualNorm(nnUNetTrainerAdversarial):
     train_attack_route: int = ADV
     validation_attack_route: int = CLEAN
 
+    # True until no BatchNorm is left in a warm-up of fresh statistics (fine-tuning from an InstanceNorm model)
+    _statistics_warming_up = True
+
     def configure_attack(self) -> None:
         if self.clean_loss_weight <= 0 or self.adversarial_loss_weight <= 0:
             raise RecipeError(type(self).__name__, "dual normalisation trains both branches: clean_loss_weight and "
@@ -65,6 +68,13 @@ class nnUNetTrainerDualNorm(nnUNetTrainerAdversarial):
 
     def attack_context(self, network: nn.Module, for_training: bool) -> ContextManager:
         return norm_route(network, self.train_attack_route if for_training else self.validation_attack_route)
+
+    def train_step(self, batch: dict) -> dict:
+        # BatchNorm statistics that started fresh (nnunet_adv.training.pretrained) take their momentum back
+        # after their cumulative warm-up: checked before each batch, outside the (possibly compiled) forward
+        if self._statistics_warming_up:
+            self._statistics_warming_up = end_statistics_warm_ups(self.network) > 0
+        return super().train_step(batch)
 
     def forward_context(self, parts: Sequence[Tuple[str, int]]) -> ContextManager:
         if not parts:

@@ -11,14 +11,16 @@ from nnunet_adv.modules.dual_norm import (
     DualRouteWrapper,
     convert_to_dual_norm,
     dual_norms,
+    end_statistics_warm_ups,
     forward_dual,
     norm_route,
     set_norm_route,
+    start_fresh_statistics,
 )
 from nnunet_adv.modules.nlce import NLCE, ContextEncoding, NonLocalBlock, insert_nlce
 
 __all__ = [
     "ADV", "CLEAN", "DualNorm", "DualRouteWrapper", "convert_to_dual_norm", "dual_norms",
-    "forward_dual", "norm_route", "set_norm_route",
+    "forward_dual", "norm_route", "set_norm_route", "start_fresh_statistics", "end_statistics_warm_ups",
     "NLCE", "ContextEncoding", "NonLocalBlock", "insert_nlce",
 ]

@@ -232,3 +232,40 @@ class DualRouteWrapper(nn.Module):
             with norm_route(self.network, CLEAN):
                 return self.network(x_clean)
         return forward_dual(self.network, x_clean, x_adv)
+
+
+#: attribute of a BatchNorm whose running statistics start fresh: the momentum it takes after its warm-up
+MOMENTUM_AFTER_WARM_UP = "nnunet_adv_momentum_after_warm_up"
+
+
+def start_fresh_statistics(bn: _BatchNorm) -> None:
+    """Estimate ``bn``'s running statistics from scratch, without the pull of their initial values.
+
+    For a BatchNorm whose checkpoint had no statistics to give (a dual-BN network fine-tuned from an
+    InstanceNorm model). At momentum m the initial mean 0 / variance 1 would still weigh (1 - m)^n after n
+    training batches (0.22 after 150 at the paper's 0.01, enough to wreck the eval-mode predictions), so
+    the first round(1 / m) batches are averaged with equal weights (``momentum=None``, PyTorch's
+    cumulative average) and :func:`end_statistics_warm_ups` then gives the module its momentum back: the
+    same exponential average as from then on, started from data instead of from 0 / 1.
+    """
+    bn.reset_running_stats()
+    if bn.momentum is not None:  # None: a cumulative average throughout, nothing pulls it to the initial values
+        setattr(bn, MOMENTUM_AFTER_WARM_UP, bn.momentum)
+        bn.momentum = None
+
+
+def end_statistics_warm_ups(network: nn.Module) -> int:
+    """Give every BatchNorm of ``network`` in a warm-up (:func:`start_fresh_statistics`) that has averaged
+    round(1 / momentum) batches its momentum back. Call before each training batch (outside a compiled
+    graph: the change of momentum recompiles once). Returns how many modules are still warming up."""
+    warming = 0
+    for module in network.modules():
+        momentum = getattr(module, MOMENTUM_AFTER_WARM_UP, None)
+        if momentum is None:
+            continue
+        if int(module.num_batches_tracked) >= round(1 / momentum):
+            module.momentum = momentum
+            delattr(module, MOMENTUM_AFTER_WARM_UP)
+        else:
+            warming += 1
+    return warming

@@ -13,8 +13,9 @@ segmentation layers not transferred, strict ``load_state_dict``) and adds two ma
 * a dual norm missing from the checkpoint takes the plain norm's tensors in *both* branches;
   BatchNorm running statistics that the checkpoint's norm never had (a clean model trained with
   nnU-Net's InstanceNorm, fine-tuned by ``nnUNetTrainerDualBN``, as ``nnUNetv2_adv_study`` does)
-  keep their initialisation (mean 0, variance 1) and are estimated from the fine-tuning's batches at
-  the network's momentum;
+  start fresh: estimated from the fine-tuning's batches, a cumulative average over the first
+  1/momentum of them, then the network's momentum
+  (:func:`nnunet_adv.modules.dual_norm.start_fresh_statistics`);
 * NLCE parameters missing from the checkpoint keep their initialisation, which is the
   identity (:mod:`nnunet_adv.modules.nlce`), so the fine-tuned network starts from the clean
   network's function;
@@ -32,14 +33,15 @@ Networks without those modules go to nnU-Net's own function unchanged.
 from __future__ import annotations
 
 import re
-from typing import Dict, Set
+from typing import Dict, List, Set
 
 import torch
 from nnunetv2.run import load_pretrained_weights as nnunet_module, run_training
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnunet_adv.errors import UserError
-from nnunet_adv.modules.dual_norm import DualNorm
+from nnunet_adv.modules.dual_norm import MOMENTUM_AFTER_WARM_UP, DualNorm, start_fresh_statistics
 from nnunet_adv.modules.nlce import NLCE
 from nnunet_adv.network import unwrap_network
 
@@ -114,6 +116,20 @@ def map_pretrained_state_dict(network: nn.Module, pretrained: Dict[str, torch.Te
     return merged
 
 
+def _norms_without_statistics(network: nn.Module, pretrained: Dict[str, torch.Tensor]) -> List[_BatchNorm]:
+    """The BatchNorm branches of ``network``'s dual norms whose running statistics ``pretrained`` lacks in
+    both its plain and its dual form (an InstanceNorm checkpoint)."""
+    mod = unwrap_network(network)
+    found = {}
+    for prefix in _module_prefixes(mod, DualNorm):
+        dual = mod.get_submodule(prefix[:-1])
+        for branch, bn in enumerate(dual.norms):
+            if (isinstance(bn, _BatchNorm) and prefix + "running_mean" not in pretrained
+                    and f"{prefix}norms.{branch}.running_mean" not in pretrained):
+                found[id(bn)] = bn
+    return list(found.values())
+
+
 def load_pretrained_weights(network: nn.Module, fname, verbose: bool = False) -> None:
     """Drop-in replacement of nnU-Net's ``load_pretrained_weights`` (see module docstring)."""
     keep = keeps_heads(network)
@@ -127,12 +143,20 @@ def load_pretrained_weights(network: nn.Module, fname, verbose: bool = False) ->
     merged = map_pretrained_state_dict(network, pretrained, keep_heads=keep)
     print("################### Loading pretrained weights from file ", fname, "###################")
     if has_changed_modules(network):
-        print("nnunet_adv: plain norms copied into both dual-norm branches (BatchNorm running statistics the "
-              "checkpoint lacks start at mean 0, variance 1) and NLCE modules kept at their identity "
+        print("nnunet_adv: plain norms copied into both dual-norm branches and NLCE modules kept at their identity "
               "initialisation where the checkpoint lacks them")
     print("nnunet_adv: segmentation heads " + ("kept (fine-tuning the same task)" if keep else
                                                 "re-initialised (nnU-Net's rule: the checkpoint's heads differ)"))
     unwrap_network(network).load_state_dict(merged, strict=True)
+    fresh = _norms_without_statistics(network, pretrained)
+    for bn in fresh:
+        start_fresh_statistics(bn)
+    if fresh:
+        momentum = getattr(fresh[0], MOMENTUM_AFTER_WARM_UP, None)
+        how = "over every training batch" if momentum is None else \
+            f"over the first {round(1 / momentum)} training batches, then at momentum {momentum}"
+        print(f"nnunet_adv: {len(fresh)} BatchNorm branches have no running statistics in the checkpoint (an "
+              f"InstanceNorm model): estimated afresh, averaged {how}")
 
 
 def install() -> None:

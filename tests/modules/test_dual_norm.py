@@ -18,9 +18,11 @@ from nnunet_adv.modules.dual_norm import (
     DualRouteWrapper,
     convert_to_dual_norm,
     dual_norms,
+    end_statistics_warm_ups,
     forward_dual,
     norm_route,
     set_norm_route,
+    start_fresh_statistics,
 )
 
 FEATURES = [4, 8, 16, 32]
@@ -87,6 +89,33 @@ def test_batchnorm_branches_keep_separate_statistics_and_momentum():
     torch.testing.assert_close(dual.norms[1].running_mean, -0.01 * batch_mean)
     torch.testing.assert_close(dual.norms[0].running_mean, 0.01 * batch_mean)
     assert bn.momentum == 0.1, "the original module is copied, not modified"
+
+
+def test_fresh_statistics_are_the_batches_average_without_the_initial_values():
+    """A BatchNorm whose statistics start fresh averages its first 1/momentum batches with equal weights (no
+    pull towards mean 0 / variance 1), then takes its exponential average at its own momentum."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5) * 2 + 3 for _ in range(6)]
+    net = nn.Sequential(DualNorm(nn.BatchNorm2d(3), momentum=0.25)).train()   # warm-up: 4 batches
+    bn = net[0].norms[CLEAN]
+    bn.running_mean.fill_(7.0)
+    start_fresh_statistics(bn)
+    assert bn.momentum is None and torch.all(bn.running_mean == 0)
+    means = [b.mean(dim=(0, 2, 3)) for b in batches]
+    for i, b in enumerate(batches[:4]):
+        assert end_statistics_warm_ups(net) == 1 and bn.momentum is None
+        net(b)
+        torch.testing.assert_close(bn.running_mean, torch.stack(means[:i + 1]).mean(0))
+    assert end_statistics_warm_ups(net) == 0 and bn.momentum == 0.25
+    net(batches[4])
+    torch.testing.assert_close(bn.running_mean, 0.75 * torch.stack(means[:4]).mean(0) + 0.25 * means[4])
+    # without the warm-up the initial 0 still weighs 0.75^4 = 0.32 after as many batches
+    plain = nn.BatchNorm2d(3, momentum=0.25).train()
+    for b in batches[:4]:
+        plain(b)
+    assert torch.all(plain.running_mean < 0.75 * torch.stack(means[:4]).mean(0))
+    # the adversarial branch was never started fresh: untouched by end_statistics_warm_ups
+    assert net[0].norms[ADV].momentum == 0.25
 
 
 def test_instancenorm_branches_differ_only_in_affine():

@@ -544,6 +544,35 @@ def test_finetuning_keeps_the_segmentation_heads_of_the_same_task(nnunet_tree, m
         assert torch.equal(value, expected), key
 
 
+def test_dual_bn_from_an_instancenorm_model_estimates_its_statistics_from_the_batches(nnunet_tree, monkeypatch,
+                                                                                        tmp_path):
+    """Fine-tuned from nnU-Net's InstanceNorm clean model (the study's path), DualBN's running statistics are
+    the training batches' average from the first batch on (no pull towards mean 0 / variance 1, which left
+    nnU-Net's validation pseudo Dice at 0.38 after 50 iterations of the study's fine-tune), and each branch
+    takes its momentum back after 1/momentum batches."""
+    cls = type("_DualBNFastMomentum", (nnUNetTrainerDualBN_TestShort,),
+               {"network_changes": (BatchNormArchitecture(), DualNormConversion(momentum=0.5))})  # warm-up: 2
+    trainer = make_trainer(cls, nnunet_tree, "2d", True, monkeypatch)
+    torch.manual_seed(3)
+    path = tmp_path / "clean.pth"
+    torch.save({"network_weights": build_network(nnUNetTrainer, trainer, deep_supervision=True).state_dict()}, path)
+    run_training.load_pretrained_weights(trainer.network, str(path))
+    branches = [bn for m in dual_norms(trainer.network) for bn in m.norms]
+    assert branches and all(bn.momentum is None and int(bn.num_batches_tracked) == 0 for bn in branches)
+
+    first = dual_norms(trainer.network).__next__().norms[CLEAN]
+    seen = []
+    hook = first.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()) if m.training else None)
+    trainer.train_step(make_batch(trainer, seed=0))
+    hook.remove()
+    assert len(seen) == 1   # the clean half of the one training forward (the attack runs in eval mode)
+    torch.testing.assert_close(first.running_mean, seen[0].mean(dim=(0, 2, 3)))
+    trainer.train_step(make_batch(trainer, seed=1))
+    assert all(bn.momentum is None for bn in branches)
+    trainer.train_step(make_batch(trainer, seed=2))   # 2 batches averaged: the momentum is back
+    assert all(bn.momentum == 0.5 for bn in branches)
+
+
 @pytest.mark.parametrize("cls, plain_cls", [(nnUNetTrainerNLCE_TestShort, nnUNetTrainer),
                                             (nnUNetTrainerDualBN_TestShort, nnUNetTrainerBN),
                                             (nnUNetTrainerDualBN_TestShort, nnUNetTrainer),
