@@ -243,7 +243,8 @@ def start_fresh_statistics(bn: _BatchNorm) -> None:
 
     For a BatchNorm whose checkpoint had no statistics to give (a dual-BN network fine-tuned from an
     InstanceNorm model). At momentum m the initial mean 0 / variance 1 would still weigh (1 - m)^n after n
-    training batches (0.22 after 150 at the paper's 0.01, enough to wreck the eval-mode predictions), so
+    training batches: 0.61 after the study's first 50 at the paper's 0.01, where nnU-Net's eval-mode
+    validation pseudo Dice was 0.386 / 0.371 (0.860 / 0.834 with this warm-up; Dataset910, seed 0), so
     the first round(1 / m) batches are averaged with equal weights (``momentum=None``, PyTorch's
     cumulative average) and :func:`end_statistics_warm_ups` then gives the module its momentum back: the
     same exponential average as from then on, started from data instead of from 0 / 1.
