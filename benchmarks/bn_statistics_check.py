@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -82,10 +83,9 @@ def main() -> None:
     before = mean_dice(predictor, a.images, a.labels, rw)
     network = predictor.network
     network.load_state_dict(predictor.list_of_parameters[0])
-    plans = json.loads((a.model_folder / "plans.json").read_text())
-    config = plans["configurations"][predictor.configuration_manager.configuration_name]
-    preprocessed = Path(__import__("os").environ["nnUNet_preprocessed"]) / a.model_folder.parent.name / config["data_identifier"]
-    n = reestimate(network, preprocessed, config["patch_size"], a.batches, config["batch_size"], a.seed)
+    cm = predictor.configuration_manager
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / a.model_folder.parent.name / cm.data_identifier
+    n = reestimate(network, preprocessed, cm.patch_size, a.batches, cm.batch_size, a.seed)
     predictor.list_of_parameters = [network.state_dict()]
     after = mean_dice(predictor, a.images, a.labels, rw)
     print(json.dumps({"model": a.model_folder.name, "batchnorms": n, "batches": a.batches,
