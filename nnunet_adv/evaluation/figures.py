@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence, Tuple, Union
@@ -308,6 +309,28 @@ def plot_robustness_curve(curves: Mapping[str, Mapping], out_file: PathOrFile, x
 
 # --------------------------------------------------------------------------- saliency.png
 
+#: characters per line of a panel title: a 250 px panel holds about 30 at the "small" font size
+_TITLE_CHARS = 28
+
+
+def panel_title(name: str, width: int = _TITLE_CHARS) -> str:
+    """``name`` on lines of at most ``width`` characters, broken after underscores where it can be (nnU-Net
+    trainer names with their settings run to 80 characters, and side by side they would overlap)."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=_)", name):
+        while len(part) > width:                      # a part longer than a line: cut it
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(part[:width])
+            part = part[width:]
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join(lines + [line] if line else lines)
+
+
 def saliency_figure_size(n_rows: int, n_models: int) -> Tuple[int, int]:
     """(width, height) in pixels of saliency.png: 250 px square panels, one column for the
     image plus one per model, one row per case, plus a 100 px title band, i.e.
@@ -357,7 +380,7 @@ def build_saliency_figure(image_slices: Sequence[Tuple[str, np.ndarray]],
             for column, model in enumerate(models, start=1):
                 _plot_saliency_overlay(axes[row, column], image, saliency[model][row], grey)
         for ax, name in zip(axes[0], ["image"] + models):
-            ax.set_title(name)
+            ax.set_title(panel_title(name), fontsize="small")
         for ax in axes.flat:
             _blank_axes(ax)
         # Two short lines: the figure can be as narrow as two panels (one model).

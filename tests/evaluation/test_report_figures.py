@@ -160,6 +160,20 @@ def test_saliency_titles_and_mismatch():
         rf.build_saliency_figure(slices, maps)
 
 
+def test_saliency_titles_of_long_trainer_names_do_not_overlap():
+    """nnU-Net trainer names with settings (80 characters) side by side: each title wrapped to its panel."""
+    names = [f"nnUNetTrainer{r}_steps-3_alphaeps-0.833_ep-3_its-50_valits-2_valsteps-1_seed-0"
+             for r in ("PGDAT", "DualBN")]
+    slices, maps = _saliency_inputs(1, 2)
+    fig = rf.build_saliency_figure(slices, dict(zip(names, maps.values())))
+    fig.canvas.draw()
+    titles = [ax.title for ax in fig.axes[:3]]
+    assert [t.get_text().replace("\n", "") for t in titles] == ["image"] + names
+    boxes = [t.get_window_extent() for t in titles]
+    assert all(not a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+    assert rf.panel_title("a_b", width=2) == "a_\nb" and rf.panel_title("x" * 5, width=2) == "xx\nxx\nx"
+
+
 def test_normalise_saliency():
     saliency = np.arange(1000, dtype=float)             # 99th percentile = 989.01
     normalised = rf.normalise_saliency(-saliency)       # the sign is dropped
