@@ -166,9 +166,11 @@ def _attack_cases(run: AttackRun, cases: Dict[str, dict], done: set, problems: D
     previous = (prior or {}).get("cases", {})
     report = _report_header(run, None if engine is None else engine.model, settings)
     records: Dict[str, dict] = report["cases"]
-    # the record first: an interruption right after the first image is written (before its record) must still
-    # leave a folder that --continue_prediction recognises as ours (it attacks that case again)
-    atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
+    if prior is None:
+        # a new folder gets its record first: an interruption right after the first image is written (before its
+        # record) must leave a folder --continue_prediction recognises as ours (it attacks that case again). A
+        # resumed folder has one already, whose finished cases an early rewrite would drop.
+        atomic_write_checked_json(output_folder / run.record_name, report, indent=2, default=str)
     new = []
     bar = tqdm(cases.items(), desc=f"{run.attack.name} on {len(cases)} case(s)", unit="case", disable=not run.progress)
     for case, info in bar:

@@ -107,6 +107,30 @@ def test_a_writer_that_silently_truncates_is_caught_in_process(tree, tmp_path, m
     assert _accepted_cases_are_correct(out, tree) == {"case_0006", "case_0007"}
 
 
+def test_an_interruption_between_the_first_image_and_its_record_resumes(tree, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first case's image is in place but before attack.json records it (a race the
+    subprocess interrupt test met in CI): the folder must still be recognised by --continue_prediction."""
+    import nnunet_adv.volume.runner as runner
+    from nnunet_adv.cli.attack import main
+
+    tree.set_in_process(monkeypatch)
+    real = runner._attack_one
+
+    def then_interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_attack_one", then_interrupted)
+    out = tmp_path / "out"
+    argv = [str(a) for a in _attack_args(tree, out)[1:]]
+    assert main(argv) == 130
+    assert (out / "case_0006_0000.nii.gz").is_file() and _accepted_cases_are_correct(out, tree) == set()
+    monkeypatch.setattr(runner, "_attack_one", real)
+    capsys.readouterr()
+    assert main(argv + ["--continue_prediction"]) == 0, capsys.readouterr().err
+    assert _accepted_cases_are_correct(out, tree) == {"case_0006", "case_0007"}
+
+
 # ----------------------------------------------------------------------------------- read-only, a file
 #: the attack runs as the user runs it (a subprocess: the interpreter's own error handling is part of what
 #: is tested); the other commands' main() in this process, the same refusal without the start-up
