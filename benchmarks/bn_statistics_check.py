@@ -1,10 +1,11 @@
 """How much do a short fine-tune's BatchNorm running statistics cost a dual-BN model's clean Dice?
 
-``nnUNetTrainerDualBN`` fine-tuned from nnU-Net's InstanceNorm clean model starts its running statistics at
-mean 0, variance 1 (the checkpoint has none) and updates them at the paper's momentum 0.01, so after n
-iterations the initial values still weigh 0.99^n (0.22 after the study's 150). This script predicts the
-held-out cases with the trained model as it is, then with the clean branch's statistics re-estimated
-(cumulative average over training patches, the network otherwise unchanged), and prints both Dice values.
+``nnUNetTrainerDualBN`` fine-tuned from nnU-Net's InstanceNorm clean model estimates its running statistics
+during the fine-tune (the checkpoint has none: an equal-weight average of the first 100 batches, then the
+paper's momentum 0.01), while the weights they were measured with keep changing. This script predicts the
+held-out cases with the trained model as it is, then with the clean branch's statistics re-estimated at the
+final weights (cumulative average over training patches, the network otherwise unchanged), and prints both
+mean foreground Dice values.
 
     python benchmarks/bn_statistics_check.py MODEL_FOLDER IMAGES LABELS [--batches 100]
 
@@ -24,6 +25,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nnunet_adv.metrics import dice_per_class
 from nnunet_adv.modules.dual_norm import CLEAN, dual_norms
 
 
@@ -35,9 +37,7 @@ def mean_dice(predictor: nnUNetPredictor, images: Path, labels: Path, rw) -> flo
         files = sorted(str(p) for p in images.glob(f"{case}_*.nii.gz"))
         pred = predictor.predict_single_npy_array(*rw.read_images(files), None, None, False)
         ref = rw.read_seg(str(label_file))[0][0]
-        for c in np.unique(ref[ref > 0]):
-            a, b = pred == c, ref == c
-            scores.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+        scores.extend(dice_per_class(pred, ref, [int(c) for c in np.unique(ref[ref > 0])]))
     return float(np.mean(scores))
 
 

@@ -4,8 +4,9 @@
 # docs/claims.md. On the work folder of benchmarks/evidence_rerun.sh (Dataset910, the study's clean model of
 # each seed and its clean-continued and PGD-AT fine-tunes), this fine-tunes nnUNetTrainerDualBN and
 # nnUNetTrainerDualNorm from the same clean model with the study's schedule, settings and seed (3 x 50
-# iterations, PGD-3 at 4/255, exactly what `nnUNetv2_adv_study --recipes nnUNetTrainerDualBN
-# nnUNetTrainerDualNorm` trains), then evaluates the four models in one report:
+# iterations, PGD-3 at the paper's eps 0.005 of the window, about 1.3/255, where PGD-AT trains at 4/255: exactly
+# what `nnUNetv2_adv_study --recipes nnUNetTrainerDualBN nnUNetTrainerDualNorm` trains), then evaluates the
+# four models in one report:
 #   - clean Dice and the L-inf worst case at 4/255 (PGD-10, APGD-ROG, SegPGD-10, CosPGD-10) with the checks,
 #   - --saliency: each model's share of the input-gradient saliency inside the labelled structures, and the
 #     maps side by side (saliency.png).
