@@ -258,7 +258,8 @@ def start_fresh_statistics(bn: _BatchNorm) -> None:
 def end_statistics_warm_ups(network: nn.Module) -> int:
     """Give every BatchNorm of ``network`` in a warm-up (:func:`start_fresh_statistics`) that has averaged
     round(1 / momentum) batches its momentum back. Call before each training batch, outside a compiled
-    graph (the change of momentum should then cost one recompilation; not measured on a GPU). Returns how many modules are still warming up."""
+    graph (the change of momentum should then cost one recompilation; not measured on a GPU). Returns how
+    many modules are still warming up."""
     warming = 0
     for module in network.modules():
         momentum = getattr(module, MOMENTUM_AFTER_WARM_UP, None)
