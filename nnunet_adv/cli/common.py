@@ -51,7 +51,9 @@ def cli_main(run: Callable[[], int], prefix: str = "error", resume_hint: str = "
         print(f"{prefix}: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted{'; ' + resume_hint if resume_hint else ''}", file=sys.stderr)
+        # on a line of its own: a progress bar (ours, or an nnU-Net child's) stops mid-line, and a
+        # terminal echoes ^C without a newline
+        print(f"\ninterrupted{'; ' + resume_hint if resume_hint else ''}", file=sys.stderr)
         return 130
 
 
