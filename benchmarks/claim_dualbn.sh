@@ -21,27 +21,14 @@ for seed in $seeds; do
   finetune=ep-3_its-50_valits-2_valsteps-1_seed-$seed
   clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
   baseline=nnUNetTrainerClean_lr-0.01_$finetune pgdat=nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_$finetune
-  for t in "$clean" "$baseline" "$pgdat"; do
-    [ -f "results/$dataset/${t}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || {
-      echo "seed $seed: the study's model $t is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
-  done
+  for t in "$clean" "$baseline" "$pgdat"; do require_model "$t" "$seed"; done
   trained=()
   for base in nnUNetTrainerDualBN nnUNetTrainerDualNorm; do
     t=${base}_steps-3_alphaeps-0.833_$finetune
-    folder=results/$dataset/${t}__nnUNetPlans__2d/fold_0
-    if [ ! -f "$folder/checkpoint_final.pth" ]; then
-      resume=(-pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
-      [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
-      /usr/bin/time -v nnUNetv2_train 910 2d 0 -tr "$t" -device cpu "${resume[@]}" \
-        > "logs/claim_dualbn_train_${base}_s$seed.log" 2>&1
-    fi
+    train_once "$t" "logs/claim_dualbn_train_${base}_s$seed.log" \
+      -pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth"
     trained+=("$t")
   done
-  out=claims/dualbn/s$seed
-  resume=(); [ -e "$out/summary.json" ] || [ -e "$out/adversarial" ] && resume=(--continue)
-  /usr/bin/time -v nnUNetv2_adv_evaluate -i "raw/$dataset/imagesTs" -l "raw/$dataset/labelsTs" -o "$out" \
-    -d 910 -c 2d -f 0 -tr "$baseline" "$pgdat" "${trained[@]}" -device cpu --disable_tta --disable_progress_bar \
-    --tile_batch_size 40 --seed "$seed" --saliency \
-    --attacks "pgd:eps=4,steps=10" "apgd-rog:eps=4" "segpgd:eps=4,steps=10" "cospgd:eps=4,steps=10" \
-    "${resume[@]}" > "logs/claim_dualbn_eval_s$seed.log" 2>&1
+  evaluate "claims/dualbn/s$seed" "logs/claim_dualbn_eval_s$seed.log" "$seed" \
+    -tr "$baseline" "$pgdat" "${trained[@]}" --saliency --attacks $(linf_attacks 4)
 done

@@ -9,3 +9,32 @@ export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f
 dataset=Dataset910_AdvDemoMRI
 cd "$work"
 mkdir -p logs
+
+# train_once TRAINER LOG [nnUNetv2_train OPTION ...]: nnUNetv2_train 910 2d 0 unless TRAINER has a final
+# checkpoint; an unfinished one continues with --c (then the options, e.g. -pretrained_weights, are dropped).
+train_once() {
+  local trainer=$1 log=$2; shift 2
+  local folder=results/$dataset/${trainer}__nnUNetPlans__2d/fold_0
+  [ -f "$folder/checkpoint_final.pth" ] && return 0
+  local options=("$@"); [ -f "$folder/checkpoint_latest.pth" ] && options=(--c)
+  /usr/bin/time -v nnUNetv2_train 910 2d 0 -tr "$trainer" -device cpu "${options[@]}" > "$log" 2>&1
+}
+
+# evaluate OUT LOG SEED nnUNetv2_adv_evaluate OPTION ...: the held-out cases of Dataset910 2d fold 0 on the
+# CPU, resumed with --continue when OUT holds an earlier run.
+evaluate() {
+  local out=$1 log=$2 seed=$3; shift 3
+  local resume=(); { [ -e "$out/summary.json" ] || [ -e "$out/adversarial" ]; } && resume=(--continue)
+  /usr/bin/time -v nnUNetv2_adv_evaluate -i "raw/$dataset/imagesTs" -l "raw/$dataset/labelsTs" -o "$out" \
+    -d 910 -c 2d -f 0 -device cpu --disable_tta --disable_progress_bar --tile_batch_size 40 --seed "$seed" \
+    "$@" "${resume[@]}" > "$log" 2>&1
+}
+
+# require_model TRAINER SEED: stop with one line when the study's model TRAINER is not trained yet
+require_model() {
+  [ -f "results/$dataset/${1}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || {
+    echo "seed $2: the study's model $1 is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
+}
+
+#: the L-inf worst case of the study's report (its attacks at their published steps), at eps $1 (x/255)
+linf_attacks() { echo "pgd:eps=$1,steps=10" "apgd-rog:eps=$1" "segpgd:eps=$1,steps=10" "cospgd:eps=$1,steps=10"; }

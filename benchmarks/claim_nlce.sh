@@ -17,17 +17,8 @@ mkdir -p claims/nlce
 for seed in $seeds; do
   schedule=ep-20_its-50_valits-2_valsteps-1_seed-$seed
   clean=nnUNetTrainerClean_$schedule nlce=nnUNetTrainerNLCE_$schedule
-  [ -f "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || {
-    echo "seed $seed: the study's clean model $clean is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
-  folder=results/$dataset/${nlce}__nnUNetPlans__2d/fold_0
-  if [ ! -f "$folder/checkpoint_final.pth" ]; then
-    resume=(); [ -f "$folder/checkpoint_latest.pth" ] && resume=(--c)
-    /usr/bin/time -v nnUNetv2_train 910 2d 0 -tr "$nlce" -device cpu "${resume[@]}" > "logs/claim_nlce_train_s$seed.log" 2>&1
-  fi
-  out=claims/nlce/s$seed
-  resume=(); [ -e "$out/summary.json" ] || [ -e "$out/adversarial" ] && resume=(--continue)
-  /usr/bin/time -v nnUNetv2_adv_evaluate -i "raw/$dataset/imagesTs" -l "raw/$dataset/labelsTs" -o "$out" \
-    -d 910 -c 2d -f 0 -tr "$clean" "$nlce" -device cpu --disable_tta --disable_progress_bar --tile_batch_size 40 \
-    --seed "$seed" --attacks "pgd:eps=4,steps=10" "apgd-rog:eps=4" "segpgd:eps=4,steps=10" "cospgd:eps=4,steps=10" \
-    --sweep_attack ifgsm-targeted --eps_sweep 0.5 1 2 4 8 16 32 "${resume[@]}" > "logs/claim_nlce_eval_s$seed.log" 2>&1
+  require_model "$clean" "$seed"
+  train_once "$nlce" "logs/claim_nlce_train_s$seed.log"
+  evaluate "claims/nlce/s$seed" "logs/claim_nlce_eval_s$seed.log" "$seed" -tr "$clean" "$nlce" \
+    --attacks $(linf_attacks 4) --sweep_attack ifgsm-targeted --eps_sweep 0.5 1 2 4 8 16 32
 done
