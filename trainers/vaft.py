@@ -12,8 +12,9 @@ Block size: VAFA splits the image into cubes (3D; squares of each slice in 2D) w
 fit the nnU-Net patch. The published block is 32; the trainer takes the largest of
 ``vafa_block_candidates`` (32, 16, 8) that divides *every* blocked patch axis (no padding,
 e.g. 16 for a 80x192x160 patch); if none divides, the largest candidate not larger than the
-smallest axis, and VAFA pads the far end of each axis (replicate) and crops back. An explicit
-``"block_size"`` in ``attack_kwargs`` wins.
+smallest axis, and VAFA pads the far end of each axis (replicate) and crops back. With the
+authors' table per tile (3D ``-ref``) the blocks divide a tile, so the rule applies to one tile of
+the patch. An explicit ``"block_size"`` in ``attack_kwargs`` wins.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
+from nnunet_adv.attacks.vafa_tiles import REF_TILE_MM, check_mm, check_tile, tile_voxels
 from nnunet_adv.losses import frequency_consistency
 from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
 
@@ -83,8 +85,20 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
         self.attack_name = (("vafa-3d" if len(patch) == 3 else "vafa-2d")
                             + ("-ref" if self.vafa_variant == "ref" else ""))
         if "block_size" not in self.attack_kwargs:
-            side = vafa_block_size(patch, self.vafa_block_candidates)
+            side = vafa_block_size(self._blocked_extent(patch), self.vafa_block_candidates)
             self.attack_kwargs = {**self.attack_kwargs, "block_size": (side,) * len(patch)}
+
+    def _blocked_extent(self, patch: Tuple[int, ...]) -> Tuple[int, ...]:
+        """What VAFA's blocks must fit (voxels): the patch, or, with the authors' table per tile (3D
+        ``-ref``), one tile of it, which on tiles smaller than the patch is what the blocks divide."""
+        kwargs = self.attack_kwargs
+        if len(patch) != 3 or not self.attack_name.endswith("-ref") or not kwargs.get("tile_tables", True):
+            return patch
+        tile = check_tile(kwargs.get("rescale_tile"))
+        if tile is None:
+            tile = tile_voxels(check_mm(kwargs.get("tile_mm", REF_TILE_MM), "tile_mm"),
+                               self.configuration_manager.spacing)
+        return tuple(min(t, p) for t, p in zip(tile, patch))
 
     def extra_loss_terms(self, outputs: Dict[str, object], target) -> Dict[str, torch.Tensor]:
         if self.frequency_consistency_weight <= 0 or "clean" not in outputs or "adv" not in outputs:

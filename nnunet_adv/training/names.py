@@ -89,6 +89,8 @@ _SAME_TARGET = {"attr:eps_raw": "attr:eps_frac"}
 ALIASES: Dict[str, str] = {"fc": "frequency_consistency_weight", "variant": "vafa_variant",
                            "period": "saat_check_period", "gamma": "saat_gamma", "mmax": "saat_m_max",
                            "inner": "saat_inner_attack", "robustval": "robust_validation"}
+#: attack options whose default, None, does not tell their type (sizes in voxels or mm, like block_size)
+_NONE_DEFAULT_KINDS = {"rescale_tile": tuple, "tile_mm": tuple, "q_init": float}
 _ITEM = re.compile(r"([a-z][a-z0-9]*)-([A-Za-z0-9.+]+(?:-[0-9]+)?)")
 _SKIP_ATTRS = {"attack_name", "attack_kwargs", "val_attack_overrides", "training_schedule", "network_changes",
                "progress_panel_keys", "vafa_block_candidates", "name_settings"}
@@ -100,8 +102,9 @@ def settings_of(base: type) -> Dict[str, NameSetting]:
     for option, default in attack_defaults(base.attack_name).items():
         if option in COMPUTED_KEYS or option in WINDOW_UNIT_KEYS or option in ("seed", "target", "loss"):
             continue
-        kind = bool if isinstance(default, bool) else tuple if isinstance(default, tuple) else \
-            int if isinstance(default, int) else float if isinstance(default, float) else str
+        kind = _NONE_DEFAULT_KINDS.get(option, str) if default is None else bool if isinstance(default, bool) \
+            else tuple if isinstance(default, tuple) else int if isinstance(default, int) \
+            else float if isinstance(default, float) else str
         key = option.replace("_", "")
         out.setdefault(key, NameSetting(key, f"attack:{option}", kind, f"attack option {option} of "
                                                                       f"{base.attack_name}"))
@@ -141,8 +144,10 @@ def _value(setting: NameSetting, text: str, name: str):
             value = int(text)
         elif setting.kind is float:
             value = float(text)
+        elif setting.kind is tuple and text.lower() == "none" and setting.key == "rescaletile":
+            value = None  # the tile back to its default: the whole slice of a tile_mm tile
         elif setting.kind is tuple:
-            value = tuple(int(v) for v in text.lower().split("x"))
+            value = tuple(_size(v) for v in text.lower().split("x"))
             value = value[0] if len(value) == 1 else value  # one size: every axis
         else:
             value = text
@@ -154,6 +159,11 @@ def _value(setting: NameSetting, text: str, name: str):
     if valid is not None and not valid[1](value):
         raise UserError(f"trainer {name!r}: {setting.key}-{text}: {setting.key} must be {valid[0]} ({setting.doc})")
     return setting.convert(value) if setting.convert else value
+
+
+def _size(text: str):
+    """One size of a tuple option: voxels (int) or, for tile_mm, millimetres (float)."""
+    return int(text) if text.isdigit() else float(text)
 
 
 def _in_range(setting: NameSetting) -> Optional[Tuple[str, Callable]]:

@@ -26,6 +26,20 @@ def test_keys_set_budget_attack_options_schedule_and_recipe_attributes():
     assert saat.eps_raw == 30.0 and saat.eps_frac is None
 
 
+def test_attack_options_whose_default_is_none_are_typed():
+    """rescale_tile, tile_mm and q_init default to None, which does not tell their type: they were read
+    as text, and the attack refused ``rescaletile-20`` ("got '20'")."""
+    vaft = getattr(trainers, "nnUNetTrainerVAFT_variant-ref_rescaletile-20_qinit-5")
+    assert vaft.attack_kwargs["rescale_tile"] == 20 and vaft.attack_kwargs["q_init"] == 5.0
+    assert getattr(trainers, "nnUNetTrainerVAFT_variant-ref_rescaletile-8x20x20").attack_kwargs["rescale_tile"] \
+        == (8, 20, 20)
+    assert getattr(trainers, "nnUNetTrainerVAFT_variant-ref_tilemm-192x144.5x144").attack_kwargs["tile_mm"] \
+        == (192, 144.5, 144)
+    assert getattr(trainers, "nnUNetTrainerVAFT_variant-ref_rescaletile-none").attack_kwargs["rescale_tile"] is None
+    with pytest.raises(UserError, match="rescaletile takes tuple values"):
+        getattr(trainers, "nnUNetTrainerVAFT_variant-ref_rescaletile-big")
+
+
 def test_alpha_and_std_in_names_are_deprecated_for_alphaeps_and_stdeps(capsys):
     """alpha on the commands and in attack strings is x/255 of the window; in names it was a multiple
     of eps. The name keys are now alphaeps / stdeps; the old keys keep their meaning, with a note."""

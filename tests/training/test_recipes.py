@@ -13,6 +13,7 @@ from nnunetv2.training.nnUNetTrainer.variants.network_architecture.nnUNetTrainer
 from torch import nn
 from trainer_batch import make_batch
 
+import nnunet_adv.trainers as trainers
 from nnunet_adv.attacks.vafa import VAFA2D, VAFA3D
 from nnunet_adv.losses import frequency_consistency
 from nnunet_adv.modules.dual_norm import ADV, CLEAN, dual_norms, norm_route
@@ -171,6 +172,20 @@ def test_vaft_can_train_against_the_authors_vafa(nnunet_tree, monkeypatch, confi
 
     with pytest.raises(RecipeError, match="vafa_variant must be 'paper' or 'ref'"):
         make_trainer(_Bad, nnunet_tree, configuration, True, monkeypatch, initialize=False)
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_vaft_by_name_trains_against_the_authors_vafa_on_tiles_smaller_than_a_slice(nnunet_tree, monkeypatch,
+                                                                                  configuration):
+    """Issue 18 item 2 trains VAFT against the VAFA that hurts nnU-Net models: the authors' per-tile
+    rescale on tiles smaller than a slice, set in the name (``rescaletile-8``: 8 voxels on every axis)."""
+    cls = getattr(trainers, "nnUNetTrainerVAFT_TestShort_variant-ref_rescaletile-8")
+    trainer = make_trainer(cls, nnunet_tree, configuration, True, monkeypatch)
+    batch = make_batch(trainer)
+    attack = trainer._build_attack(batch["data"], {})
+    assert type(attack).__name__ == ("VAFA3DRef" if configuration == "3d_fullres" else "VAFA2DRef")
+    assert attack.tile() == (8, 8, 8)
+    assert set(trainer.train_step(batch)) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
 
 
 def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
