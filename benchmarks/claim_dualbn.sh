@@ -18,17 +18,7 @@
 source "$(dirname "$0")/claim_env.sh"
 mkdir -p claims/dualbn
 for seed in $seeds; do
-  finetune=ep-3_its-50_valits-2_valsteps-1_seed-$seed
-  clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
-  baseline=nnUNetTrainerClean_lr-0.01_$finetune pgdat=nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_$finetune
-  for t in "$clean" "$baseline" "$pgdat"; do require_model "$t" "$seed"; done
-  trained=()
-  for base in nnUNetTrainerDualBN nnUNetTrainerDualNorm; do
-    t=${base}_steps-3_alphaeps-0.833_$finetune
-    train_once "$t" "logs/claim_dualbn_train_${base}_s$seed.log" \
-      -pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth"
-    trained+=("$t")
-  done
-  evaluate "claims/dualbn/s$seed" "logs/claim_dualbn_eval_s$seed.log" "$seed" \
-    -tr "$baseline" "$pgdat" "${trained[@]}" --saliency --attacks $(linf_attacks 4)
+  study_finetunes "$seed" dualbn steps-3_alphaeps-0.833 nnUNetTrainerDualBN nnUNetTrainerDualNorm
+  evaluate "claims/dualbn/s$seed" "logs/claim_dualbn_eval_s$seed.log" "$seed" -tr "$baseline" "$pgdat" "${trained[@]}" \
+    --saliency --attacks $(linf_attacks 4)
 done

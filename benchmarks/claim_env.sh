@@ -36,5 +36,24 @@ require_model() {
     echo "seed $2: the study's model $1 is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
 }
 
+# study_finetunes SEED TAG SETTINGS BASE ...: with the study's clean, clean-continued and PGD-AT models of seed
+# SEED trained, fine-tune each recipe BASE with the name items SETTINGS from that clean model with the study's
+# schedule and seed (3 x 50 iterations; logs/claim_TAG_train_BASE_sSEED.log). Sets baseline and pgdat (the
+# study's fine-tunes) and trained (the new ones), the models of the claim's evaluation.
+study_finetunes() {
+  local seed=$1 tag=$2 settings=$3 base t; shift 3
+  local finetune=ep-3_its-50_valits-2_valsteps-1_seed-$seed
+  local clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
+  baseline=nnUNetTrainerClean_lr-0.01_$finetune pgdat=nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_$finetune
+  for t in "$clean" "$baseline" "$pgdat"; do require_model "$t" "$seed"; done
+  trained=()
+  for base in "$@"; do
+    t=${base}_${settings}_$finetune
+    train_once "$t" "logs/claim_${tag}_train_${base}_s$seed.log" \
+      -pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth"
+    trained+=("$t")
+  done
+}
+
 #: the L-inf worst case of the study's report (its attacks at their published steps), at eps $1 (x/255)
 linf_attacks() { echo "pgd:eps=$1,steps=10" "apgd-rog:eps=$1" "segpgd:eps=$1,steps=10" "cospgd:eps=$1,steps=10"; }

@@ -22,17 +22,7 @@
 source "$(dirname "$0")/claim_env.sh"
 mkdir -p claims/vaft
 for seed in $seeds; do
-  finetune=ep-3_its-50_valits-2_valsteps-1_seed-$seed
-  clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
-  baseline=nnUNetTrainerClean_lr-0.01_$finetune pgdat=nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_$finetune
-  for t in "$clean" "$baseline" "$pgdat"; do require_model "$t" "$seed"; done
-  trained=()
-  for base in nnUNetTrainerVAFT nnUNetTrainerVAFA; do
-    t=${base}_variant-ref_rescaletile-20_$finetune
-    train_once "$t" "logs/claim_vaft_train_${base}_s$seed.log" \
-      -pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth"
-    trained+=("$t")
-  done
+  study_finetunes "$seed" vaft variant-ref_rescaletile-20 nnUNetTrainerVAFT nnUNetTrainerVAFA
   evaluate "claims/vaft/s$seed" "logs/claim_vaft_eval_s$seed.log" "$seed" -tr "$baseline" "$pgdat" "${trained[@]}" \
     --attacks "vafa-3d-ref:block_size=8,rescale_tile=20" "vafa-3d-ref" $(linf_attacks 4)
 done
