@@ -20,10 +20,11 @@ source "$(dirname "$0")/claim_env.sh"
 mkdir -p claims/saat
 for seed in $seeds; do
   finetune=ep-12_its-50_valits-2_valsteps-1_seed-$seed
+  saved=save-1_$finetune  # a checkpoint every epoch (nnU-Net: every 50), so a stopped run continues with --c
   clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
   require_model "$clean" "$seed"
   pretrained=(-pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
-  saat=nnUNetTrainerSAAT_SEAT_$finetune
+  saat=nnUNetTrainerSAAT_SEAT_$saved
   train_once "$saat" "logs/claim_saat_train_saat_s$seed.log" "${pretrained[@]}"
   out=claims/saat/s$seed
   mkdir -p "$out"
@@ -37,7 +38,7 @@ print(f"PGD-AT steps: {max(1, round(sum(m) / len(m)))}")
 PY
   steps=$(sed -n 's/^PGD-AT steps: //p' "$out/saat_m.txt")
   alpha=$(python -c "print(f'{2.5 / $steps:g}')")
-  pgdat=nnUNetTrainerPGDAT_eps-8_steps-${steps}_alphaeps-${alpha}_$finetune
+  pgdat=nnUNetTrainerPGDAT_eps-8_steps-${steps}_alphaeps-${alpha}_$saved
   train_once "$pgdat" "logs/claim_saat_train_pgdat_s$seed.log" "${pretrained[@]}"
   baseline=nnUNetTrainerClean_lr-0.01_$finetune
   train_once "$baseline" "logs/claim_saat_train_baseline_s$seed.log" "${pretrained[@]}"

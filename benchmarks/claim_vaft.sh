@@ -22,7 +22,8 @@
 source "$(dirname "$0")/claim_env.sh"
 mkdir -p claims/vaft
 for seed in $seeds; do
-  study_finetunes "$seed" vaft variant-ref_rescaletile-20 nnUNetTrainerVAFT nnUNetTrainerVAFA
+  # save-1: a checkpoint every epoch (nnU-Net: every 50); an epoch takes long here and a stopped run continues
+  study_finetunes "$seed" vaft variant-ref_rescaletile-20_save-1 nnUNetTrainerVAFT nnUNetTrainerVAFA
   evaluate "claims/vaft/s$seed" "logs/claim_vaft_eval_s$seed.log" "$seed" -tr "$baseline" "$pgdat" "${trained[@]}" \
     --attacks "vafa-3d-ref:block_size=8,rescale_tile=20" "vafa-3d-ref" $(linf_attacks 4)
 done
