@@ -94,10 +94,13 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
         kwargs = self.attack_kwargs
         if len(patch) != 3 or not self.attack_name.endswith("-ref") or not kwargs.get("tile_tables", True):
             return patch
-        tile = check_tile(kwargs.get("rescale_tile"))
-        if tile is None:
-            tile = tile_voxels(check_mm(kwargs.get("tile_mm", REF_TILE_MM), "tile_mm"),
-                               self.configuration_manager.spacing)
+        try:
+            tile = check_tile(kwargs.get("rescale_tile"))
+            if tile is None:
+                tile = tile_voxels(check_mm(kwargs.get("tile_mm", REF_TILE_MM), "tile_mm"),
+                                   self.configuration_manager.spacing)
+        except ValueError:
+            return patch  # a bad tile option: the recipe's validation reports it in one line
         return tuple(min(t, p) for t, p in zip(tile, patch))
 
     def extra_loss_terms(self, outputs: Dict[str, object], target) -> Dict[str, torch.Tensor]:

@@ -145,7 +145,7 @@ def _value(setting: NameSetting, text: str, name: str):
         elif setting.kind is float:
             value = float(text)
         elif setting.kind is tuple and text.lower() == "none" and setting.key == "rescaletile":
-            value = None  # the tile back to its default: the whole slice of a tile_mm tile
+            value = None  # no tile in voxels: tile_mm decides (the -ref variants' default)
         elif setting.kind is tuple:
             value = tuple(_size(v) for v in text.lower().split("x"))
             value = value[0] if len(value) == 1 else value  # one size: every axis

@@ -187,6 +187,13 @@ def test_vaft_by_name_trains_against_the_authors_vafa_on_tiles_smaller_than_a_sl
     assert attack.tile() == (8, 8, 8)
     assert set(trainer.train_step(batch)) == {"loss", "loss_clean", "loss_adv", "loss_fc"}
 
+    class _BadTile(nnUNetTrainerVAFT_TestShort):  # a subclass's bad tile: the recipe's one line
+        vafa_variant = "ref"
+        attack_kwargs = {**nnUNetTrainerVAFT_TestShort.attack_kwargs, "rescale_tile": 0}
+
+    with pytest.raises(RecipeError, match="rescale_tile"):
+        make_trainer(_BadTile, nnunet_tree, configuration, True, monkeypatch, initialize=False)
+
 
 def test_m_vafa_trains_on_the_adversarial_loss_only(nnunet_tree, monkeypatch):
     trainer = make_trainer(nnUNetTrainerVAFA_TestShort, nnunet_tree, "2d", True, monkeypatch)
