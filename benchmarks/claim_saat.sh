@@ -15,7 +15,7 @@
 #   bash benchmarks/claim_saat.sh WORK_FOLDER [SEED ...]        (default seeds: 0 1)
 #
 # Resumable: a finished training is reused (an unfinished one continues with --c), the evaluation resumes with
-# --continue. Writes WORK_FOLDER/claims/saat/sS/ (report.md, summary.json, saat_m.txt) and logs.
+# --continue. Writes WORK_FOLDER/claims/saat/sS/ (report.md, summary.json), claims/saat/saat_m_sS.txt and logs.
 source "$(dirname "$0")/claim_env.sh"
 mkdir -p claims/saat
 for seed in $seeds; do
@@ -26,22 +26,22 @@ for seed in $seeds; do
   pretrained=(-pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
   saat=nnUNetTrainerSAAT_SEAT_$saved
   train_once "$saat" "logs/claim_saat_train_saat_s$seed.log" "${pretrained[@]}"
-  out=claims/saat/s$seed
-  mkdir -p "$out"
-  # m used in each epoch, as the trainer logged it (nnU-Net keeps the log in the checkpoint)
-  python - "results/$dataset/${saat}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" > "$out/saat_m.txt" <<'PY'
+  # m used in each epoch, as the trainer logged it (nnU-Net keeps the log in the checkpoint); beside the
+  # report folder, which nnUNetv2_adv_evaluate wants new or its own
+  m_file=claims/saat/saat_m_s$seed.txt
+  python - "results/$dataset/${saat}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" > "$m_file" <<'PY'
 import sys, torch
 m = torch.load(sys.argv[1], map_location="cpu", weights_only=False)["logging"]["saat_m"]
 print("m per epoch:", " ".join(str(int(v)) for v in m))
 print(f"mean m: {sum(m) / len(m):.3f}")
 print(f"PGD-AT steps: {max(1, round(sum(m) / len(m)))}")
 PY
-  steps=$(sed -n 's/^PGD-AT steps: //p' "$out/saat_m.txt")
+  steps=$(sed -n 's/^PGD-AT steps: //p' "$m_file")
   alpha=$(python -c "print(f'{2.5 / $steps:g}')")
   pgdat=nnUNetTrainerPGDAT_eps-8_steps-${steps}_alphaeps-${alpha}_$saved
   train_once "$pgdat" "logs/claim_saat_train_pgdat_s$seed.log" "${pretrained[@]}"
   baseline=nnUNetTrainerClean_lr-0.01_$finetune
   train_once "$baseline" "logs/claim_saat_train_baseline_s$seed.log" "${pretrained[@]}"
-  evaluate "$out" "logs/claim_saat_eval_s$seed.log" "$seed" -tr "$baseline" "$saat" "$pgdat" \
+  evaluate "claims/saat/s$seed" "logs/claim_saat_eval_s$seed.log" "$seed" -tr "$baseline" "$saat" "$pgdat" \
     --attacks $(linf_attacks 8)
 done
