@@ -212,8 +212,8 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         self.logger.log("saat_m", m_used, epoch)
         self.logger.log("saat_grad_magnitude", magnitude, epoch)
         self.logger.log("saat_threshold", self.saat.threshold, epoch)
-        self.print_to_log_file(f"SAAT: m {m_used}, input-gradient magnitude {magnitude:.6g}, threshold "
-                               f"{self.saat.threshold:.6g}, m for the next epoch {m_next}")
+        self.print_to_log_file(f"SAAT: m {m_used}, {self.saat_grad_measure}-gradient magnitude {magnitude:.6g}, "
+                               f"threshold {self.saat.threshold:.6g}, m for the next epoch {m_next}")
         return m_next
 
     # ------------------------------------------------------------------ checkpoints

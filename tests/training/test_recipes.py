@@ -321,6 +321,10 @@ def test_saat_seat_measures_the_perturbations_gradient_on_each_patchs_range(nnun
     assert clamped.any() and (measured[0][clamped] == 0).all()
     assert torch.equal(measured[0][~clamped], inputs[0].grad[~clamped])
     assert (inputs[0].grad[clamped] != 0).any()  # the input gradient ("input", ours) is not 0 there
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
+    trainer.saat_decide(0.5)
+    assert "perturbation-gradient magnitude 0.5" in logged[-1]  # the log names the measure it reports
     with pytest.raises(RecipeError, match="saat_grad_measure"):
         make_trainer(type("_Bad", (_Short,), {"saat_grad_measure": "delta"}), nnunet_tree, "3d_fullres", True,
                       monkeypatch)
