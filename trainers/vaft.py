@@ -22,7 +22,8 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-from nnunet_adv.attacks.vafa_tiles import REF_TILE_MM, check_mm, check_tile, tile_voxels
+from nnunet_adv.attack_config import attack_defaults
+from nnunet_adv.attacks.vafa_tiles import reference_tile
 from nnunet_adv.losses import frequency_consistency
 from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAdversarial
 
@@ -91,17 +92,14 @@ class nnUNetTrainerVAFT(nnUNetTrainerAdversarial):
     def _blocked_extent(self, patch: Tuple[int, ...]) -> Tuple[int, ...]:
         """What VAFA's blocks must fit (voxels): the patch, or, with the authors' table per tile (3D
         ``-ref``), one tile of it, which on tiles smaller than the patch is what the blocks divide."""
-        kwargs = self.attack_kwargs
-        if len(patch) != 3 or not self.attack_name.endswith("-ref") or not kwargs.get("tile_tables", True):
+        options = {**attack_defaults(self.attack_name), **self.attack_kwargs}
+        if len(patch) != 3 or not self.attack_name.endswith("-ref") or not options["tile_tables"]:
             return patch
         try:
-            tile = check_tile(kwargs.get("rescale_tile"))
-            if tile is None:
-                tile = tile_voxels(check_mm(kwargs.get("tile_mm", REF_TILE_MM), "tile_mm"),
-                                   self.configuration_manager.spacing)
+            tile = reference_tile(options["rescale_tile"], options["tile_mm"], self.configuration_manager.spacing)
         except ValueError:
             return patch  # a bad tile option: the recipe's validation reports it in one line
-        return tuple(min(t, p) for t, p in zip(tile, patch))
+        return patch if tile is None else tuple(min(t, p) for t, p in zip(tile, patch))
 
     def extra_loss_terms(self, outputs: Dict[str, object], target) -> Dict[str, torch.Tensor]:
         if self.frequency_consistency_weight <= 0 or "clean" not in outputs or "adv" not in outputs:

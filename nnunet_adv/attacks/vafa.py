@@ -21,7 +21,7 @@ from ..ssim import block_ssim
 from .base import Attack, AttackContext
 from .options import COMMON_DEFAULTS, TARGET_DEFAULTS
 from .selection import per_sample_view
-from .vafa_tiles import REF_TILE_MM, check_mm, check_tile, gather_tiles, stitch_tiles, tile_boxes, tile_voxels
+from .vafa_tiles import REF_TILE_MM, check_mm, check_tile, gather_tiles, reference_tile, stitch_tiles, tile_boxes
 
 
 def _minmax(x: torch.Tensor, dims) -> torch.Tensor:
@@ -208,11 +208,9 @@ class VAFA3D(Attack):
     # ------------------------------------------------------------------ tiles
     def tile(self) -> Optional[Tuple[int, int, int]]:
         """The reference's tile in voxels of this image's grid: ``rescale_tile`` when given, else
-        ``tile_mm`` / ``spacing`` (:func:`~nnunet_adv.attacks.vafa_tiles.tile_voxels`), else None."""
+        ``tile_mm`` / ``spacing``, else None (:func:`~nnunet_adv.attacks.vafa_tiles.reference_tile`)."""
         o = self.options
-        if o["rescale_tile"] is not None or o["tile_mm"] is None:
-            return o["rescale_tile"]
-        return tile_voxels(o["tile_mm"], o["spacing"])
+        return reference_tile(o["rescale_tile"], o["tile_mm"], o["spacing"])
 
     def _tiled(self, images: torch.Tensor) -> bool:
         """One quantisation table per tile: 3D images with ``tile_tables`` (2D images: one tile)."""

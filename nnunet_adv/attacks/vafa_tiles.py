@@ -98,6 +98,16 @@ def check_mm(value, name: str, lengths=(3,)) -> Optional[Tuple[float, ...]]:
     return _numbers(value, name, integral=False, lengths=lengths)
 
 
+def reference_tile(rescale_tile, tile_mm, spacing) -> Optional[Tuple[int, int, int]]:
+    """The reference's tile in voxels of a grid of ``spacing`` mm: ``rescale_tile`` when given, else
+    ``tile_mm`` / ``spacing`` (:func:`tile_voxels`), else None (no tiles). The options as a user gives
+    them (checked here: :class:`ValueError` for a bad one)."""
+    rescale_tile, tile_mm = check_tile(rescale_tile), check_mm(tile_mm, "tile_mm")
+    if rescale_tile is not None or tile_mm is None:
+        return rescale_tile
+    return tile_voxels(tile_mm, spacing)
+
+
 def tile_voxels(tile_mm: Sequence[float], spacing: Optional[Sequence[float]]) -> Tuple[int, int, int]:
     """The tile in voxels of a grid of ``spacing`` mm: ``round(tile_mm / spacing)`` per axis, at
     least 1 (both in the image's axis order). ``spacing`` None: the reference's
