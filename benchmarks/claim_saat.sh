@@ -34,11 +34,10 @@ import sys, torch
 m = torch.load(sys.argv[1], map_location="cpu", weights_only=False)["logging"]["saat_m"]
 print("m per epoch:", " ".join(str(int(v)) for v in m))
 print(f"mean m: {sum(m) / len(m):.3f}")
-print(f"PGD-AT steps: {max(1, round(sum(m) / len(m)))}")
+steps = max(1, round(sum(m) / len(m)))
+print(f"PGD-AT at the mean m: steps-{steps}_alphaeps-{2.5 / steps:g}")  # PGD-AT's step rule: 2.5 eps / steps
 PY
-  steps=$(sed -n 's/^PGD-AT steps: //p' "$m_file")
-  alpha=$(python -c "print(f'{2.5 / $steps:g}')")
-  pgdat=nnUNetTrainerPGDAT_eps-8_steps-${steps}_alphaeps-${alpha}_$saved
+  pgdat=nnUNetTrainerPGDAT_eps-8_$(sed -n 's/^PGD-AT at the mean m: //p' "$m_file")_$saved
   train_once "$pgdat" "logs/claim_saat_train_pgdat_s$seed.log" "${pretrained[@]}"
   baseline=nnUNetTrainerClean_lr-0.01_$finetune
   train_once "$baseline" "logs/claim_saat_train_baseline_s$seed.log" "${pretrained[@]}"
