@@ -42,12 +42,16 @@ Two choices differ from SEAT's code (TrustAI/SEAT ``libs/trainer.py``, ``train``
 
 Logged every epoch (training log, progress.png panel, checkpoint ``logging``): ``saat_m`` (the
 iterations used in the epoch), ``saat_grad_magnitude`` (its mean magnitude), ``saat_threshold``
-(after the epoch's decision). The rule's state is saved in every checkpoint under
+(after the epoch's decision); and, not in the panel, ``saat_other_grad_magnitude``: with Free-AT the mean
+magnitude under the measure not in use, from the same backward passes (NaN with the PGD inner attack).
+:func:`~nnunet_adv.training.saat_schedule.replay` on it gives the m the other measure would have
+chosen on the same run (``benchmarks/saat_measures.py``). The rule's state is saved in every checkpoint under
 ``"saat_state"`` (next to nnU-Net's own keys) and restored by ``nnUNetv2_train --c``. The Free-AT
 buffer is not saved (a continued run restarts it at zero).
 """
 from __future__ import annotations
 
+import math
 from typing import List
 
 import numpy as np
@@ -59,6 +63,7 @@ from nnunet_adv.training.adversarial_trainer import RecipeError, nnUNetTrainerAd
 from nnunet_adv.training.saat_schedule import SAATSchedule
 
 SAAT_LOG_KEYS = ("saat_m", "saat_grad_magnitude", "saat_threshold")
+SAAT_OTHER_KEY = "saat_other_grad_magnitude"
 
 
 class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
@@ -106,7 +111,7 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         except ValueError as e:
             raise RecipeError(name, str(e)) from None
         self.free_delta = None  # Free-AT perturbation buffer (B, C, *patch), per rank
-        self.logger.local_logger.add_keys(SAAT_LOG_KEYS)
+        self.logger.local_logger.add_keys(SAAT_LOG_KEYS + (SAAT_OTHER_KEY,))
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self):
@@ -159,7 +164,7 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
         if delta is None or delta.shape != data.shape or delta.device != data.device:
             delta = torch.zeros_like(data, dtype=torch.float32)
         delta = torch.maximum(torch.minimum(delta, eps), -eps)  # onto this batch's eps-ball
-        all_terms, totals, magnitudes = [], [], []
+        all_terms, totals, magnitudes, others = [], [], [], []
         for _ in range(int(m)):
             delta_leaf = delta.detach().requires_grad_(True)
             # the box contains the clean voxel (as every attack's): a voxel outside the CT window
@@ -169,32 +174,39 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
             x_in.retain_grad()
             scale = self._loss_scale()
             terms, total = self._optimise(data, x_in, target)
-            measured = x_in.grad if self.saat_grad_measure == "input" else delta_leaf.grad
-            magnitude = None if measured is None else self._magnitude(measured, scale)
+            # both measures come from this backward: the one in use drives m, the other is logged
+            by_measure = {name: None if g is None else self._magnitude(g, scale)
+                          for name, g in (("input", x_in.grad), ("perturbation", delta_leaf.grad))}
+            magnitude = by_measure.pop(self.saat_grad_measure)
             if magnitude is not None and delta_leaf.grad is not None:
                 delta = torch.maximum(torch.minimum(delta + step * delta_leaf.grad.sign(), eps), -eps)
             all_terms.append(terms)
             totals.append(total)
             magnitudes.append(magnitude)
+            others.extend(by_measure.values())
         self.free_delta = delta.detach()
-        return self._step_output(all_terms, totals, magnitudes)
+        return self._step_output(all_terms, totals, magnitudes, others)
 
     @staticmethod
-    def _step_output(all_terms: List[dict], totals: list, magnitudes: list) -> dict:
+    def _step_output(all_terms: List[dict], totals: list, magnitudes: list, others: list = ()) -> dict:
+        """The step's mean losses and the (sum, count) of its magnitudes, ``saat_mag_*`` for the measure in
+        use and ``saat_other_mag_*`` for the other one."""
         out = {"loss": np.mean([t.detach().cpu().numpy() for t in totals])}
         for key in all_terms[0]:
             out[f"loss_{key}"] = np.mean([terms[key].detach().cpu().numpy() for terms in all_terms])
-        measured = [m for m in magnitudes if m is not None]
-        out["saat_mag_sum"] = float(sum(m[0] for m in measured))
-        out["saat_mag_count"] = float(sum(m[1] for m in measured))
+        for prefix, values in (("saat_mag", magnitudes), ("saat_other_mag", others)):
+            measured = [m for m in values if m is not None]
+            out[f"{prefix}_sum"] = float(sum(m[0] for m in measured))
+            out[f"{prefix}_count"] = float(sum(m[1] for m in measured))
         return out
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        total = sum(float(o.get("saat_mag_sum", 0.0)) for o in train_outputs)
-        count = sum(float(o.get("saat_mag_count", 0.0)) for o in train_outputs)
-        magnitude = self.reduce_magnitude(total, count)
-        self.saat_decide(magnitude)
+        magnitude, other = (
+            self.reduce_magnitude(sum(float(o.get(f"{prefix}_sum", 0.0)) for o in train_outputs),
+                                  sum(float(o.get(f"{prefix}_count", 0.0)) for o in train_outputs))
+            for prefix in ("saat_mag", "saat_other_mag"))
+        self.saat_decide(magnitude, other)
 
     def reduce_magnitude(self, total: float, count: float) -> float:
         """The epoch's mean magnitude over all samples of all ranks (all-reduce under DDP)."""
@@ -204,15 +216,19 @@ class nnUNetTrainerSAAT(nnUNetTrainerAdversarial):
             total, count = (float(v) for v in t.tolist())
         return total / count if count > 0 else float("nan")
 
-    def saat_decide(self, magnitude: float) -> int:
-        """Apply SAAT's rule after the current epoch and log m, magnitude and threshold."""
+    def saat_decide(self, magnitude: float, other: float = float("nan")) -> int:
+        """Apply SAAT's rule after the current epoch to ``magnitude`` (the measure in use) and log m, both
+        magnitudes (``other``: the measure not in use, NaN if not measured) and the threshold."""
         epoch = self.current_epoch
         m_used = self.saat.m
         m_next = self.saat.update(epoch + 1, magnitude)  # the rule counts epochs from 1, as SEAT does
         self.logger.log("saat_m", m_used, epoch)
         self.logger.log("saat_grad_magnitude", magnitude, epoch)
+        self.logger.log(SAAT_OTHER_KEY, other, epoch)
         self.logger.log("saat_threshold", self.saat.threshold, epoch)
-        self.print_to_log_file(f"SAAT: m {m_used}, {self.saat_grad_measure}-gradient magnitude {magnitude:.6g}, "
+        other_name = "perturbation" if self.saat_grad_measure == "input" else "input"
+        also = "" if math.isnan(other) else f" ({other_name}-gradient: {other:.6g})"
+        self.print_to_log_file(f"SAAT: m {m_used}, {self.saat_grad_measure}-gradient magnitude {magnitude:.6g}{also}, "
                                f"threshold {self.saat.threshold:.6g}, m for the next epoch {m_next}")
         return m_next
 

@@ -34,10 +34,16 @@ class AdversarialLocalLogger(LocalLogger):
             self.my_fantastic_logging.setdefault(k, [])
 
     def load_checkpoint(self, checkpoint: Dict) -> None:
-        # A checkpoint of a plain nnUNetTrainer (fine-tuning with --c is not possible across
-        # trainers, but be lenient) may lack our keys: keep them as empty lists.
+        # nnU-Net replaces the whole log with the checkpoint's. One written before a key existed (a
+        # plain nnUNetTrainer's, or ours from an older version) lacks it: fill its finished epochs
+        # with NaN, or the next value would be logged as epoch 0 (nnU-Net's log() appends) and every
+        # later one misplaced.
+        keys = dict.fromkeys(list(self.my_fantastic_logging) + list(ROBUST_KEYS + self.extra_panel_keys))
         super().load_checkpoint(checkpoint)
-        self.add_keys(ROBUST_KEYS + self.extra_panel_keys)
+        epochs = len(self.my_fantastic_logging.get("epoch_end_timestamps", []))
+        for k in keys:
+            values = self.my_fantastic_logging.setdefault(k, [])
+            values.extend([float("nan")] * (epochs - len(values)))
 
     def plot_progress_png(self, output_folder):
         log = self.my_fantastic_logging

@@ -92,3 +92,17 @@ class SAATSchedule:
         (the class attributes of the trainer that continues), so a changed setting takes effect."""
         self.m = int(state["m"])
         self.threshold = float(state["threshold"])
+
+
+def replay(magnitudes, **settings) -> list:
+    """The m each epoch would have used under SAAT's rule fed with ``magnitudes`` (one per epoch, nnU-Net's
+    order from epoch 0; NaN where nothing was measured), with ``settings`` those of :class:`SAATSchedule`.
+    Fed with a run's logged ``saat_grad_magnitude`` it gives that run's logged ``saat_m``; fed with its
+    ``saat_other_grad_magnitude``, the m the other gradient measure would have chosen along the same
+    training trajectory (a first-order answer: a different m would have changed the trajectory)."""
+    schedule = SAATSchedule(**settings)
+    used = []
+    for epoch, magnitude in enumerate(magnitudes):
+        used.append(schedule.m)
+        schedule.update(epoch + 1, float(magnitude))
+    return used

@@ -12,7 +12,10 @@ works with ``-p``; most run the 3d_fullres configuration (one 32^3 patch per cas
 import ast
 import json
 import re
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,4 +152,14 @@ def test_saat_trains_predicts_and_continues_with_its_state(tree, tmp_path):
     assert logging["saat_threshold"][2] == pytest.approx(1.1 * mags[2 if rose else 1])
     assert final["saat_state"]["m"] == (3 if rose else 2)
     assert (fold / "progress.png").is_file()
+    # both gradient measures are logged every epoch; SEAT's (perturbation) is ours (input) but 0 on clamped
+    # voxels, so never larger; the replay of the logged magnitudes gives the logged m
+    other = logging["saat_other_grad_magnitude"]
+    assert len(other) == 3 and all(0 < o <= m * (1 + 1e-6) for o, m in zip(other, mags))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "saat_measures.py"
+    report = json.loads(subprocess.run([sys.executable, str(script), str(fold)], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert [e["m"] for e in report["epochs"]] == [1, 2, 2]
+    assert [e["other_magnitude"] for e in report["epochs"]] == pytest.approx(other)
+    assert report["epochs"][1]["m_by_other"] == 2  # the decision after SEAT's epoch 1 is no comparison
     predict_and_check(tree, stopping, "3d_fullres", tmp_path / "pred", PLANS, extra_env=env)

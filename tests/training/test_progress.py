@@ -36,3 +36,17 @@ def test_checkpoint_of_a_plain_trainer_gets_our_keys():
     logger = AdversarialLocalLogger()
     logger.load_checkpoint({"mean_fg_dice": [0.1], "train_losses": [1.0]})
     assert logger.my_fantastic_logging["robust_mean_fg_dice"] == []
+
+
+def test_a_key_the_checkpoint_lacks_is_filled_with_nan_for_its_finished_epochs():
+    """Continuing (--c) from a checkpoint written before a key existed: the next epoch's value lands at
+    that epoch, not at epoch 0 (nnU-Net's log() appends)."""
+    logger = AdversarialLocalLogger(extra_panel_keys=("saat_m",))
+    logger.add_keys(["saat_other_grad_magnitude"])
+    old = {k: [1.0, 2.0] for k in logger.my_fantastic_logging
+           if k not in ("saat_other_grad_magnitude", "robust_mean_fg_dice")}
+    logger.load_checkpoint(old)
+    for key in ("saat_other_grad_magnitude", "robust_mean_fg_dice"):
+        logger.log(key, 3.0, 2)
+        assert np.isnan(logger.my_fantastic_logging[key][:2]).all() and logger.my_fantastic_logging[key][2] == 3.0
+    assert logger.my_fantastic_logging["saat_m"] == [1.0, 2.0]

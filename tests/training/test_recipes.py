@@ -44,7 +44,7 @@ from nnunet_adv.training.network_changes import (
     InsertNLCE,
 )
 from nnunet_adv.training.pretrained import load_pretrained_weights
-from nnunet_adv.training.saat_schedule import SAATSchedule
+from nnunet_adv.training.saat_schedule import SAATSchedule, replay
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -315,16 +315,22 @@ def test_saat_seat_measures_the_perturbations_gradient_on_each_patchs_range(nnun
                         or real_magnitude(g, scale))
     real_optimise = trainer._optimise
     monkeypatch.setattr(trainer, "_optimise", lambda d, x_in, t: inputs.append(x_in) or real_optimise(d, x_in, t))
-    trainer.train_step(batch)
-    assert windows and len(measured) == 1
+    out = trainer.train_step(batch)
+    assert windows and len(measured) == 2  # both measures of the one backward
     clamped = x + eps > x.flatten(2).amax(2)[..., None, None, None]
-    assert clamped.any() and (measured[0][clamped] == 0).all()
-    assert torch.equal(measured[0][~clamped], inputs[0].grad[~clamped])
-    assert (inputs[0].grad[clamped] != 0).any()  # the input gradient ("input", ours) is not 0 there
+    g = inputs[0].grad
+    assert clamped.any() and (g[clamped] != 0).any()  # the input gradient ("input", ours) is not 0 there
+    (perturbation,) = [m for m in measured if (m[clamped] == 0).all()]
+    assert torch.equal(perturbation[~clamped], g[~clamped])
+    # the measure in use drives m; ours is logged beside it, from the same backward
+    assert out["saat_mag_sum"] == pytest.approx(float(g[~clamped].abs().sum()), rel=1e-5)
+    assert out["saat_other_mag_sum"] == pytest.approx(float(g.abs().sum()), rel=1e-5)
+    assert out["saat_other_mag_sum"] > out["saat_mag_sum"]
     logged = []
     monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(map(str, args))))
-    trainer.saat_decide(0.5)
-    assert "perturbation-gradient magnitude 0.5" in logged[-1]  # the log names the measure it reports
+    trainer.saat_decide(0.5, 0.75)
+    # the log names the measure it reports, and the other one's value
+    assert "perturbation-gradient magnitude 0.5 (input-gradient: 0.75)" in logged[-1]
     with pytest.raises(RecipeError, match="saat_grad_measure"):
         make_trainer(type("_Bad", (_Short,), {"saat_grad_measure": "delta"}), nnunet_tree, "3d_fullres", True,
                       monkeypatch)
@@ -350,6 +356,7 @@ def test_saat_trainer_takes_seats_decisions_in_seats_epochs(nnunet_tree, monkeyp
         used.append(trainer.saat.m)
         trainer.saat_decide(1.0 * factor ** epoch)
     assert used == expected
+    assert replay([1.0 * factor ** epoch for epoch in range(15)]) == expected
 
 
 def test_saat_free_at_keeps_clean_voxels_outside_the_ct_window(nnunet_tree, monkeypatch):
@@ -398,6 +405,7 @@ def test_saat_pgd_inner_attack_uses_m_steps(nnunet_tree, monkeypatch):
     out = trainer.train_step(make_batch(trainer))
     assert recorded == [{"steps": 3}] and len(steps) == 1
     assert out["saat_mag_sum"] > 0 and out["saat_mag_count"] == 2
+    assert out["saat_other_mag_count"] == 0  # PGD has no perturbation buffer: no other measure
 
 
 def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_tree, monkeypatch, tmp_path):
@@ -405,14 +413,20 @@ def test_saat_logs_every_epoch_and_restores_its_state_from_a_checkpoint(nnunet_t
     magnitudes = [1.0, 2.0, 3.0, 5.0]
     for epoch, mag in enumerate(magnitudes):
         trainer.current_epoch = epoch
-        outputs = [{"loss": np.float32(1.0), "saat_mag_sum": 2 * mag, "saat_mag_count": 2.0},
-                   {"loss": np.float32(1.0), "saat_mag_sum": 6 * mag, "saat_mag_count": 6.0}]
+        outputs = [{"loss": np.float32(1.0), "saat_mag_sum": 2 * mag, "saat_mag_count": 2.0,
+                    "saat_other_mag_sum": 2 * (4 - epoch), "saat_other_mag_count": 2.0},
+                   {"loss": np.float32(1.0), "saat_mag_sum": 6 * mag, "saat_mag_count": 6.0,
+                    "saat_other_mag_sum": 6 * (4 - epoch), "saat_other_mag_count": 6.0}]
         trainer.on_train_epoch_end(outputs)
     log = trainer.logger.local_logger.my_fantastic_logging
     # SEAT's 1-based epochs, period 1: after epoch 1 m <- 2, after 2 thr <- 1.1 mag, then decisions
     assert log["saat_m"] == [1, 2, 2, 3]                     # m used in each epoch
     assert log["saat_grad_magnitude"] == pytest.approx(magnitudes)
     assert log["saat_threshold"] == pytest.approx([0.0, 2.2, 3.3, 5.5])
+    assert log["saat_other_grad_magnitude"] == pytest.approx([4.0, 3.0, 2.0, 1.0])
+    # the logged magnitudes replay to the logged m; the other measure, falling, would have stayed at 2
+    assert replay(log["saat_grad_magnitude"], check_period=1) == log["saat_m"]
+    assert replay(log["saat_other_grad_magnitude"], check_period=1) == [1, 2, 2, 2]
     assert trainer.saat.m == 4
     assert set(trainer.logger.local_logger.extra_panel_keys) >= {"saat_m", "saat_grad_magnitude", "saat_threshold"}
 
