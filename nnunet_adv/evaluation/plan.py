@@ -104,6 +104,26 @@ def worst_case_members(settings: Sequence[Setting]) -> List[Setting]:
             and not attack_class(s.attack.name).control]
 
 
+def threat_model(setting: Setting) -> str:
+    """The budget that bounds an attack setting, as reports name it: ``L-inf 4/255`` (eps in x/255 of the
+    window), ``L2 ...``, ``L-inf eps_raw=10`` (raw units); an attack without an eps (VAFA, Gaussian noise,
+    ...) is its own: its label."""
+    attack = setting.attack
+    if attack is None or not attack.uses("eps"):
+        return setting.label
+    norm = "L2" if {**attack.defaults, **attack.options}.get("norm", "linf") == "l2" else "L-inf"
+    if attack.eps is not None:
+        return f"{norm} {attack.eps:g}/255"
+    return f"{norm} eps_raw={attack.eps_raw}" if attack.eps_raw is not None else setting.label
+
+
+def worst_case_threat_models(settings: Sequence[Setting]) -> List[str]:
+    """The threat models the worst case spans, in order. More than one: the worst case is the lowest Dice over
+    several budgets (say L-inf 4/255 and 8/255, or VAFA and L-inf), which is no robustness number for any one of
+    them; reports say so."""
+    return list(dict.fromkeys(threat_model(s) for s in worst_case_members(settings)))
+
+
 def uses_gradients(setting: Setting) -> bool:
     """Whether the setting's attack follows the attacked model's input gradient (white box)."""
     if setting.attack is None:

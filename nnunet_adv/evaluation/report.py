@@ -21,6 +21,7 @@ import numpy as np
 from nnunet_adv.attacks import attack_class
 from nnunet_adv.evaluation.checks import ADVICE, WARN
 from nnunet_adv.evaluation.figures import ExampleRow, central_slice, plot_examples, plot_robustness_curve, plot_saliency
+from nnunet_adv.evaluation.plan import worst_case_threat_models
 from nnunet_adv.files import atomic_write_text
 from nnunet_adv.metrics import lpips_available, robust_fraction
 
@@ -131,6 +132,7 @@ def write_summary_json(ctx: ReportContext) -> None:
                         "prediction_folder": None if setting.worst else
                         str(ctx.folder.predictions(model.name, key).relative_to(ctx.root)),
                         "robust_fraction": ctx.robust_fraction(model.name, key),
+                        **({"threat_models": worst_case_threat_models(ctx.settings)} if setting.worst else {}),
                         **s})
     doc = {"command": ctx.command, "dataset": ctx.dataset,
            "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -327,6 +329,11 @@ def _dice_section(ctx: ReportContext, main: list) -> List[str]:
               + (" **worst case**: per case the attack with the lowest foreground Dice (AutoAttack's rule; "
                  "controls such as `slice-rescale` left out): a robustness claim is this column, not one attack."
                  if any(s.worst for s in main) else ""), ""]
+    spanned = worst_case_threat_models(ctx.settings)
+    if len(spanned) > 1:
+        lines += [f"**This worst case spans {len(spanned)} threat models** ({'; '.join(spanned)}): it is the lowest "
+                  "Dice over all of them, not a robustness number for any one budget, and its checks test that "
+                  "mixture. For a claim, evaluate one budget at a time (`nnUNetv2_adv_study --eps_sweep` does).", ""]
     return lines
 
 

@@ -106,6 +106,7 @@ def test_worst_case_keeps_per_case_the_lowest_dice_attack(tmp_path):
     report.write_summary_json(ctx)
     rows = [r for r in json.loads((tmp_path / "summary.json").read_text())["results"] if r["kind"] == "worst case"]
     assert len(rows) == 1 and rows[0]["foreground_mean"]["Dice"] == pytest.approx(0.15)
+    assert rows[0]["threat_models"] == ["L-inf 4/255"] and "threat models" not in text  # one budget: no warning
     report.write_metrics_csv(ctx)
     with open(tmp_path / "metrics.csv", newline="") as f:
         worst_rows = [r for r in csv.DictReader(f) if r["attack"] == "worst case"]
@@ -152,3 +153,33 @@ def test_evaluate_attacks_through_the_mirroring_whenever_predictions_use_it():
     assert build_parser().parse_args(base).eot_mirroring is None              # -> EOT when TTA is on
     assert build_parser().parse_args(base + ["--no_eot_mirroring"]).eot_mirroring is False
     assert build_parser().parse_args(base + ["--eot_mirroring"]).eot_mirroring is True
+
+
+def test_a_worst_case_over_several_budgets_says_it_is_no_robustness_number(tmp_path):
+    """The lowest Dice over L-inf 4/255 and 8/255, or over VAFA and L-inf, is no robustness number for any one
+    budget: report.md says so, and summary.json lists the threat models the worst case spans."""
+    from nnunet_adv.evaluation.plan import threat_model, worst_case_setting, worst_case_threat_models
+
+    texts = ["pgd:eps=4,steps=10", "apgd-ce:eps=4", "pgd:eps=8", "pgd:eps=4,norm=l2", "vafa-3d-ref", "slice-rescale"]
+    attacks = [AttackConfig.parse(t) for t in texts]
+    attack_settings = [Setting(a.label, a) for a in attacks]
+    assert [threat_model(s) for s in attack_settings] == ["L-inf 4/255", "L-inf 4/255", "L-inf 8/255", "L2 4/255",
+                                                          "vafa-3d-ref", "slice-rescale"]
+    assert worst_case_threat_models(attack_settings[:2]) == ["L-inf 4/255"]
+    spanned = worst_case_threat_models(attack_settings)  # the control is no member of the worst case
+    assert spanned == ["L-inf 4/255", "L-inf 8/255", "L2 4/255", "vafa-3d-ref"]
+    models = [Model("m", tmp_path / "m")]
+    settings = [Setting("clean"), attack_settings[0], attack_settings[4]]
+    settings += worst_case_setting(settings)
+    summaries = {("m", "clean"): _summary([0.8, 0.6]), ("m", attacks[0].tag): _summary([0.6, 0.5]),
+                 ("m", attacks[4].tag): _summary([0.3, 0.1]), ("m", "worst-case"): _summary([0.3, 0.1])}
+    ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
+                               dataset="D", models=models, settings=settings,
+                               evaluations=evaluations_of(models, settings),
+                               summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
+                               checkpoint="c", cases=["c1", "c2"])
+    text = report.write_report_md(ctx, [])
+    assert "**This worst case spans 2 threat models** (L-inf 4/255; vafa-3d-ref)" in text
+    report.write_summary_json(ctx)
+    (row,) = [r for r in json.loads((tmp_path / "summary.json").read_text())["results"] if r["kind"] == "worst case"]
+    assert row["threat_models"] == ["L-inf 4/255", "vafa-3d-ref"]
