@@ -22,6 +22,14 @@ def _summary(dice_per_case, asr=None):
     return {"metric_per_case": cases, "mean": {"1": stats}, "foreground_mean": stats}
 
 
+def _context(tmp_path, models, settings, summaries):
+    """A report context over two cases, one label, on hand-made summaries."""
+    return report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
+                                dataset="D", models=models, settings=settings,
+                                evaluations=evaluations_of(models, settings), summaries=summaries, labels=[1],
+                                tta=False, eot=False, device="cpu", folds=["0"], checkpoint="c", cases=["c1", "c2"])
+
+
 @pytest.fixture()
 def context(tmp_path):
     models = [Model("clean_model", tmp_path / "a"), Model("robust_model", tmp_path / "b")]
@@ -95,11 +103,7 @@ def test_worst_case_keeps_per_case_the_lowest_dice_attack(tmp_path):
     summaries = {("m", "clean"): _summary([0.8, 0.6]), ("m", pgd.tag): _summary([0.2, 0.5]),
                  ("m", apgd.tag): _summary([0.3, 0.1]), ("m", control.tag): _summary([0.05, 0.05]),
                  ("m", "worst-case"): summary}
-    ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
-                               dataset="D", models=models, settings=settings,
-                               evaluations=evaluations_of(models, settings),
-                               summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
-                               checkpoint="c", cases=["c1", "c2"])
+    ctx = _context(tmp_path, models, settings, summaries)
     text = report.write_report_md(ctx, [])
     assert "| m | 0.700 (2.0) | 0.350 (2.0) | 0.200 (2.0) | 0.050 (2.0) | 0.150 (2.0) |" in text  # the control is
     assert "m: c1 pgd:eps=4, c2 apgd-ce:eps=4" in text                                     # not in the worst case
@@ -123,11 +127,7 @@ def test_corruption_table_and_mean_corruption_dice(tmp_path):
     summaries = {("m", "clean"): _summary([0.8, 0.8])}
     for i, s in enumerate(corrupted):
         summaries[("m", s.tag)] = _summary([0.7 - 0.1 * i, 0.7 - 0.1 * i])
-    ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
-                               dataset="D", models=models, settings=settings,
-                               evaluations=evaluations_of(models, settings),
-                               summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
-                               checkpoint="c", cases=["c1", "c2"])
+    ctx = _context(tmp_path, models, settings, summaries)
     assert ctx.mean_corruption("m") == pytest.approx(np.mean([0.7, 0.6, 0.5, 0.4, 0.3, 0.2]))
     assert ctx.mean_corruption("m", 2) == pytest.approx(np.mean([0.6, 0.2]))
     text = report.write_report_md(ctx, [])
@@ -173,11 +173,7 @@ def test_a_worst_case_over_several_budgets_says_it_is_no_robustness_number(tmp_p
     settings += worst_case_setting(settings)
     summaries = {("m", "clean"): _summary([0.8, 0.6]), ("m", attacks[0].tag): _summary([0.6, 0.5]),
                  ("m", attacks[4].tag): _summary([0.3, 0.1]), ("m", "worst-case"): _summary([0.3, 0.1])}
-    ctx = report.ReportContext(folder=report.ReportFolder(tmp_path), file_ending=".nii.gz", command="cmd",
-                               dataset="D", models=models, settings=settings,
-                               evaluations=evaluations_of(models, settings),
-                               summaries=summaries, labels=[1], tta=False, eot=False, device="cpu", folds=["0"],
-                               checkpoint="c", cases=["c1", "c2"])
+    ctx = _context(tmp_path, models, settings, summaries)
     text = report.write_report_md(ctx, [])
     assert "**This worst case spans 2 threat models** (L-inf 4/255; vafa-3d-ref)" in text
     report.write_summary_json(ctx)
