@@ -121,6 +121,7 @@ def write_summary_json(ctx: ReportContext) -> None:
     """``summary.json``: run information and, per evaluation, nnU-Net's summary with ``model``,
     ``attack``, ``eps``, ``crafted_on`` and ``robust_fraction`` keys."""
     results = []
+    spanned = worst_case_threat_models(ctx.settings)
     for model, setting, source, key in ctx.rows():
         s = ctx.summary(model.name, key)
         kind = "worst case" if setting.worst else "corruption" if setting.corruption else "sweep" if setting.sweep \
@@ -132,7 +133,7 @@ def write_summary_json(ctx: ReportContext) -> None:
                         "prediction_folder": None if setting.worst else
                         str(ctx.folder.predictions(model.name, key).relative_to(ctx.root)),
                         "robust_fraction": ctx.robust_fraction(model.name, key),
-                        **({"threat_models": worst_case_threat_models(ctx.settings)} if setting.worst else {}),
+                        **({"threat_models": spanned} if setting.worst else {}),
                         **s})
     doc = {"command": ctx.command, "dataset": ctx.dataset,
            "created": datetime.datetime.now().isoformat(timespec="seconds"),
