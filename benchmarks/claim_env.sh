@@ -9,6 +9,8 @@ export nnUNet_n_proc_DA=0 nnUNet_def_n_proc=1 nnUNet_compile=f
 dataset=Dataset910_AdvDemoMRI
 cd "$work"
 mkdir -p logs
+# the demo dataset as the study makes it, when this work folder has none yet
+[ -d "raw/$dataset" ] || DATASETS=910 bash "$(dirname "${BASH_SOURCE[0]}")/evidence_rerun.sh" "$work" data
 
 # train_once TRAINER LOG [nnUNetv2_train OPTION ...]: nnUNetv2_train 910 2d 0 unless TRAINER has a final
 # checkpoint; an unfinished one continues with --c (then the options, e.g. -pretrained_weights, are dropped).
@@ -30,27 +32,31 @@ evaluate() {
     "$@" "${resume[@]}" > "$log" 2>&1
 }
 
-# require_model TRAINER SEED: stop with one line when the study's model TRAINER is not trained yet
-require_model() {
-  [ -f "results/$dataset/${1}__nnUNetPlans__2d/fold_0/checkpoint_final.pth" ] || {
-    echo "seed $2: the study's model $1 is not trained yet (benchmarks/evidence_rerun.sh)" >&2; exit 2; }
+# clean_model SEED: the study's clean model of SEED (20 x 50 iterations from scratch; nnUNetv2_adv_study's
+# name for it), trained here when the work folder lacks it: nnU-Net's seeded training gives the study's model
+# (docs/evidence.md: retrained models matched every digit shown), so a claim runs on a fresh work folder.
+# Sets clean (its trainer name) and pretrained (the option that fine-tunes from it).
+clean_model() {
+  clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$1
+  train_once "$clean" "logs/claim_train_clean_s$1.log"
+  pretrained=(-pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
 }
 
-# study_finetunes SEED TAG SETTINGS BASE ...: with the study's clean, clean-continued and PGD-AT models of seed
-# SEED trained, fine-tune each recipe BASE with the name items SETTINGS from that clean model with the study's
-# schedule and seed (3 x 50 iterations; logs/claim_TAG_train_BASE_sSEED.log). Sets baseline and pgdat (the
-# study's fine-tunes) and trained (the new ones), the models of the claim's evaluation.
+# study_finetunes SEED TAG SETTINGS BASE ...: the study's clean, clean-continued and PGD-AT models of seed SEED
+# (trained when missing), then each recipe BASE with the name items SETTINGS fine-tuned from that clean model with
+# the study's schedule and seed (3 x 50 iterations; logs/claim_TAG_train_BASE_sSEED.log). Sets baseline and pgdat
+# (the study's fine-tunes) and trained (the new ones), the models of the claim's evaluation.
 study_finetunes() {
   local seed=$1 tag=$2 settings=$3 base t; shift 3
   local finetune=ep-3_its-50_valits-2_valsteps-1_seed-$seed
-  local clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
+  clean_model "$seed"
   baseline=nnUNetTrainerClean_lr-0.01_$finetune pgdat=nnUNetTrainerPGDAT_steps-3_alphaeps-0.833_$finetune
-  for t in "$clean" "$baseline" "$pgdat"; do require_model "$t" "$seed"; done
+  train_once "$baseline" "logs/claim_train_continued_s$seed.log" "${pretrained[@]}"
+  train_once "$pgdat" "logs/claim_train_pgdat_s$seed.log" "${pretrained[@]}"
   trained=()
   for base in "$@"; do
     t=${base}_${settings}_$finetune
-    train_once "$t" "logs/claim_${tag}_train_${base}_s$seed.log" \
-      -pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth"
+    train_once "$t" "logs/claim_${tag}_train_${base}_s$seed.log" "${pretrained[@]}"
     trained+=("$t")
   done
 }

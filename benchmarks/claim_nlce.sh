@@ -16,8 +16,8 @@ source "$(dirname "$0")/claim_env.sh"
 mkdir -p claims/nlce
 for seed in $seeds; do
   schedule=ep-20_its-50_valits-2_valsteps-1_seed-$seed
-  clean=nnUNetTrainerClean_$schedule nlce=nnUNetTrainerNLCE_$schedule
-  require_model "$clean" "$seed"
+  clean_model "$seed"  # the plain network: the study's clean model, trained as long as NLCE below
+  nlce=nnUNetTrainerNLCE_$schedule
   train_once "$nlce" "logs/claim_nlce_train_s$seed.log"
   evaluate "claims/nlce/s$seed" "logs/claim_nlce_eval_s$seed.log" "$seed" -tr "$clean" "$nlce" \
     --attacks $(linf_attacks 4) --sweep_attack ifgsm-targeted --eps_sweep 0.5 1 2 4 8 16 32

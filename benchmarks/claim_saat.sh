@@ -21,9 +21,7 @@ mkdir -p claims/saat
 for seed in $seeds; do
   finetune=ep-12_its-50_valits-2_valsteps-1_seed-$seed
   saved=save-1_$finetune  # a checkpoint every epoch (nnU-Net: every 50), so a stopped run continues with --c
-  clean=nnUNetTrainerClean_ep-20_its-50_valits-2_valsteps-1_seed-$seed
-  require_model "$clean" "$seed"
-  pretrained=(-pretrained_weights "results/$dataset/${clean}__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
+  clean_model "$seed"
   saat=nnUNetTrainerSAAT_SEAT_$saved
   train_once "$saat" "logs/claim_saat_train_saat_s$seed.log" "${pretrained[@]}"
   # m used in each epoch, as the trainer logged it (nnU-Net keeps the log in the checkpoint); beside the
