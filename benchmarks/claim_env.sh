@@ -1,6 +1,7 @@
 # Sourced by the benchmarks/claim_*.sh scripts: the work folder of benchmarks/evidence_rerun.sh (argument 1,
 # made the current folder) and the seeds (the other arguments, default 0 1), with nnU-Net's folders and the
-# settings that make it fast on a 2-core CPU.
+# settings that make it fast on a 2-core CPU. An empty folder will do: the demo dataset and the study's models a
+# claim needs are made there first, by the study's commands and names (clean_model, study_finetunes).
 set -euo pipefail
 work=$(realpath "${1:?usage: $(basename "$0") WORK_FOLDER [SEED ...]}"); shift
 seeds=${*:-0 1}
