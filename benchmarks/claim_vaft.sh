@@ -27,9 +27,9 @@ for seed in $seeds; do
   study_finetunes "$seed" vaft variant-ref_rescaletile-20_save-1 nnUNetTrainerVAFT nnUNetTrainerVAFA
   # two reports, one per threat model: the checks' convergence re-run takes the strongest attack of its report,
   # which in a report mixing the two is VAFA (unbounded in L-inf), not one of the 4/255 attacks
-  evaluate "claims/vaft/s$seed/linf" "logs/claim_vaft_eval_linf_s$seed.log" "$seed" \
-    -tr "$baseline" "$pgdat" "${trained[@]}" --attacks $(linf_attacks 4)
-  evaluate "claims/vaft/s$seed/vafa" "logs/claim_vaft_eval_vafa_s$seed.log" "$seed" \
-    -tr "$baseline" "$pgdat" "${trained[@]}" --attacks "vafa-3d-ref:block_size=8,rescale_tile=20" "vafa-3d-ref" \
-    --no_checks
+  models=(-tr "$baseline" "$pgdat" "${trained[@]}")
+  evaluate "claims/vaft/s$seed/linf" "logs/claim_vaft_eval_linf_s$seed.log" "$seed" "${models[@]}" \
+    --attacks $(linf_attacks 4)
+  evaluate "claims/vaft/s$seed/vafa" "logs/claim_vaft_eval_vafa_s$seed.log" "$seed" "${models[@]}" \
+    --attacks "vafa-3d-ref:block_size=8,rescale_tile=20" "vafa-3d-ref" --no_checks
 done
